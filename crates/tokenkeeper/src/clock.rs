@@ -1,0 +1,36 @@
+//! Time as a value the tests control: leases, session expiry and timestamps all read it here.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+
+#[derive(Clone, Debug)]
+pub enum Clock {
+    System,
+    /// A manual clock, in milliseconds since the epoch, shared by everything that clones it.
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    pub fn manual(start: DateTime<Utc>) -> Self {
+        Clock::Manual(Arc::new(AtomicI64::new(start.timestamp_millis())))
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Clock::System => Utc::now(),
+            Clock::Manual(ms) => Utc
+                .timestamp_millis_opt(ms.load(Ordering::SeqCst))
+                .single()
+                .expect("manual clock holds a valid timestamp"),
+        }
+    }
+
+    /// Moves a manual clock forward; a no-op on the system clock.
+    pub fn advance(&self, by: Duration) {
+        if let Clock::Manual(ms) = self {
+            ms.fetch_add(by.num_milliseconds(), Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The ledger's vocabulary: connections, grants and events as DESIGN.md defines them.
+//!
+//! These are plain values. The rules that relate them (invariants 1, 2, 3 and 8) are kept by
+//! the store, inside one transaction per operation; see `store/mod.rs`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccessToken, AttemptId, BotId, ConnectionId, EventId, GrantId, RefreshToken, SessionId};
+
+/// The providers tokenkeeper speaks to. Only Notion for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    Notion,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Notion => "notion",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "notion" => Some(Provider::Notion),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionStatus {
+    Active,
+    NeedsReauth,
+    Revoked,
+}
+
+impl ConnectionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionStatus::Active => "active",
+            ConnectionStatus::NeedsReauth => "needs_reauth",
+            ConnectionStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(ConnectionStatus::Active),
+            "needs_reauth" => Some(ConnectionStatus::NeedsReauth),
+            "revoked" => Some(ConnectionStatus::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// How a grant was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantOrigin {
+    Authorization,
+    Reauthorization,
+    Refresh,
+    Import,
+}
+
+impl GrantOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantOrigin::Authorization => "authorization",
+            GrantOrigin::Reauthorization => "reauthorization",
+            GrantOrigin::Refresh => "refresh",
+            GrantOrigin::Import => "import",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "authorization" => Some(GrantOrigin::Authorization),
+            "reauthorization" => Some(GrantOrigin::Reauthorization),
+            "refresh" => Some(GrantOrigin::Refresh),
+            "import" => Some(GrantOrigin::Import),
+            _ => None,
+        }
+    }
+}
+
+/// What an audit record says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A new connection was authorized (its first grant).
+    Authorized,
+    /// An existing connection was authorized again and a new grant became current.
+    Reauthorized,
+    /// A re-authorization returned the pair we already hold (Notion before 2026-06-08).
+    ReauthorizationConfirmed,
+    /// A reconnect session landed with a different `bot_id` than the connection had.
+    BotChanged,
+    Refreshed,
+    /// A refresh was about to call the provider (written before the call, see invariant 4).
+    RefreshStarted,
+    RefreshFailed,
+    /// A grant stopped being current (by a newer authorization or refresh) or was born stale.
+    Superseded,
+    NeedsReauth,
+    Revoked,
+    /// A connection in `needs_reauth` became `active` again through a new authorization.
+    Recovered,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Authorized => "authorized",
+            EventKind::Reauthorized => "reauthorized",
+            EventKind::ReauthorizationConfirmed => "reauthorization_confirmed",
+            EventKind::BotChanged => "bot_changed",
+            EventKind::Refreshed => "refreshed",
+            EventKind::RefreshStarted => "refresh_started",
+            EventKind::RefreshFailed => "refresh_failed",
+            EventKind::Superseded => "superseded",
+            EventKind::NeedsReauth => "needs_reauth",
+            EventKind::Revoked => "revoked",
+            EventKind::Recovered => "recovered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "authorized" => EventKind::Authorized,
+            "reauthorized" => EventKind::Reauthorized,
+            "reauthorization_confirmed" => EventKind::ReauthorizationConfirmed,
+            "bot_changed" => EventKind::BotChanged,
+            "refreshed" => EventKind::Refreshed,
+            "refresh_started" => EventKind::RefreshStarted,
+            "refresh_failed" => EventKind::RefreshFailed,
+            "superseded" => EventKind::Superseded,
+            "needs_reauth" => EventKind::NeedsReauth,
+            "revoked" => EventKind::Revoked,
+            "recovered" => EventKind::Recovered,
+            _ => return None,
+        })
+    }
+}
+
+/// One token pair as the provider returned it, with the metadata that came along.
+/// This is what a successful token response becomes before it is recorded.
+#[derive(Debug, Clone)]
+pub struct MintedPair {
+    pub access_token: AccessToken,
+    pub refresh_token: Option<RefreshToken>,
+    pub bot_id: BotId,
+    pub workspace_id: String,
+    pub workspace_name: Option<String>,
+    pub workspace_icon: Option<String>,
+    /// The token response without its tokens (owner, duplicated_template_id, …), kept for the trail.
+    pub metadata: serde_json::Value,
+    /// The provider's `request_id`, when it sent one.
+    pub provider_request_id: Option<String>,
+    /// When the provider's answer arrived.
+    pub obtained_at: DateTime<Utc>,
+    /// When the access token stops working, if the provider said so (Notion never does).
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Connection {
+    pub id: ConnectionId,
+    pub provider: Provider,
+    pub bot_id: BotId,
+    pub workspace_id: String,
+    pub workspace_name: Option<String>,
+    pub workspace_icon: Option<String>,
+    pub end_user_id: String,
+    pub status: ConnectionStatus,
+    /// `None` only for a revoked connection whose grants were all revoked.
+    pub grant_id: Option<GrantId>,
+    /// Why the connection needs re-authorization: a JSON diagnosis, present in `needs_reauth`.
+    pub diagnosis: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A grant as the ledger shows it: metadata and fingerprints, never tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantRecord {
+    pub id: GrantId,
+    pub connection_id: ConnectionId,
+    pub origin: GrantOrigin,
+    pub parent_grant_id: Option<GrantId>,
+    pub bot_id: BotId,
+    pub obtained_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub superseded_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Whether this grant was recorded as superseded at birth (a refresh that lost a race).
+    pub stale_at_birth: bool,
+    pub access_token_fingerprint: String,
+    pub refresh_token_fingerprint: Option<String>,
+    pub provider_request_id: Option<String>,
+    /// The id of the key its tokens are sealed with.
+    pub key_id: String,
+}
+
+/// A grant with its tokens opened: what a caller receives.
+#[derive(Debug, Clone)]
+pub struct OpenGrant {
+    pub record: GrantRecord,
+    pub access_token: AccessToken,
+    pub refresh_token: Option<RefreshToken>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: EventId,
+    pub connection_id: ConnectionId,
+    pub kind: EventKind,
+    pub grant_id: Option<GrantId>,
+    /// The other grant involved: the parent of a refresh, the grant a new one superseded, …
+    pub related_grant_id: Option<GrantId>,
+    pub provider_request_id: Option<String>,
+    pub detail: serde_json::Value,
+    pub at: DateTime<Utc>,
+}
+
+/// Where an authorization lands.
+#[derive(Debug, Clone)]
+pub enum AuthorizationTarget {
+    /// A plain connect session: a new connection, or a re-authorization of the live connection
+    /// that already has this `bot_id`.
+    Connect { end_user_id: String },
+    /// A reconnect session: always lands on this connection, whatever `bot_id` comes back.
+    Reconnect { connection_id: ConnectionId },
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAuthorization {
+    pub provider: Provider,
+    pub target: AuthorizationTarget,
+    pub pair: MintedPair,
+}
+
+/// What recording an authorization did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationKind {
+    /// A new connection.
+    Connected,
+    /// An existing connection got a new current grant.
+    Reauthorized,
+    /// An existing connection got the pair it already had (legacy Notion): no new grant.
+    Confirmed,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthorizationOutcome {
+    pub connection: Connection,
+    pub kind: AuthorizationKind,
+    /// The grant that is current afterwards.
+    pub grant_id: GrantId,
+    /// Whether the connection was in `needs_reauth` and is now `active` again.
+    pub recovered: bool,
+}
+
+/// What `begin_refresh` found.
+#[derive(Debug)]
+pub enum LeaseOutcome {
+    /// We hold the lease: call the provider with this grant's refresh token, then report back
+    /// with `record_refresh` or `record_refresh_failure` and this fence.
+    Acquired {
+        fence: i64,
+        attempt_id: AttemptId,
+        grant: OpenGrant,
+        /// An earlier attempt with the same refresh token that never reported back.
+        interrupted: Option<InterruptedAttempt>,
+    },
+    /// The current grant is not the one the caller named: someone already rotated it.
+    AlreadyRotated { current: GrantId },
+    /// Someone else holds the lease until `until`: wait for their result.
+    Busy { until: DateTime<Utc> },
+    /// The connection cannot be refreshed in its state (needs_reauth, revoked, no refresh token).
+    NotRefreshable { status: ConnectionStatus, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InterruptedAttempt {
+    pub attempt_id: AttemptId,
+    pub grant_id: GrantId,
+    pub started_at: DateTime<Utc>,
+    pub holder: String,
+}
+
+/// What recording a refresh result did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshCommit {
+    /// The new grant is current.
+    Current,
+    /// The parent had been superseded meanwhile: the new grant is kept but never current.
+    SupersededAtBirth,
+}
+
+/// Why a refresh failed, as the coordinator judged it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefreshFailure {
+    /// True when the provider rejected the grant (`invalid_grant`, `invalid_client`, …);
+    /// false for throttling, 5xx, timeouts and unparseable answers.
+    pub auth_failure: bool,
+    /// The provider's error code, if any (`invalid_grant`, `rate_limited`, …).
+    pub code: Option<String>,
+    pub message: String,
+    pub provider_request_id: Option<String>,
+}
+
+/// What recording a refresh failure did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// The connection is unchanged (transient failure) and the lease is released.
+    Recorded,
+    /// The failing grant was no longer current: someone else rotated it; use theirs.
+    AlreadyRotated { current: GrantId },
+    /// The failing grant was current: the connection is now `needs_reauth`.
+    NeedsReauth { diagnosis: serde_json::Value },
+    /// Our lease was taken over by a newer holder; we changed nothing.
+    Fenced,
+}
+
+/// A connect or reconnect session.
+#[derive(Debug, Clone)]
+pub struct ConnectSession {
+    pub id: SessionId,
+    pub provider: Provider,
+    /// The SHA-256 of the `state` value, hex. The state itself is never stored.
+    pub state_hash: String,
+    pub end_user_id: String,
+    pub return_to: String,
+    /// Set for a reconnect session.
+    pub connection_id: Option<ConnectionId>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub used_at: Option<DateTime<Utc>>,
+}
+
+/// Filters of `GET /v1/connections`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFilter {
+    pub provider: Option<Provider>,
+    pub end_user_id: Option<String>,
+    pub status: Option<ConnectionStatus>,
+    /// Keyset pagination: ids strictly after this one.
+    pub after: Option<ConnectionId>,
+    pub limit: u32,
+}
+
+/// Progress of `keys rotate`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RotateProgress {
+    /// Grants re-sealed by this call.
+    pub resealed: u64,
+    /// Grants still sealed with another key after this call.
+    pub remaining: u64,
+}
