@@ -324,8 +324,13 @@ mod tests {
             patched.latency_for("oauth.token", Some("refresh_token")),
             Some(Duration::from_millis(150))
         );
-        assert_eq!(patched.latency_for("oauth.token", Some("authorization_code")), None);
+        assert_eq!(
+            patched.latency_for("oauth.token", Some("authorization_code")),
+            None
+        );
         assert_eq!(patched.client_id, config.client_id);
-        assert!(config.patched(&serde_json::json!({"no_such_setting": 1})).is_err());
+        assert!(config
+            .patched(&serde_json::json!({"no_such_setting": 1}))
+            .is_err());
     }
 }

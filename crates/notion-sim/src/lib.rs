@@ -1,13 +1,97 @@
-//! notion-sim: a faithful, stateful simulator of Notion's OAuth endpoints and a slice of its REST API.
+//! notion-sim: a faithful, stateful simulator of Notion's OAuth endpoints and a slice of its REST
+//! API, for tests, benchmarks and users who want to see how their integration copes with
+//! Notion's token rotation (notion-wire.md describes what it imitates).
 //!
-//! This file is replaced by the simulator's real entry points (see issue 3); until then it only
-//! fixes the two names the `tokenkeeper notion-sim` subcommand relies on.
+//! Start it in a test with [`SimServer::start`] (port 0), or serve it on a listener of your own
+//! with [`serve`]; `tokenkeeper notion-sim` runs it from the command line ([`run_cli`]).
+//! Behaviour is set by [`SimConfig`], changeable at run time with [`SimServer::update_config`]
+//! or `POST /_sim/config`.
+//!
+//! Code map:
+//! - `config`: the settings; `cli`: the same settings as flags.
+//! - `world`: workspaces, users, bots, pages, codes and tokens, and the rules that move them.
+//! - `server`: accepting connections, routing, faults, latency, logging, response helpers.
+//! - `oauth`, `rest`, `control`: the handlers of `/v1/oauth/*`, the REST slice and `/_sim/*`.
+//! - `faults`, `limits`, `observe`: fault rules, rate-limit windows, stats and the request log.
 
-/// Command-line settings of `tokenkeeper notion-sim`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SimArgs {}
+mod cli;
+mod config;
+mod control;
+mod endpoint;
+mod faults;
+mod limits;
+mod oauth;
+mod observe;
+mod rest;
+mod server;
+mod token;
+mod world;
 
-/// Runs the simulator until Ctrl-C.
-pub async fn run_cli(_args: SimArgs) -> anyhow::Result<()> {
-    anyhow::bail!("notion-sim is not built yet")
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use cli::{run_cli, SimArgs};
+pub use config::{
+    parse_duration, OwnerKind, PreviousPairPolicy, ReauthMode, RefreshReusePolicy, SimConfig,
+    ALL_CAPABILITIES,
+};
+pub use token::fingerprint;
+
+use server::Shared;
+
+/// A running simulator on `127.0.0.1` and a free port.
+pub struct SimServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl SimServer {
+    /// Binds `127.0.0.1:0` and serves until [`SimServer::shutdown`].
+    pub async fn start(config: SimConfig) -> anyhow::Result<SimServer> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, shared.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Ok(SimServer {
+            addr,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, the value for a Notion client's base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Changes settings at run time; requests that already started keep the old ones.
+    pub fn update_config(&self, f: impl FnOnce(&mut SimConfig)) {
+        self.shared.update_config(f);
+    }
+
+    /// Stops accepting connections and waits (briefly) for open ones to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serves the simulator on `listener` until `shutdown` completes (the shape of mini-redis's
+/// `server::run`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: SimConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    server::run(listener, Arc::new(Shared::new(config)), shutdown).await
 }
