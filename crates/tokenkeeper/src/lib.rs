@@ -2,8 +2,14 @@
 //!
 //! See ARCHITECTURE.md for the map of this crate and the invariants each module keeps.
 
+pub mod api;
+pub mod app;
 pub mod clock;
+pub mod config;
 pub mod ids;
 pub mod ledger;
+pub mod provider;
+pub mod proxy;
+pub mod refresh;
 pub mod seal;
 pub mod store;

@@ -1,1 +1,175 @@
-fn main() {}
+//! The `tokenkeeper` binary: a thin layer over the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use tokenkeeper::config::{Config, ServeArgs, StoreArgs};
+use tokenkeeper::seal::KeyRing;
+
+/// A self-hosted OAuth token broker for Notion: keeps every token pair Notion ever mints,
+/// hands out a working access token, and refreshes with exactly one refresh in flight per
+/// connection, across processes.
+///
+/// Every option can also be set with the TOKENKEEPER_* environment variable shown beside it.
+#[derive(Parser)]
+#[command(name = "tokenkeeper", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker's HTTP API (migrates the database first). Without Notion credentials it
+    /// starts a built-in Notion simulator and uses it, so the whole flow works on a fresh machine.
+    Serve(Box<ServeArgs>),
+    /// Apply database migrations and exit.
+    Migrate(StoreArgs),
+    /// Manage the encryption keys that seal tokens at rest.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Run notion-sim, a faithful simulator of Notion's OAuth endpoints and a slice of its API.
+    NotionSim(notion_sim::SimArgs),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new key ring entry (`<key id>:<base64 key>`). Put it first in the key ring to make
+    /// it the active key, keep the old entries after it, restart, then run `keys rotate`.
+    Generate,
+    /// Re-seal every grant with the active key, in batches, while tokenkeeper keeps serving.
+    Rotate {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Grants re-sealed per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOKENKEEPER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(&args).await,
+        Command::Migrate(args) => migrate(&args).await,
+        Command::Keys(KeysCommand::Generate) => {
+            println!("{}", KeyRing::generate_entry());
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Rotate { store, batch }) => rotate(&store, batch).await,
+        Command::NotionSim(args) => notion_sim::run_cli(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<tokenkeeper::config::ConfigError>() {
+            Some(config) => {
+                eprintln!("error: {config}");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = Config::resolve(args)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let app = tokenkeeper::app::App::build(&config).await?;
+    let addr = listener.local_addr()?;
+    println!("tokenkeeper {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
+    match &app.simulator {
+        Some(sim) => println!(
+            "No Notion credentials configured: Notion is played by the built-in notion-sim at {} \
+             (set TOKENKEEPER_NOTION_CLIENT_ID and _SECRET to use Notion)",
+            sim.base_url()
+        ),
+        None => println!("Notion: {}", args.notion_base_url),
+    }
+    println!(
+        "Database: {} ({} schema v{})",
+        args.store.database_url,
+        app.state.store.backend(),
+        app.schema_version
+    );
+    if let Some(path) = &config.created_key_file {
+        println!("Created the encryption key ring {} (mode 0600): back it up; without it the tokens cannot be read", path.display());
+    }
+    if let Some(path) = &config.created_api_key_file {
+        println!("Created an admin API key in {} (mode 0600)", path.display());
+    }
+    if app.simulator.is_some() {
+        println!("Open {} in a browser to connect a simulated Notion workspace", config.public_url);
+    }
+    tokenkeeper::api::serve(listener, app.state.clone(), shutdown_signal()).await?;
+    drop(app);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn migrate(args: &StoreArgs) -> anyhow::Result<()> {
+    let url = args.database_url()?;
+    // Migrations never seal anything; a configured ring is used when there is one.
+    let keys = match args.key_ring(false) {
+        Ok((keys, _)) => keys,
+        Err(_) => Arc::new(KeyRing::parse(&KeyRing::generate_entry()).expect("a generated entry parses")),
+    };
+    let store = tokenkeeper::store::open(&url, keys, tokenkeeper::clock::Clock::System).await?;
+    let version = store.migrate().await?;
+    println!("{}: schema at version {version}", store.backend());
+    Ok(())
+}
+
+async fn rotate(args: &StoreArgs, batch: u32) -> anyhow::Result<()> {
+    let url = args.database_url()?;
+    let (keys, _) = args.key_ring(false)?;
+    let active = keys.active_key_id().to_owned();
+    let store = tokenkeeper::store::open(&url, keys, tokenkeeper::clock::Clock::System).await?;
+    store.check_schema().await?;
+    let mut total = 0;
+    loop {
+        let progress = store.rotate_keys(batch.max(1)).await?;
+        total += progress.resealed;
+        eprintln!("re-sealed {total} grants with key {active}; {} remaining", progress.remaining);
+        if progress.remaining == 0 || progress.resealed == 0 {
+            println!("done: {total} grants re-sealed; every grant is sealed with {active}");
+            return Ok(());
+        }
+    }
+}

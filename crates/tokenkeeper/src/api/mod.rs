@@ -1,0 +1,209 @@
+//! The HTTP API (DESIGN.md's table under "Interfaces"): routes, the API-key gate, and the
+//! state every handler shares. One file per group of routes.
+
+pub mod auth;
+mod connect;
+mod connections;
+mod demo;
+pub mod error;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+
+use crate::clock::Clock;
+use crate::ledger::{Provider, ConnectSession};
+use crate::provider::notion::NotionClient;
+use crate::refresh::Coordinator;
+use crate::store::Store;
+use auth::{ApiKeys, Scope};
+use error::ApiError;
+
+/// Everything a handler may need, built once at start and shared.
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub coordinator: Arc<Coordinator>,
+    pub notion: NotionClient,
+    pub api_keys: ApiKeys,
+    pub public_url: url::Url,
+    pub allowed_return_urls: Vec<String>,
+    pub session_ttl: Duration,
+    pub clock: Clock,
+    /// The `Notion-Version` set on proxied calls whose caller sent none.
+    pub notion_version: String,
+    /// HTTP client of the proxy.
+    pub http: reqwest::Client,
+    /// Set when Notion is the built-in simulator: enables the demo pages.
+    pub simulator: Option<String>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub use connections::parse_id as parse_connection_id;
+
+/// A fresh reconnect link for a connection, or `null` (logged) when one cannot be made.
+pub async fn connect_reconnect_url(state: &SharedState, id: &crate::ids::ConnectionId) -> serde_json::Value {
+    match connect::reconnect_url(state, id).await {
+        Ok(url) => serde_json::Value::from(url),
+        Err(e) => {
+            tracing::error!("could not make a reconnect link: {}", e.message);
+            serde_json::Value::Null
+        }
+    }
+}
+
+impl AppState {
+    /// `<public url>/<path>`, whatever path the public URL itself has.
+    pub fn public(&self, path: &str) -> String {
+        format!("{}{}", self.public_url.as_str().trim_end_matches('/'), path)
+    }
+
+    pub fn callback_url(&self) -> String {
+        self.public("/oauth/callback")
+    }
+
+    /// Whether `return_to` is under one of the allowed prefixes, ending at a URL boundary so
+    /// that `https://app.example` does not admit `https://app.example.evil.com`.
+    pub fn return_to_allowed(&self, return_to: &str) -> bool {
+        let Ok(url) = url::Url::parse(return_to) else {
+            return false;
+        };
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return false;
+        }
+        self.allowed_return_urls.iter().any(|prefix| {
+            return_to.starts_with(prefix.as_str())
+                && (prefix.ends_with('/')
+                    || matches!(return_to.as_bytes().get(prefix.len()), None | Some(b'/' | b'?' | b'#')))
+        })
+    }
+
+    /// Creates a connect (or, with `connection`, reconnect) session; returns it with its link.
+    pub async fn new_session(
+        &self,
+        provider: Provider,
+        end_user_id: String,
+        return_to: String,
+        connection: Option<crate::ids::ConnectionId>,
+    ) -> Result<(ConnectSession, String), ApiError> {
+        let state = crate::ids::random_token(24);
+        let now = self.clock.now();
+        let ttl = chrono::Duration::from_std(self.session_ttl).unwrap_or(chrono::Duration::minutes(10));
+        let session = ConnectSession {
+            id: crate::ids::SessionId::generate(),
+            provider,
+            state_hash: connect::state_hash(&state),
+            end_user_id,
+            return_to,
+            connection_id: connection,
+            created_at: now,
+            expires_at: now + ttl,
+            used_at: None,
+        };
+        self.store.create_session(&session).await?;
+        let url = self.public(&format!("/connect/{}/{state}", session.id));
+        Ok((session, url))
+    }
+}
+
+/// A JSON body whose rejection (bad JSON, wrong content type) answers in our envelope.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
+        }
+    }
+}
+
+/// A JSON body that may be absent: an empty body means `T::default()`.
+pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON for this call: {e}")))
+}
+
+/// The gate in front of `/v1`: a known key, whose scope handlers can read from the request.
+async fn require_api_key(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented.and_then(|key| state.api_keys.check(key)) {
+        Some(scope) => {
+            req.extensions_mut().insert(scope);
+            next.run(req).await
+        }
+        None => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Fails unless the request's key has the admin scope.
+pub fn require_admin(scope: Scope, what: &str) -> Result<(), ApiError> {
+    if scope == Scope::Admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(what))
+    }
+}
+
+pub fn router(state: SharedState) -> Router {
+    let v1 = Router::new()
+        .route("/connect-sessions", post(connect::create_session))
+        .route("/connections", get(connections::list))
+        .route("/connections/{id}", get(connections::get_one).delete(connections::revoke))
+        .route("/connections/{id}/access-token", get(connections::access_token))
+        .route("/connections/{id}/refresh", post(connections::refresh))
+        .route("/connections/{id}/reconnect-sessions", post(connect::create_reconnect_session))
+        .route("/connections/{id}/grants", get(connections::grants))
+        .route("/connections/{id}/events", get(connections::events))
+        .route("/proxy/{id}", any(crate::proxy::forward_root))
+        .route("/proxy/{id}/{*path}", any(crate::proxy::forward))
+        .route("/_baseline", get(connections::baseline))
+        .fallback(|| async { ApiError::not_found("no such API route") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/connect/{session}/{state}", get(connect::follow_link))
+        .route("/oauth/callback", get(connect::callback))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .merge(demo::routes())
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(state)
+}
+
+async fn ready(State(state): State<SharedState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    match state.store.check_schema().await {
+        Ok(version) => Ok(axum::Json(
+            serde_json::json!({"status": "ready", "backend": state.store.backend(), "schema_version": version}),
+        )),
+        Err(e) => Err(ApiError::new(http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())),
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes (mini-redis's `run` shape, so tests
+/// start a real server on port 0 and stop it cleanly).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: SharedState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

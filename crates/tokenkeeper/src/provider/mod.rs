@@ -1,0 +1,70 @@
+//! Providers: the OAuth servers and APIs tokenkeeper speaks to. Notion first.
+
+pub mod notion;
+
+use std::time::Duration;
+
+/// What went wrong talking to a provider's OAuth endpoints. The refresh coordinator's decisions
+/// read from these variants, never from strings.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider answered with an OAuth error about this request (`invalid_grant`,
+    /// `invalid_client`, …).
+    #[error("the provider rejected the request: {code} ({status}){}", describe(.message))]
+    Rejected {
+        status: u16,
+        code: String,
+        message: Option<String>,
+        request_id: Option<String>,
+    },
+    /// Throttled (429) or overloaded (529): try again after `retry_after`.
+    #[error("the provider is throttling requests ({status}), retry after {retry_after:?}")]
+    Throttled {
+        status: u16,
+        retry_after: Option<Duration>,
+        request_id: Option<String>,
+    },
+    /// The provider could not be reached, timed out, or answered 5xx.
+    #[error("the provider is unreachable or failing: {reason}")]
+    Unavailable { status: Option<u16>, reason: String },
+    /// The provider answered something we cannot read. The body is never quoted: it may hold a
+    /// token.
+    #[error("the provider's answer could not be read: {reason}")]
+    Unparseable { status: u16, reason: String },
+}
+
+fn describe(message: &Option<String>) -> String {
+    message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
+}
+
+impl ProviderError {
+    /// `invalid_grant`: this grant is dead. The only token-endpoint answer that can put a
+    /// connection in `needs_reauth` (invariants 5 and 6).
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(self, ProviderError::Rejected { code, .. } if code == "invalid_grant")
+    }
+
+    /// Worth trying again later: throttling, 5xx, timeouts, network failures.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProviderError::Throttled { .. } | ProviderError::Unavailable { .. })
+    }
+
+    pub fn code(&self) -> String {
+        match self {
+            ProviderError::Rejected { code, .. } => code.clone(),
+            ProviderError::Throttled { status, .. } => format!("throttled_{status}"),
+            ProviderError::Unavailable { status: Some(s), .. } => format!("http_{s}"),
+            ProviderError::Unavailable { status: None, .. } => "unreachable".into(),
+            ProviderError::Unparseable { .. } => "unparseable".into(),
+        }
+    }
+
+    pub fn request_id(&self) -> Option<String> {
+        match self {
+            ProviderError::Rejected { request_id, .. } | ProviderError::Throttled { request_id, .. } => {
+                request_id.clone()
+            }
+            _ => None,
+        }
+    }
+}

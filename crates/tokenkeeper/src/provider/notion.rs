@@ -1,0 +1,298 @@
+//! Notion's OAuth endpoints, as `notion-wire.md` describes them.
+//!
+//! JSON bodies, HTTP Basic client authentication, `Notion-Version` on every call. Responses are
+//! read leniently (unknown fields ignored; only `access_token`, `bot_id` and `workspace_id` are
+//! required) and errors are parsed in both shapes Notion uses: OAuth style (`error`,
+//! `error_description`) and its own envelope (`code`, `message`).
+
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::ProviderError;
+use crate::config::NotionSettings;
+use crate::ids::{AccessToken, BotId, RefreshToken};
+use crate::ledger::MintedPair;
+
+/// A client for one Notion OAuth client registration.
+#[derive(Clone)]
+pub struct NotionClient {
+    http: reqwest::Client,
+    settings: NotionSettings,
+    basic_auth: String,
+}
+
+impl std::fmt::Debug for NotionClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotionClient")
+            .field("base_url", &self.settings.base_url.as_str())
+            .field("client_id", &self.settings.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fields of a token response we rely on; everything else is kept as metadata.
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    refresh_token: Option<String>,
+    bot_id: String,
+    workspace_id: String,
+    #[serde(default)]
+    workspace_name: Option<String>,
+    #[serde(default)]
+    workspace_icon: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+impl NotionClient {
+    pub fn new(settings: NotionSettings, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("a reqwest client with rustls builds");
+        let basic_auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                settings.client_id,
+                settings.client_secret.expose_secret()
+            ))
+        );
+        NotionClient {
+            http,
+            settings,
+            basic_auth,
+        }
+    }
+
+    pub fn settings(&self) -> &NotionSettings {
+        &self.settings
+    }
+
+    /// The URL to send a user's browser to.
+    pub fn authorize_url(&self, state: &str, redirect_uri: &str) -> url::Url {
+        let mut url = self.endpoint("/v1/oauth/authorize");
+        url.query_pairs_mut()
+            .append_pair("client_id", &self.settings.client_id)
+            .append_pair("redirect_uri", redirect_uri)
+            .append_pair("response_type", "code")
+            .append_pair("owner", "user")
+            .append_pair("state", state);
+        url
+    }
+
+    fn endpoint(&self, path: &str) -> url::Url {
+        let mut url = self.settings.base_url.clone();
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}{path}"));
+        url
+    }
+
+    /// Exchanges an authorization code. `redirect_uri` is always sent (notion-wire.md §2).
+    pub async fn exchange_code(&self, code: &str, redirect_uri: &str) -> Result<MintedPair, ProviderError> {
+        let body = json!({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri});
+        self.token_call(body).await
+    }
+
+    /// Uses a refresh token. Notion rotates it: the answer carries a new pair.
+    pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<MintedPair, ProviderError> {
+        let body = json!({"grant_type": "refresh_token", "refresh_token": refresh_token.expose_secret()});
+        self.token_call(body).await
+    }
+
+    /// Revokes a token upstream.
+    pub async fn revoke(&self, token: &AccessToken) -> Result<(), ProviderError> {
+        let body = json!({"token": token.expose_secret()});
+        let (status, _headers, bytes) = self.post("/v1/oauth/revoke", &body).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(error_from(status.as_u16(), &_headers, &bytes))
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<(reqwest::StatusCode, reqwest::header::HeaderMap, bytes::Bytes), ProviderError> {
+        let response = self
+            .http
+            .post(self.endpoint(path))
+            .header("Authorization", &self.basic_auth)
+            .header("Notion-Version", &self.settings.version)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Unavailable {
+                status: None,
+                reason: transport_reason(&e),
+            })?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(|e| ProviderError::Unavailable {
+            status: Some(status.as_u16()),
+            reason: transport_reason(&e),
+        })?;
+        Ok((status, headers, bytes))
+    }
+
+    async fn token_call(&self, body: Value) -> Result<MintedPair, ProviderError> {
+        let (status, headers, bytes) = self.post("/v1/oauth/token", &body).await?;
+        if !status.is_success() {
+            return Err(error_from(status.as_u16(), &headers, &bytes));
+        }
+        parse_token_response(status.as_u16(), &bytes)
+    }
+}
+
+/// Describes a transport failure without the URL's query or any body.
+fn transport_reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "could not connect".into()
+    } else if e.is_body() || e.is_decode() {
+        "the connection broke while reading the answer".into()
+    } else {
+        "the request failed before an answer arrived".into()
+    }
+}
+
+/// Parses a successful token response into a pair, keeping the rest as metadata.
+pub fn parse_token_response(status: u16, bytes: &[u8]) -> Result<MintedPair, ProviderError> {
+    let mut value: Value = serde_json::from_slice(bytes).map_err(|_| ProviderError::Unparseable {
+        status,
+        reason: "the token response is not JSON".into(),
+    })?;
+    let parsed: TokenResponse = serde_json::from_value(value.clone()).map_err(|e| ProviderError::Unparseable {
+        status,
+        // serde's message names the field, never the value, for missing or mistyped fields.
+        reason: format!("the token response lacks a required field: {}", field_of(&e)),
+    })?;
+    if let Some(map) = value.as_object_mut() {
+        map.remove("access_token");
+        map.remove("refresh_token");
+    }
+    Ok(MintedPair {
+        access_token: AccessToken::new(parsed.access_token),
+        refresh_token: parsed.refresh_token.map(RefreshToken::new),
+        bot_id: BotId(parsed.bot_id),
+        workspace_id: parsed.workspace_id,
+        workspace_name: parsed.workspace_name,
+        workspace_icon: parsed.workspace_icon,
+        metadata: value,
+        provider_request_id: parsed.request_id,
+        obtained_at: Utc::now(),
+        expires_at: None,
+    })
+}
+
+fn field_of(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    // "missing field `bot_id` at line …" or "invalid type: …, expected a string": keep the part
+    // that names the field; drop any quoted value.
+    match s.find('`') {
+        Some(start) => s[start..].split(" at ").next().unwrap_or("").to_owned(),
+        None => "a field has the wrong type".into(),
+    }
+}
+
+/// Reads an error answer in either of Notion's shapes.
+pub fn error_from(status: u16, headers: &reqwest::header::HeaderMap, bytes: &[u8]) -> ProviderError {
+    let retry_after = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body: Option<Value> = serde_json::from_slice(bytes).ok();
+    let field = |name: &str| {
+        body.as_ref()
+            .and_then(|b| b.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let code = field("error").or_else(|| field("code"));
+    let message = field("error_description").or_else(|| field("message"));
+    let request_id = field("request_id");
+    match (status, code) {
+        (429 | 529, _) => ProviderError::Throttled {
+            status,
+            retry_after,
+            request_id,
+        },
+        (500..=599, _) => ProviderError::Unavailable {
+            status: Some(status),
+            reason: format!("HTTP {status}"),
+        },
+        (400..=499, Some(code)) => ProviderError::Rejected {
+            status,
+            code,
+            message,
+            request_id,
+        },
+        _ => ProviderError::Unparseable {
+            status,
+            reason: format!("HTTP {status} without an error code"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_error_shapes_parse() {
+        let h = reqwest::header::HeaderMap::new();
+        let oauth = error_from(401, &h, br#"{"error":"invalid_client","request_id":"r1"}"#);
+        assert!(matches!(&oauth, ProviderError::Rejected { code, request_id: Some(r), .. } if code == "invalid_client" && r == "r1"));
+        let envelope = error_from(
+            400,
+            &h,
+            br#"{"object":"error","status":400,"code":"invalid_grant","message":"Invalid refresh token."}"#,
+        );
+        assert!(envelope.is_invalid_grant());
+        assert!(!envelope.is_transient());
+    }
+
+    #[test]
+    fn throttling_and_5xx_are_transient_even_without_json() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        let e = error_from(429, &h, b"slow down");
+        assert!(matches!(e, ProviderError::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(7)));
+        assert!(error_from(503, &h, b"<html>").is_transient());
+        assert!(error_from(529, &h, b"").is_transient());
+        assert!(!error_from(403, &h, b"<html>forbidden</html>").is_transient());
+    }
+
+    #[test]
+    fn token_responses_parse_leniently_and_never_keep_tokens_in_metadata() {
+        let body = br#"{"access_token":"ntn_a","token_type":"bearer","refresh_token":"nrt_b","bot_id":"b1",
+            "workspace_id":"w1","workspace_name":null,"owner":{"type":"workspace","workspace":true},
+            "duplicated_template_id":null,"request_id":"r","something_new":[1,2]}"#;
+        let pair = parse_token_response(200, body).unwrap();
+        assert_eq!(pair.access_token.expose_secret(), "ntn_a");
+        assert_eq!(pair.refresh_token.unwrap().expose_secret(), "nrt_b");
+        assert_eq!(pair.bot_id.0, "b1");
+        let meta = pair.metadata.to_string();
+        assert!(!meta.contains("ntn_a") && !meta.contains("nrt_b"));
+        assert!(meta.contains("something_new"));
+    }
+
+    #[test]
+    fn missing_required_fields_are_unparseable_and_quote_no_value() {
+        let e = parse_token_response(200, br#"{"access_token":"ntn_secret_value","workspace_id":"w"}"#).unwrap_err();
+        assert!(matches!(&e, ProviderError::Unparseable { .. }));
+        assert!(!e.to_string().contains("ntn_secret_value"));
+        assert!(e.to_string().contains("bot_id"));
+    }
+}
