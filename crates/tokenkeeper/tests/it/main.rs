@@ -1,0 +1,8 @@
+//! tokenkeeper's integration tests: one test binary, so there is one link step on 2 cores.
+//!
+//! Every case that touches storage runs on SQLite and on PostgreSQL (`TOKENKEEPER_TEST_POSTGRES_URL`,
+//! set by `scripts/test`); a PostgreSQL case without that variable fails, it never skips.
+
+mod support;
+
+mod broker;

@@ -1,0 +1,323 @@
+//! `TestApp`: tokenkeeper on `127.0.0.1:0` against a real store (temp-file SQLite or a fresh
+//! PostgreSQL schema) and a real notion-sim on another port; and `Peer`: another tokenkeeper
+//! *process* (the built binary) on the same database, for cross-process claims.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use notion_sim::{SimConfig, SimServer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use tokenkeeper::api::auth::ApiKeys;
+use tokenkeeper::api::SharedState;
+use tokenkeeper::app::StateSettings;
+use tokenkeeper::clock::Clock;
+use tokenkeeper::config::NotionSettings;
+use tokenkeeper::ids::ClientSecret;
+use tokenkeeper::seal::KeyRing;
+
+use super::db::{Backend, TestDb};
+
+pub const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
+pub const TOKENS_KEY: &str = "tokens-key-for-tests-0123456789";
+
+pub struct Options {
+    pub sim: SimConfig,
+    pub provider_timeout: Duration,
+    pub refresh_budget: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sim: SimConfig {
+                auto_approve: true,
+                rate_limit_per_connection: 0,
+                ..SimConfig::default()
+            },
+            provider_timeout: Duration::from_secs(5),
+            refresh_budget: Duration::from_secs(20),
+        }
+    }
+}
+
+pub struct TestApp {
+    pub url: String,
+    pub sim: SimServer,
+    pub db: TestDb,
+    pub key_ring: String,
+    pub state: SharedState,
+    /// A client that does not follow redirects, so tests see each hop.
+    pub http: reqwest::Client,
+    pub backend: Backend,
+    options: Options,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Where a connect flow ended: the `return_to` redirect's query.
+#[derive(Debug, Clone)]
+pub struct Landing {
+    pub connection_id: Option<String>,
+    pub status: String,
+}
+
+impl TestApp {
+    pub async fn start(backend: Backend) -> TestApp {
+        TestApp::with(backend, Options::default()).await
+    }
+
+    pub async fn with(backend: Backend, options: Options) -> TestApp {
+        let key_ring = KeyRing::generate_entry();
+        let keys = Arc::new(KeyRing::parse(&key_ring).unwrap());
+        let db = TestDb::new(backend, keys, Clock::System).await;
+        db.store.migrate().await.expect("migrations apply");
+        let sim = SimServer::start(options.sim.clone()).await.expect("the simulator starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sim_config = options.sim.clone();
+        let state = tokenkeeper::app::state(
+            db.store.clone(),
+            NotionSettings {
+                client_id: sim_config.client_id.clone(),
+                client_secret: ClientSecret::new(sim_config.client_secret.clone()),
+                base_url: url::Url::parse(&sim.base_url()).unwrap(),
+                version: "2026-03-11".into(),
+            },
+            StateSettings {
+                public_url: url::Url::parse(&url).unwrap(),
+                allowed_return_urls: vec![format!("{url}/")],
+                api_keys: ApiKeys::parse(&format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}")).unwrap(),
+                session_ttl: Duration::from_secs(600),
+                provider_timeout: options.provider_timeout,
+                refresh_budget: options.refresh_budget,
+                notion_version: "2026-03-11".into(),
+            },
+            Clock::System,
+            None,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = state.clone();
+        tokio::spawn(async move {
+            let _ = tokenkeeper::api::serve(listener, served, async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        TestApp {
+            url,
+            sim,
+            db,
+            key_ring,
+            state,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(600)
+                .build()
+                .unwrap(),
+            backend,
+            options,
+            stop: Some(stop),
+        }
+    }
+
+    /// A request to our API with the admin key.
+    pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(ADMIN_KEY)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.api(reqwest::Method::GET, path).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.api(reqwest::Method::POST, path).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A connect session for `end_user`, returning to our own `/done`.
+    pub async fn connect_link(&self, end_user: &str) -> String {
+        let (status, body) = self
+            .post_json(
+                "/v1/connect-sessions",
+                json!({"provider": "notion", "end_user_id": end_user, "return_to": format!("{}/done", self.url)}),
+            )
+            .await;
+        assert_eq!(status, 201, "connect session: {body}");
+        body["url"].as_str().unwrap().to_owned()
+    }
+
+    /// Follows a connect link through the (auto-approving) simulator and the callback.
+    pub async fn follow(&self, link: &str) -> Landing {
+        let to_sim = self.redirect(link).await;
+        assert!(to_sim.starts_with(&self.sim.base_url()), "link goes to Notion: {to_sim}");
+        let to_callback = self.redirect(&to_sim).await;
+        assert!(to_callback.starts_with(&format!("{}/oauth/callback", self.url)), "{to_callback}");
+        let landing = self.redirect(&to_callback).await;
+        let landing = url::Url::parse(&landing).unwrap();
+        let get = |k: &str| landing.query_pairs().find(|(key, _)| key == k).map(|(_, v)| v.into_owned());
+        Landing {
+            connection_id: get("connection_id"),
+            status: get("status").unwrap_or_default(),
+        }
+    }
+
+    /// GETs `url` and returns the redirect's target, failing on anything else.
+    pub async fn redirect(&self, url: &str) -> String {
+        let r = self.http.get(url).send().await.unwrap();
+        assert!(r.status().is_redirection(), "expected a redirect from {url}, got {}", r.status());
+        r.headers()["location"].to_str().unwrap().to_owned()
+    }
+
+    /// Connects (or re-authorizes) `end_user` end to end; returns the connection id and status.
+    pub async fn connect(&self, end_user: &str) -> (String, String) {
+        let link = self.connect_link(end_user).await;
+        let landing = self.follow(&link).await;
+        (landing.connection_id.expect("a connection id"), landing.status)
+    }
+
+    pub async fn reconnect(&self, id: &str) -> Landing {
+        let (status, body) = self
+            .post_json(&format!("/v1/connections/{id}/reconnect-sessions"), json!({}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        self.follow(body["url"].as_str().unwrap()).await
+    }
+
+    pub async fn connection(&self, id: &str) -> Value {
+        let (status, body) = self.get_json(&format!("/v1/connections/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn grants(&self, id: &str) -> Vec<Value> {
+        let (status, body) = self.get_json(&format!("/v1/connections/{id}/grants")).await;
+        assert_eq!(status, 200, "{body}");
+        body["data"].as_array().unwrap().clone()
+    }
+
+    pub async fn event_kinds(&self, id: &str) -> Vec<String> {
+        let (status, body) = self.get_json(&format!("/v1/connections/{id}/events")).await;
+        assert_eq!(status, 200, "{body}");
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    pub async fn refresh(&self, id: &str, if_grant: &str) -> (u16, Value) {
+        self.post_json(&format!("/v1/connections/{id}/refresh"), json!({"if_grant": if_grant}))
+            .await
+    }
+
+    pub async fn sim_json(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut r = self.http.request(method, format!("{}{path}", self.sim.base_url()));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        assert!(r.status().is_success(), "sim {path}: {}", r.status());
+        r.json().await.unwrap_or(Value::Null)
+    }
+
+    /// How many refresh-grant token requests reached the simulator.
+    pub async fn sim_refreshes(&self) -> u64 {
+        let stats = self.sim_json(reqwest::Method::GET, "/_sim/stats", None).await;
+        stats["token_requests"]["total"]["refresh_token"].as_u64().unwrap_or(0)
+    }
+
+    pub async fn sim_fault(&self, fault: Value) {
+        self.sim_json(reqwest::Method::POST, "/_sim/faults", Some(fault)).await;
+    }
+
+    /// Starts another tokenkeeper process on the same database and simulator.
+    pub async fn spawn_peer(&self, extra_env: &[(&str, &str)]) -> Peer {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenkeeper"));
+        cmd.arg("serve")
+            .env("TOKENKEEPER_DATABASE_URL", &self.db.url)
+            .env("TOKENKEEPER_ENCRYPTION_KEY", &self.key_ring)
+            .env("TOKENKEEPER_API_KEYS", format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"))
+            .env("TOKENKEEPER_LISTEN", "127.0.0.1:0")
+            .env("TOKENKEEPER_PUBLIC_URL", &self.url)
+            .env("TOKENKEEPER_NOTION_CLIENT_ID", &self.options.sim.client_id)
+            .env("TOKENKEEPER_NOTION_CLIENT_SECRET", &self.options.sim.client_secret)
+            .env("TOKENKEEPER_NOTION_BASE_URL", self.sim.base_url())
+            .env(
+                "TOKENKEEPER_PROVIDER_TIMEOUT",
+                format!("{}ms", self.options.provider_timeout.as_millis()),
+            )
+            .env(
+                "TOKENKEEPER_REFRESH_BUDGET",
+                format!("{}ms", self.options.refresh_budget.as_millis()),
+            )
+            .env("TOKENKEEPER_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the tokenkeeper binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    return rest.trim().to_owned();
+                }
+            }
+            panic!("the peer exited before listening");
+        })
+        .await
+        .expect("the peer starts within 30 s");
+        // Keep reading so the peer never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Peer { url, child }
+    }
+}
+
+/// Another tokenkeeper process; killed when dropped.
+pub struct Peer {
+    pub url: String,
+    pub child: tokio::process::Child,
+}
+
+impl Peer {
+    /// SIGKILL: no shutdown, no cleanup, like a crash.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("the peer can be killed");
+    }
+}
+
+/// For each `async fn name(Backend)` in scope, defines `name::sqlite` and `name::postgres`
+/// tests: one case, both backends.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => { $(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name($crate::support::db::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name($crate::support::db::Backend::Postgres).await
+            }
+        }
+    )+ };
+}

@@ -1,0 +1,4 @@
+//! Shared test support: databases (`db`) and running tokenkeeper and notion-sim (`app`).
+
+pub mod app;
+pub mod db;
