@@ -693,7 +693,7 @@ impl World {
             .filter_map(|id| self.visible_page(bot_id, id))
             .filter(|p| query.is_empty() || p.title.to_lowercase().contains(&query))
             .collect();
-        found.sort_by(|a, b| b.seq.cmp(&a.seq));
+        found.sort_by_key(|p| std::cmp::Reverse(p.seq));
         found
     }
 
