@@ -9,7 +9,6 @@
 //! the configured latency, log it, answer.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,7 +91,7 @@ pub(crate) async fn run(
     builder.timer(TokioTimer::new());
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -112,7 +111,7 @@ pub(crate) async fn run(
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let drop_signal = drop_signal.clone();
-                async move { Ok::<_, Infallible>(handle(shared, drop_signal, peer, req).await) }
+                async move { Ok::<_, Infallible>(handle(shared, drop_signal, req).await) }
             })
         };
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
@@ -168,7 +167,6 @@ impl Reply {
 async fn handle(
     shared: Arc<Shared>,
     drop_signal: Arc<Notify>,
-    _peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
@@ -184,6 +182,21 @@ async fn handle(
     let request_id = token::uuid();
     let now = Instant::now();
     let Some((endpoint, path_id)) = Endpoint::route(&parts.method, &path) else {
+        shared.log.push(
+            config.request_log_capacity,
+            LoggedRequest {
+                seq: 0,
+                time: log_time(),
+                endpoint: None,
+                method: parts.method.to_string(),
+                path,
+                status: 400,
+                bot_id: None,
+                token_fingerprint: None,
+                token_is_newest_live: None,
+                grant_type: None,
+            },
+        );
         return notion_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_url",
@@ -230,7 +243,7 @@ async fn handle(
         config.request_log_capacity,
         LoggedRequest {
             seq: 0,
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            time: log_time(),
             endpoint: Some(endpoint.name()),
             method: parts.method.to_string(),
             path,
@@ -247,6 +260,10 @@ async fn handle(
         tokio::time::sleep(latency).await;
     }
     reply.response
+}
+
+fn log_time() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 async fn process(shared: &Shared, call: &Call) -> Reply {
