@@ -6,3 +6,4 @@
 mod support;
 
 mod broker;
+mod store_contract;
