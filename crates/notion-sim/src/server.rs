@@ -392,6 +392,9 @@ fn fault_response(spec: &FaultSpec, request_id: &str) -> Response<Body> {
         if let Ok(value) = HeaderValue::from_str(content_type) {
             response.headers_mut().insert(CONTENT_TYPE, value);
         }
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            response.headers_mut().insert("x-notion-request-id", value);
+        }
         response
     } else if status == 429 {
         let reason = spec

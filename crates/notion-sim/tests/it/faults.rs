@@ -110,6 +110,7 @@ async fn a_non_json_fault_sends_plain_text_or_html() {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(answer.headers["content-type"], "text/plain");
     assert_eq!(answer.text, "400 Bad Request");
+    assert!(answer.headers.contains_key("x-notion-request-id"));
     assert!(serde_json::from_str::<serde_json::Value>(&answer.text).is_err());
 
     sim.control_post(

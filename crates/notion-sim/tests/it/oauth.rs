@@ -335,3 +335,19 @@ async fn revoke_kills_the_token_given() {
     assert_eq!(sim.me(&pair.access).await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(sim.introspect(&pair.access).await.body["active"], false);
 }
+
+#[tokio::test]
+async fn a_workspace_owner_gives_the_legacy_owner_object() {
+    let sim = Sim::with(|c| c.owner = notion_sim::OwnerKind::Workspace).await;
+    let code = sim.authorize().await;
+    let answer = sim.exchange(&code).await;
+    assert_eq!(
+        answer.body["owner"],
+        json!({"type": "workspace", "workspace": true})
+    );
+    let access = answer.body["access_token"].as_str().unwrap();
+    assert_eq!(
+        sim.me(access).await.body["bot"]["owner"],
+        json!({"type": "workspace", "workspace": true})
+    );
+}
