@@ -60,6 +60,11 @@ impl FaultSpec {
         if self.endpoint != "*" && Endpoint::from_name(&self.endpoint).is_none() {
             return Err(format!("unknown endpoint {:?}", self.endpoint));
         }
+        if self.count == Some(0) {
+            return Err(
+                "count must be at least 1 (omit it for a rule that lasts until reset)".to_owned(),
+            );
+        }
         if let Some(f) = self.fraction {
             if !(0.0..=1.0).contains(&f) {
                 return Err("fraction must be between 0 and 1".to_owned());

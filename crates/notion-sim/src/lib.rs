@@ -79,6 +79,11 @@ impl SimServer {
         self.addr
     }
 
+    /// The settings in force.
+    pub fn config(&self) -> SimConfig {
+        SimConfig::clone(&self.shared.config())
+    }
+
     /// Changes settings at run time; requests that already started keep the old ones.
     pub fn update_config(&self, f: impl FnOnce(&mut SimConfig)) {
         self.shared.update_config(f);

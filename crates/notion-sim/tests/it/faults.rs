@@ -229,6 +229,8 @@ async fn faults_are_validated_and_cleared_by_reset() {
         json!({"endpoint": "nope", "kind": "status", "status": 500}),
         json!({"endpoint": "users.me", "kind": "status"}),
         json!({"endpoint": "users.me", "kind": "delay"}),
+        json!({"endpoint": "users.me", "kind": "drop", "count": 0}),
+        json!({"endpoint": "users.me", "kind": "teleport"}),
         json!({"endpoint": "users.me", "kind": "status", "status": 500, "fraction": 2.0}),
     ] {
         let answer = sim
