@@ -36,6 +36,8 @@ both_backends!(
     throttling_5xx_and_timeouts_at_the_token_endpoint_never_change_the_status,
     transient_token_endpoint_failures_are_retried_within_the_budget,
     bad_input_gets_the_documented_status_and_stores_nothing,
+    a_reconnect_answered_with_a_new_bot_id_keeps_the_connection_and_records_the_change,
+    deleting_a_connection_revokes_upstream_and_keeps_the_history,
 );
 
 async fn reauthorizing_twice_keeps_all_three_pairs_and_serves_the_newest(backend: Backend) {
@@ -423,12 +425,18 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
         .await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unsupported_provider")));
 
-    // Replayed and forged state.
+    // Replayed and forged state, on a second user in another workspace.
+    app.sim_json(
+        Method::POST,
+        "/_sim/next-authorization",
+        Some(json!({"workspace_id": "c0ffee00-0000-4000-8000-000000000002", "user_id": "c0ffee00-0000-4000-8000-000000000022", "outcome": "approve"})),
+    )
+    .await;
     let link = app.connect_link("user-2").await;
     let to_sim = app.redirect(&link).await;
     let to_callback = app.redirect(&to_sim).await;
     let landing = app.redirect(&to_callback).await;
-    assert!(landing.contains("status=connected"));
+    assert!(landing.contains("status=connected"), "{landing}");
     let replay = app.http.get(&to_callback).send().await.unwrap();
     assert_eq!(replay.status(), 400, "a replayed callback is refused");
     assert!(replay.text().await.unwrap().contains("already"));
@@ -441,4 +449,55 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
     let (_, list) = app.get_json("/v1/connections").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 2, "only the two real authorizations");
     assert_eq!(app.grants(&id).await.len(), grants_before);
+}
+
+async fn a_reconnect_answered_with_a_new_bot_id_keeps_the_connection_and_records_the_change(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (id, _) = app.connect("user-1").await;
+    let before = app.connection(&id).await;
+    // The user uninstalled and reinstalled: Notion answers the reconnect with another bot.
+    app.sim.update_config(|c| c.new_bot_id_on_reauth = true);
+    let landing = app.reconnect(&id).await;
+    assert_eq!(landing.connection_id.as_deref(), Some(id.as_str()));
+    assert_eq!(landing.status, "reconnected");
+    let after = app.connection(&id).await;
+    assert_ne!(after["bot_id"], before["bot_id"], "the connection follows the new bot");
+    assert_eq!(after["end_user_id"], before["end_user_id"]);
+    assert_eq!(app.grants(&id).await.len(), 2, "the history stays with the connection");
+    assert!(app.event_kinds(&id).await.iter().any(|k| k == "bot_changed"));
+    let (_, list) = app.get_json("/v1/connections").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "no second connection appeared");
+}
+
+async fn deleting_a_connection_revokes_upstream_and_keeps_the_history(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (id, _) = app.connect("user-1").await;
+    let (_, token) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    let access = token["access_token"].as_str().unwrap().to_owned();
+    let r = app.api(Method::DELETE, &format!("/v1/connections/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["upstream_revoked"], true, "{body}");
+    assert_eq!(body["connection"]["status"], "revoked");
+
+    let upstream = app
+        .http
+        .get(format!("{}/v1/users/me", app.sim.base_url()))
+        .bearer_auth(&access)
+        .header("Notion-Version", "2026-03-11")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upstream.status(), 401, "the token is dead at Notion");
+    let (status, body) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("connection_revoked")));
+    let grants = app.grants(&id).await;
+    assert_eq!(grants.len(), 1, "the history is kept");
+    assert!(grants[0]["revoked_at"].is_string());
+    assert!(app.event_kinds(&id).await.iter().any(|k| k == "revoked"));
+    // The grant is still readable in the ledger, sealed as it was.
+    let cid = tokenkeeper::ids::ConnectionId::parse(&id).unwrap();
+    let gid = tokenkeeper::ids::GrantId::parse(grants[0]["id"].as_str().unwrap()).unwrap();
+    let kept = app.state.store.get_grant(&cid, &gid).await.unwrap().unwrap();
+    assert_eq!(kept.access_token.expose_secret(), access);
 }

@@ -26,6 +26,9 @@ pub struct Options {
     pub sim: SimConfig,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
+    /// Notion's base URL, when a test plays Notion with a server of its own instead of the
+    /// simulator (which still runs, unused). `None`: the simulator.
+    pub notion_base_url: Option<String>,
 }
 
 impl Default for Options {
@@ -38,6 +41,7 @@ impl Default for Options {
             },
             provider_timeout: Duration::from_secs(5),
             refresh_budget: Duration::from_secs(20),
+            notion_base_url: None,
         }
     }
 }
@@ -50,7 +54,6 @@ pub struct TestApp {
     pub state: SharedState,
     /// A client that does not follow redirects, so tests see each hop.
     pub http: reqwest::Client,
-    pub backend: Backend,
     options: Options,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -89,7 +92,7 @@ impl TestApp {
             NotionSettings {
                 client_id: sim_config.client_id.clone(),
                 client_secret: ClientSecret::new(sim_config.client_secret.clone()),
-                base_url: url::Url::parse(&sim.base_url()).unwrap(),
+                base_url: url::Url::parse(options.notion_base_url.as_deref().unwrap_or(&sim.base_url())).unwrap(),
                 version: "2026-03-11".into(),
             },
             StateSettings {
@@ -123,7 +126,6 @@ impl TestApp {
                 .pool_max_idle_per_host(600)
                 .build()
                 .unwrap(),
-            backend,
             options,
             stop: Some(stop),
         }
