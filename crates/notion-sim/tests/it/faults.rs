@@ -144,7 +144,7 @@ async fn a_delay_fault_stalls_then_processes_normally() {
     let next = crate::Pair::from_response(&answer.body);
     sim.control_post(
         "/_sim/faults",
-        json!({"endpoint": "oauth.token", "kind": "delay", "delay_ms": 500, "count": 1}),
+        json!({"endpoint": "oauth.token", "kind": "delay", "delay_ms": 1500, "count": 1}),
     )
     .await;
     let live = |bot: serde_json::Value| {

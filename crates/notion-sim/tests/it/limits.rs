@@ -26,7 +26,7 @@ fn assert_rate_limited(answer: &Answer, reason: &str, max_retry_after: u64) {
 async fn the_connection_budget_answers_429_then_recovers_in_the_next_window() {
     let sim = Sim::with(|c| {
         c.rate_limit_per_connection = 3;
-        c.rate_limit_window = Duration::from_millis(1500);
+        c.rate_limit_window = Duration::from_millis(2000);
     })
     .await;
     let pair = sim.connect().await;
@@ -44,7 +44,7 @@ async fn the_connection_budget_answers_429_then_recovers_in_the_next_window() {
     for _ in 0..5 {
         assert_eq!(sim.introspect(&pair.access).await.status, StatusCode::OK);
     }
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(sim.me(&pair.access).await.status, StatusCode::OK);
 }
 

@@ -154,6 +154,9 @@ async fn codes_expire() {
     let code = sim.authorize().await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_oauth_error(&sim.exchange(&code).await, 400, "invalid_grant");
+    // A longer lifetime, so that a slow machine cannot expire the next code in flight.
+    sim.server
+        .update_config(|c| c.code_ttl = Duration::from_secs(60));
     let fresh = sim.authorize().await;
     assert_eq!(sim.exchange(&fresh).await.status, StatusCode::OK);
 }
