@@ -7,3 +7,5 @@ mod support;
 
 mod broker;
 mod store_contract;
+mod ledger_model;
+mod store_processes;
