@@ -58,6 +58,8 @@ pub fn state(
         },
     );
     let http = reqwest::Client::builder()
+        // The proxy hands Notion's answers back as they are, redirects included.
+        .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(256)
         .connect_timeout(Duration::from_secs(5))
         .build()

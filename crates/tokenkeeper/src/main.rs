@@ -86,12 +86,20 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = Config::resolve(args)?;
+    let mut config = Config::resolve(args)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let app = tokenkeeper::app::App::build(&config).await?;
     let addr = listener.local_addr()?;
+    // On port 0 the default public URL (`http://<listen address>`) is only known once bound;
+    // without this, connect links and the callback would point at port 0.
+    if args.public_url.is_none() && config.listen.port() == 0 {
+        config.public_url = url::Url::parse(&format!("http://{addr}"))?;
+        if args.allowed_return_urls.is_none() {
+            config.allowed_return_urls = vec![config.public_url.as_str().to_owned()];
+        }
+    }
+    let app = tokenkeeper::app::App::build(&config).await?;
     println!("tokenkeeper {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
     match &app.simulator {
         Some(sim) => println!(

@@ -5,12 +5,22 @@
 //! - 401: the token is dead. Refresh through the coordinator with `if_grant` set to the grant
 //!   just used (so many concurrent 401s cause one refresh), then retry once.
 //! - 429 and 529: throttling. Wait `Retry-After` within the request's budget; never touch auth.
+//!   `public_api_request_blocked` is never retried.
 //! - 5xx and network failures: retried for GET and DELETE only (a write may have been applied).
-//! - 403 and 404: sharing and capabilities; passed through, never touching auth.
+//! - 403, 404 and everything else: passed through, never touching auth.
 //!
-//! Request bodies up to `REPLAY_LIMIT` are held so they can be sent again; larger ones stream
-//! through and are not retried. Response bodies always stream, except the small error bodies
-//! the proxy must read to decide (401, 429, 529, 5xx).
+//! Answers that come back, Notion's or not, come back byte for byte: the proxy reads at most the
+//! head of a throttling answer (to see its `rate_limit_reason`) and sends that head on, followed
+//! by the rest of the stream. The proxy's own errors (unknown connection, `needs_reauth`, Notion
+//! unreachable) use tokenkeeper's envelope and carry a `Tokenkeeper-Error` header, so a caller
+//! can always tell them from Notion's.
+//!
+//! Request bodies up to `REPLAY_LIMIT` are read before the first attempt and kept, so that a
+//! 401, a 429 or a 5xx can be retried with the same bytes. Larger ones stream through as they
+//! arrive (the first `REPLAY_LIMIT` bytes, then the rest), cannot be sent twice, and so are
+//! never retried: whatever Notion answers goes back as is. Reading small bodies first rather
+//! than teeing them is deliberate: Notion may answer a 401 before it has read the body, and a
+//! tee would then hold only part of it.
 
 use std::time::Duration;
 
@@ -19,8 +29,8 @@ use axum::extract::{Extension, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use tokio::time::Instant;
 
 use crate::api::auth::Scope;
 use crate::api::error::ApiError;
@@ -29,15 +39,21 @@ use crate::ids::ConnectionId;
 use crate::ledger::{ConnectionStatus, OpenGrant};
 use crate::refresh::RefreshError;
 
-/// Request bodies up to this size are kept so that a 401 or 429 can be retried.
+/// Request bodies up to this size are kept so that a 401, 429 or 5xx can be retried.
 pub const REPLAY_LIMIT: usize = 1024 * 1024;
-/// Error bodies read to decide what to do are cut off here.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
-const DEFAULT_RETRIES: u32 = 2;
-const DEFAULT_BUDGET: Duration = Duration::from_secs(10);
+/// How much of a throttling answer is read to find its `rate_limit_reason`.
+const PEEK_LIMIT: usize = 64 * 1024;
+pub const DEFAULT_RETRIES: u32 = 2;
+pub const DEFAULT_BUDGET: Duration = Duration::from_secs(10);
+/// Callers may ask for more, but not for an unbounded number of retries or an endless wait.
+const MAX_RETRIES: u64 = 10;
+const MAX_BUDGET_MS: u64 = 120_000;
+/// A 429 or 529 without a usable `Retry-After` waits this long.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The first retry of a 5xx or a network failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Headers that describe one hop, not the message: never forwarded.
+/// Headers that describe one hop, not the message: never forwarded, in either direction.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
@@ -50,30 +66,55 @@ const HOP_BY_HOP: [&str; 9] = [
     "host",
 ];
 
+/// The header that marks an answer as the proxy's own, not Notion's.
+const ERROR_HEADER: &str = "tokenkeeper-error";
+/// The grant whose token the forwarded request carried.
+const GRANT_HEADER: &str = "tokenkeeper-grant-id";
+/// Per-request retry settings.
+const RETRIES_HEADER: &str = "tokenkeeper-retries";
+const BUDGET_HEADER: &str = "tokenkeeper-retry-budget-ms";
+
 fn proxy_error(e: ApiError) -> Response {
     let code = e.code;
     let mut response = e.into_response();
     response
         .headers_mut()
-        .insert("tokenkeeper-error", HeaderValue::from_static(code));
+        .insert(ERROR_HEADER, HeaderValue::from_static(code));
     response
 }
 
-pub async fn forward_root(
-    state: State<SharedState>,
-    scope: Extension<Scope>,
-    Path(id): Path<String>,
+pub async fn forward_root(state: State<SharedState>, scope: Extension<Scope>, Path(id): Path<String>, req: Request) -> Response {
+    forward(state, scope, Path((id, String::new())), req).await
+}
+
+pub async fn forward(
+    State(state): State<SharedState>,
+    // Both scopes may call Notion through the proxy: it never reveals a token.
+    Extension(_scope): Extension<Scope>,
+    Path((id, _)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    forward(state, scope, Path((id, String::new())), req).await
+    match forward_inner(state, id, req).await {
+        Ok(response) => response,
+        Err(e) => proxy_error(e),
+    }
 }
 
 /// The request body: held whole when small (replayable), or a stream when large.
 enum OutBody {
     Held(Bytes),
+    /// Taken by the one attempt that sends it.
     Streaming(Option<Body>),
 }
 
+impl OutBody {
+    fn replayable(&self) -> bool {
+        matches!(self, OutBody::Held(_))
+    }
+}
+
+/// Reads the body up to `REPLAY_LIMIT`; past that, sends on what was read followed by the rest
+/// as it arrives.
 async fn hold_or_stream(body: Body) -> Result<OutBody, ApiError> {
     let mut stream = body.into_data_stream();
     let mut held: Vec<Bytes> = Vec::new();
@@ -83,7 +124,6 @@ async fn hold_or_stream(body: Body) -> Result<OutBody, ApiError> {
         size += chunk.len();
         held.push(chunk);
         if size > REPLAY_LIMIT {
-            // Too large to keep: send what we read, then the rest as it comes.
             let prefix = futures::stream::iter(held.into_iter().map(Ok::<_, axum::Error>));
             return Ok(OutBody::Streaming(Some(Body::from_stream(prefix.chain(stream)))));
         }
@@ -95,9 +135,12 @@ async fn hold_or_stream(body: Body) -> Result<OutBody, ApiError> {
     }))
 }
 
+/// What one request may spend on retries of throttling, 5xx and network failures. A refresh
+/// after a 401 is not counted: it is a different problem with its own single retry.
 struct Budget {
     retries_left: u32,
-    deadline: Instant,
+    /// Waiting left, summed over all retries.
+    wait_left: Duration,
 }
 
 impl Budget {
@@ -109,40 +152,34 @@ impl Budget {
                     v.to_str()
                         .ok()
                         .and_then(|s| s.trim().parse::<u64>().ok())
-                        .ok_or_else(|| ApiError::invalid(format!("{name} must be a whole number")))
+                        .ok_or_else(|| ApiError::invalid(format!("the {name} header must be a whole number")))
                 })
                 .transpose()
         };
-        let retries = number("tokenkeeper-retries")?.map(|n| n.min(10) as u32).unwrap_or(DEFAULT_RETRIES);
-        let budget = number("tokenkeeper-retry-budget-ms")?
-            .map(|ms| Duration::from_millis(ms.min(120_000)))
+        let retries = number(RETRIES_HEADER)?
+            .map(|n| n.min(MAX_RETRIES) as u32)
+            .unwrap_or(DEFAULT_RETRIES);
+        let wait = number(BUDGET_HEADER)?
+            .map(|ms| Duration::from_millis(ms.min(MAX_BUDGET_MS)))
             .unwrap_or(DEFAULT_BUDGET);
-        let retries = if budget.is_zero() { 0 } else { retries };
         Ok(Budget {
-            retries_left: retries,
-            deadline: Instant::now() + budget,
+            retries_left: if wait.is_zero() { 0 } else { retries },
+            wait_left: wait,
         })
+    }
+
+    fn exhausted(&self) -> bool {
+        self.retries_left == 0
     }
 
     /// Takes one retry that waits `wait`, if the budget allows it.
     fn take(&mut self, wait: Duration) -> bool {
-        if self.retries_left == 0 || Instant::now() + wait > self.deadline {
+        if self.retries_left == 0 || wait > self.wait_left {
             return false;
         }
         self.retries_left -= 1;
+        self.wait_left -= wait;
         true
-    }
-}
-
-pub async fn forward(
-    State(state): State<SharedState>,
-    Extension(_scope): Extension<Scope>,
-    Path((id, _)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    match forward_inner(state, id, req).await {
-        Ok(response) => response,
-        Err(e) => proxy_error(e),
     }
 }
 
@@ -176,36 +213,60 @@ async fn needs_reauth(state: &SharedState, id: &ConnectionId, diagnosis: serde_j
     .with("diagnosis", diagnosis)
 }
 
-async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<Response, ApiError> {
-    let id = crate::api::parse_connection_id(&id)?;
-    let (parts, body) = req.into_parts();
-    let mut budget = Budget::from_headers(&parts.headers)?;
-    let mut grant = current_grant(&state, &id).await?;
+/// The part of the request path after `/v1/proxy/{id}`, raw (still percent-encoded), so that it
+/// reaches Notion as the caller wrote it. Works whether or not the router stripped `/v1`.
+fn rest_of_path(path: &str) -> &str {
+    let path = path.strip_prefix("/v1").unwrap_or(path);
+    let after = path.strip_prefix("/proxy/").unwrap_or("");
+    after.find('/').map_or("", |i| &after[i..])
+}
 
-    // The path after `/v1/proxy/{id}`, raw, so its encoding reaches Notion unchanged.
-    let prefix_len = "/v1/proxy/".len() + id.as_str().len();
-    let rest = parts.uri.path().get(prefix_len..).unwrap_or("");
-    let mut target = state.notion.settings().base_url.clone();
-    let base_path = target.path().trim_end_matches('/').to_owned();
-    target.set_path(&format!("{base_path}{rest}"));
-    target.set_query(parts.uri.query());
-
+/// The caller's headers, minus what belongs to this hop or to tokenkeeper.
+fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
+    // Headers the caller listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+    let listed: Vec<String> = from
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
+        .collect();
     let mut headers = HeaderMap::new();
-    for (name, value) in &parts.headers {
+    for (name, value) in from {
         let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || n == "authorization" || n.starts_with("tokenkeeper-") {
+        let ours = n == "authorization" || n.starts_with("tokenkeeper-");
+        // `Expect: 100-continue` was answered by our own server; the client does not do it.
+        if ours || n == "expect" || HOP_BY_HOP.contains(&n) || listed.iter().any(|l| l == n) {
             continue;
         }
         headers.append(name.clone(), value.clone());
     }
     if !headers.contains_key("notion-version") {
-        if let Ok(v) = HeaderValue::from_str(&state.notion_version) {
+        if let Ok(v) = HeaderValue::from_str(notion_version) {
             headers.insert("notion-version", v);
         }
     }
+    headers
+}
+
+async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<Response, ApiError> {
+    let id = crate::api::parse_connection_id(&id)?;
+    let (parts, body) = req.into_parts();
+    let mut budget = Budget::from_headers(&parts.headers)?;
+    // Answered from the database alone: a connection that needs a reconnect, or was revoked,
+    // never costs a call to Notion.
+    let mut grant = current_grant(&state, &id).await?;
+
+    let mut target = state.notion.settings().base_url.clone();
+    let base_path = target.path().trim_end_matches('/').to_owned();
+    target.set_path(&format!("{base_path}{}", rest_of_path(parts.uri.path())));
+    target.set_query(parts.uri.query());
+    let headers = outgoing_headers(&parts.headers, &state.notion_version);
+
     let mut body = hold_or_stream(body).await?;
-    let replayable = matches!(body, OutBody::Held(_));
-    let idempotent = parts.method == Method::GET || parts.method == Method::DELETE || parts.method == Method::HEAD;
+    let replayable = body.replayable();
+    // Only these may be sent again after a 5xx or a broken connection: Notion may have applied
+    // a write whose answer was lost.
+    let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE);
     let mut refreshed = false;
     let mut backoff = FIRST_BACKOFF;
 
@@ -216,6 +277,7 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
             .headers(headers.clone())
             .bearer_auth(grant.access_token.expose_secret());
         request = match &mut body {
+            OutBody::Held(bytes) if bytes.is_empty() => request,
             OutBody::Held(bytes) => request.body(bytes.clone()),
             OutBody::Streaming(stream) => match stream.take() {
                 Some(b) => request.body(reqwest::Body::wrap_stream(b.into_data_stream())),
@@ -225,12 +287,15 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
         let upstream = match request.send().await {
             Ok(r) => r,
             Err(e) => {
-                if idempotent && replayable && budget.take(backoff) {
+                // A refused connection never reached Notion: safe to retry whatever the method.
+                let may_retry = replayable && (idempotent || e.is_connect());
+                if may_retry && budget.take(backoff) {
+                    tracing::info!(connection = %id, wait_ms = backoff.as_millis() as u64, "Notion unreachable ({}); retrying", describe(&e));
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                     continue;
                 }
-                tracing::warn!(connection = %id, "upstream request failed: {}", describe(&e));
+                tracing::warn!(connection = %id, "Notion unreachable: {}", describe(&e));
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "upstream_unreachable",
@@ -238,19 +303,13 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
                 ));
             }
         };
-        let status = upstream.status();
-        let code = status.as_u16();
-        let decides = code == 401 || code == 429 || code >= 500;
-        if !decides {
-            return Ok(stream_back(upstream, &grant));
-        }
-        let up_headers = upstream.headers().clone();
-        let bytes = read_limited(upstream).await;
-        match code {
+        let status = upstream.status().as_u16();
+        match status {
             401 if !refreshed && replayable => {
                 refreshed = true;
                 match state.coordinator.refresh(&id, Some(&grant.record.id)).await {
                     Ok(done) => {
+                        tracing::info!(connection = %id, refreshed = done.refreshed, "401 from Notion; retrying with grant {}", done.grant.record.id);
                         grant = done.grant;
                         continue;
                     }
@@ -258,24 +317,31 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
                     Err(other) => return Err(other.into()),
                 }
             }
-            429 | 529 => {
-                let blocked = rate_limit_reason(&bytes).as_deref() == Some("public_api_request_blocked");
-                let wait = retry_after(&up_headers).unwrap_or(Duration::from_secs(1));
-                if !blocked && replayable && budget.take(wait) {
+            429 | 529 if replayable && !budget.exhausted() => {
+                let wait = retry_after(upstream.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
+                let (code, up_headers) = (upstream.status(), upstream.headers().clone());
+                let (head, rest) = peek(upstream.bytes_stream().boxed(), PEEK_LIMIT).await;
+                let blocked = rate_limit_reason(&head).as_deref() == Some("public_api_request_blocked");
+                if !blocked && budget.take(wait) {
+                    tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion is throttling; retrying");
                     tokio::time::sleep(wait).await;
                     continue;
                 }
+                // Blocked, or the wait does not fit the budget: the answer goes back at once.
+                return Ok(respond(code, &up_headers, &grant, Body::from_stream(chain(head, rest))));
             }
             500..=599 if idempotent && replayable => {
-                if budget.take(backoff) {
-                    tokio::time::sleep(backoff).await;
+                let wait = retry_after(upstream.headers()).map_or(backoff, |r| r.max(backoff));
+                if budget.take(wait) {
+                    tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion failed; retrying");
+                    tokio::time::sleep(wait).await;
                     backoff *= 2;
                     continue;
                 }
             }
             _ => {}
         }
-        return Ok(held_back(status, &up_headers, bytes, &grant));
+        return Ok(stream_back(upstream, &grant));
     }
 }
 
@@ -283,7 +349,7 @@ fn describe(e: &reqwest::Error) -> &'static str {
     if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
-        "connection refused"
+        "the connection was refused"
     } else {
         "the connection closed before an answer arrived"
     }
@@ -300,57 +366,62 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-fn rate_limit_reason(body: &Bytes) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+/// `additional_data.rate_limit_reason` of a 429 whose head was peeked.
+fn rate_limit_reason(head: &[reqwest::Result<Bytes>]) -> Option<String> {
+    let body: Vec<u8> = head.iter().flatten().flat_map(|chunk| chunk.iter().copied()).collect();
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     v.get("additional_data")?
         .get("rate_limit_reason")?
         .as_str()
         .map(str::to_owned)
 }
 
-async fn read_limited(response: reqwest::Response) -> Bytes {
-    let mut out = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(Ok(chunk)) = stream.next().await {
-        let room = ERROR_BODY_LIMIT.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if room <= chunk.len() {
-            break;
+type ByteStream = BoxStream<'static, reqwest::Result<Bytes>>;
+
+/// Reads up to `limit` bytes from the head of a body; the rest (if any) stays unread.
+async fn peek(mut stream: ByteStream, limit: usize) -> (Vec<reqwest::Result<Bytes>>, Option<ByteStream>) {
+    let mut head = Vec::new();
+    let mut size = 0;
+    while size < limit {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                size += chunk.len();
+                head.push(Ok(chunk));
+            }
+            Some(Err(e)) => {
+                head.push(Err(e));
+                return (head, None);
+            }
+            None => return (head, None),
         }
     }
-    Bytes::from(out)
+    (head, Some(stream))
 }
 
-fn copy_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap, grant: &OpenGrant) {
-    for (name, value) in from {
-        if HOP_BY_HOP.contains(&name.as_str()) {
-            continue;
-        }
-        to.append(name.clone(), value.clone());
-    }
-    if let Ok(v) = HeaderValue::from_str(grant.record.id.as_str()) {
-        to.insert(HeaderName::from_static("tokenkeeper-grant-id"), v);
-    }
+fn chain(head: Vec<reqwest::Result<Bytes>>, rest: Option<ByteStream>) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    futures::stream::iter(head)
+        .chain(rest.unwrap_or_else(|| futures::stream::empty().boxed()))
+        .map_err(std::io::Error::other)
 }
 
 fn stream_back(upstream: reqwest::Response, grant: &OpenGrant) -> Response {
     let status = upstream.status();
-    let mut headers = HeaderMap::new();
-    copy_headers(upstream.headers(), &mut headers, grant);
-    let body = Body::from_stream(upstream.bytes_stream().map_err(std::io::Error::other));
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    response
+    let headers = upstream.headers().clone();
+    respond(status, &headers, grant, Body::from_stream(upstream.bytes_stream().map_err(std::io::Error::other)))
 }
 
-fn held_back(status: StatusCode, up_headers: &reqwest::header::HeaderMap, bytes: Bytes, grant: &OpenGrant) -> Response {
-    let mut headers = HeaderMap::new();
-    copy_headers(up_headers, &mut headers, grant);
-    // The body may have been cut at ERROR_BODY_LIMIT; its length is what we send.
-    headers.remove("content-length");
-    let mut response = Response::new(Body::from(bytes));
+/// Notion's answer, as it came: status, end-to-end headers, body; plus the grant used.
+fn respond(status: StatusCode, from: &reqwest::header::HeaderMap, grant: &OpenGrant, body: Body) -> Response {
+    let mut response = Response::new(body);
     *response.status_mut() = status;
-    *response.headers_mut() = headers;
+    let headers = response.headers_mut();
+    for (name, value) in from {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(grant.record.id.as_str()) {
+        headers.insert(HeaderName::from_static(GRANT_HEADER), v);
+    }
     response
 }

@@ -150,7 +150,14 @@ async fn require_api_key(State(state): State<SharedState>, mut req: Request, nex
             req.extensions_mut().insert(scope);
             next.run(req).await
         }
-        None => ApiError::unauthorized().into_response(),
+        None => {
+            // Marked as ours: through the proxy, a bare 401 would read as Notion's dead token.
+            let mut response = ApiError::unauthorized().into_response();
+            response
+                .headers_mut()
+                .insert("tokenkeeper-error", http::HeaderValue::from_static("unauthorized"));
+            response
+        }
     }
 }
 
