@@ -9,3 +9,4 @@ mod broker;
 mod store_contract;
 mod ledger_model;
 mod store_processes;
+mod proxy;
