@@ -83,7 +83,12 @@ fn proxy_error(e: ApiError) -> Response {
     response
 }
 
-pub async fn forward_root(state: State<SharedState>, scope: Extension<Scope>, Path(id): Path<String>, req: Request) -> Response {
+pub async fn forward_root(
+    state: State<SharedState>,
+    scope: Extension<Scope>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
     forward(state, scope, Path((id, String::new())), req).await
 }
 
@@ -120,12 +125,15 @@ async fn hold_or_stream(body: Body) -> Result<OutBody, ApiError> {
     let mut held: Vec<Bytes> = Vec::new();
     let mut size = 0usize;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid(format!("the request body could not be read: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(format!("the request body could not be read: {e}")))?;
         size += chunk.len();
         held.push(chunk);
         if size > REPLAY_LIMIT {
             let prefix = futures::stream::iter(held.into_iter().map(Ok::<_, axum::Error>));
-            return Ok(OutBody::Streaming(Some(Body::from_stream(prefix.chain(stream)))));
+            return Ok(OutBody::Streaming(Some(Body::from_stream(
+                prefix.chain(stream),
+            ))));
         }
     }
     Ok(OutBody::Held(match held.len() {
@@ -152,7 +160,9 @@ impl Budget {
                     v.to_str()
                         .ok()
                         .and_then(|s| s.trim().parse::<u64>().ok())
-                        .ok_or_else(|| ApiError::invalid(format!("the {name} header must be a whole number")))
+                        .ok_or_else(|| {
+                            ApiError::invalid(format!("the {name} header must be a whole number"))
+                        })
                 })
                 .transpose()
         };
@@ -195,13 +205,21 @@ async fn current_grant(state: &SharedState, id: &ConnectionId) -> Result<OpenGra
             return Err(needs_reauth(state, id, connection.diagnosis.unwrap_or_default()).await);
         }
         ConnectionStatus::Revoked => {
-            return Err(ApiError::new(StatusCode::GONE, "connection_revoked", "the connection was revoked"));
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                "connection_revoked",
+                "the connection was revoked",
+            ));
         }
     }
     grant.ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))
 }
 
-async fn needs_reauth(state: &SharedState, id: &ConnectionId, diagnosis: serde_json::Value) -> ApiError {
+async fn needs_reauth(
+    state: &SharedState,
+    id: &ConnectionId,
+    diagnosis: serde_json::Value,
+) -> ApiError {
     let link = crate::api::connect_reconnect_url(state, id).await;
     ApiError::new(
         StatusCode::FAILED_DEPENDENCY,
@@ -313,7 +331,9 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
                         grant = done.grant;
                         continue;
                     }
-                    Err(RefreshError::NeedsReauth { diagnosis }) => return Err(needs_reauth(&state, &id, diagnosis).await),
+                    Err(RefreshError::NeedsReauth { diagnosis }) => {
+                        return Err(needs_reauth(&state, &id, diagnosis).await)
+                    }
                     Err(other) => return Err(other.into()),
                 }
             }
@@ -321,14 +341,20 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
                 let wait = retry_after(upstream.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
                 let (code, up_headers) = (upstream.status(), upstream.headers().clone());
                 let (head, rest) = peek(upstream.bytes_stream().boxed(), PEEK_LIMIT).await;
-                let blocked = rate_limit_reason(&head).as_deref() == Some("public_api_request_blocked");
+                let blocked =
+                    rate_limit_reason(&head).as_deref() == Some("public_api_request_blocked");
                 if !blocked && budget.take(wait) {
                     tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion is throttling; retrying");
                     tokio::time::sleep(wait).await;
                     continue;
                 }
                 // Blocked, or the wait does not fit the budget: the answer goes back at once.
-                return Ok(respond(code, &up_headers, &grant, Body::from_stream(chain(head, rest))));
+                return Ok(respond(
+                    code,
+                    &up_headers,
+                    &grant,
+                    Body::from_stream(chain(head, rest)),
+                ));
             }
             500..=599 if idempotent && replayable => {
                 let wait = retry_after(upstream.headers()).map_or(backoff, |r| r.max(backoff));
@@ -368,7 +394,11 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 
 /// `additional_data.rate_limit_reason` of a 429 whose head was peeked.
 fn rate_limit_reason(head: &[reqwest::Result<Bytes>]) -> Option<String> {
-    let body: Vec<u8> = head.iter().flatten().flat_map(|chunk| chunk.iter().copied()).collect();
+    let body: Vec<u8> = head
+        .iter()
+        .flatten()
+        .flat_map(|chunk| chunk.iter().copied())
+        .collect();
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     v.get("additional_data")?
         .get("rate_limit_reason")?
@@ -379,7 +409,10 @@ fn rate_limit_reason(head: &[reqwest::Result<Bytes>]) -> Option<String> {
 type ByteStream = BoxStream<'static, reqwest::Result<Bytes>>;
 
 /// Reads up to `limit` bytes from the head of a body; the rest (if any) stays unread.
-async fn peek(mut stream: ByteStream, limit: usize) -> (Vec<reqwest::Result<Bytes>>, Option<ByteStream>) {
+async fn peek(
+    mut stream: ByteStream,
+    limit: usize,
+) -> (Vec<reqwest::Result<Bytes>>, Option<ByteStream>) {
     let mut head = Vec::new();
     let mut size = 0;
     while size < limit {
@@ -398,7 +431,10 @@ async fn peek(mut stream: ByteStream, limit: usize) -> (Vec<reqwest::Result<Byte
     (head, Some(stream))
 }
 
-fn chain(head: Vec<reqwest::Result<Bytes>>, rest: Option<ByteStream>) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+fn chain(
+    head: Vec<reqwest::Result<Bytes>>,
+    rest: Option<ByteStream>,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
     futures::stream::iter(head)
         .chain(rest.unwrap_or_else(|| futures::stream::empty().boxed()))
         .map_err(std::io::Error::other)
@@ -407,11 +443,21 @@ fn chain(head: Vec<reqwest::Result<Bytes>>, rest: Option<ByteStream>) -> impl fu
 fn stream_back(upstream: reqwest::Response, grant: &OpenGrant) -> Response {
     let status = upstream.status();
     let headers = upstream.headers().clone();
-    respond(status, &headers, grant, Body::from_stream(upstream.bytes_stream().map_err(std::io::Error::other)))
+    respond(
+        status,
+        &headers,
+        grant,
+        Body::from_stream(upstream.bytes_stream().map_err(std::io::Error::other)),
+    )
 }
 
 /// Notion's answer, as it came: status, end-to-end headers, body; plus the grant used.
-fn respond(status: StatusCode, from: &reqwest::header::HeaderMap, grant: &OpenGrant, body: Body) -> Response {
+fn respond(
+    status: StatusCode,
+    from: &reqwest::header::HeaderMap,
+    grant: &OpenGrant,
+    body: Body,
+) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();

@@ -41,11 +41,16 @@ async fn sent(request: reqwest::RequestBuilder) -> (u16, reqwest::header::Header
     let response = request.send().await.expect("tokenkeeper answers");
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    (status, headers, response.bytes().await.expect("the whole body arrives"))
+    (
+        status,
+        headers,
+        response.bytes().await.expect("the whole body arrives"),
+    )
 }
 
 fn json_of(body: &Bytes) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|_| panic!("JSON body, got {:?}", String::from_utf8_lossy(body)))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("JSON body, got {:?}", String::from_utf8_lossy(body)))
 }
 
 fn header<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> Option<&'h str> {
@@ -55,11 +60,16 @@ fn header<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> Option<&'h
 /// How many requests the sim counted for an endpoint (`users.me`, `search`, …).
 async fn sim_count(app: &TestApp, endpoint: &str) -> u64 {
     let stats = app.sim_json(Method::GET, "/_sim/stats", None).await;
-    stats["requests"][endpoint].as_u64().expect("a counted endpoint")
+    stats["requests"][endpoint]
+        .as_u64()
+        .expect("a counted endpoint")
 }
 
 async fn grant_of(app: &TestApp, id: &str) -> String {
-    app.connection(id).await["grant_id"].as_str().unwrap().to_owned()
+    app.connection(id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The connection is active on the grant it had, and nothing refreshed or failed.
@@ -70,7 +80,10 @@ async fn assert_untouched(app: &TestApp, id: &str, grant: &str) {
     assert_eq!(app.sim_refreshes().await, 0, "no refresh was attempted");
     let kinds = app.event_kinds(id).await;
     for never in ["refresh_failed", "needs_reauth", "refreshed"] {
-        assert!(!kinds.iter().any(|k| k == never), "no {never} event: {kinds:?}");
+        assert!(
+            !kinds.iter().any(|k| k == never),
+            "no {never} event: {kinds:?}"
+        );
     }
 }
 
@@ -80,7 +93,8 @@ async fn concurrent_401s_cause_exactly_one_refresh_and_every_request_succeeds(ba
     let before = grant_of(&app, &id).await;
     // The token dies 1 s after it was minted; the refreshed one then lives 1 s, ample for the
     // retries, which go out at once.
-    app.sim.update_config(|c| c.access_token_ttl = Some(Duration::from_secs(1)));
+    app.sim
+        .update_config(|c| c.access_token_ttl = Some(Duration::from_secs(1)));
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     let calls = (0..50).map(|_| sent(proxy(&app, &id, Method::GET, "/v1/users/me")));
@@ -91,21 +105,31 @@ async fn concurrent_401s_cause_exactly_one_refresh_and_every_request_succeeds(ba
     for (status, headers, body) in &results {
         assert_eq!(*status, 200, "{}", String::from_utf8_lossy(body));
         assert_eq!(json_of(body)["object"], "user");
-        assert_eq!(header(headers, "tokenkeeper-grant-id"), Some(after.as_str()));
+        assert_eq!(
+            header(headers, "tokenkeeper-grant-id"),
+            Some(after.as_str())
+        );
     }
     assert_eq!(app.sim_refreshes().await, 1, "fifty 401s, one refresh");
     let kinds = app.event_kinds(&id).await;
-    assert_eq!(kinds.iter().filter(|k| *k == "refreshed").count(), 1, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "refreshed").count(),
+        1,
+        "{kinds:?}"
+    );
     assert_eq!(app.connection(&id).await["status"], "active");
 }
 
-async fn an_uninstall_answers_424_with_a_reconnect_link_and_later_calls_never_reach_notion(backend: Backend) {
+async fn an_uninstall_answers_424_with_a_reconnect_link_and_later_calls_never_reach_notion(
+    backend: Backend,
+) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
     let connection = app.connection(&id).await;
     let grant = connection["grant_id"].as_str().unwrap().to_owned();
     let bot = connection["bot_id"].as_str().unwrap().to_owned();
-    app.sim_json(Method::POST, &format!("/_sim/bots/{bot}/revoke"), None).await;
+    app.sim_json(Method::POST, &format!("/_sim/bots/{bot}/revoke"), None)
+        .await;
 
     let (status, headers, body) = sent(proxy(&app, &id, Method::GET, "/v1/users/me")).await;
     assert_eq!(status, 424, "{}", String::from_utf8_lossy(&body));
@@ -127,17 +151,25 @@ async fn an_uninstall_answers_424_with_a_reconnect_link_and_later_calls_never_re
         .find(|e| e["kind"] == "refresh_failed")
         .expect("a refresh_failed event");
     assert!(failed.to_string().contains("invalid_grant"), "{failed}");
-    assert!(events.iter().any(|e| e["kind"] == "needs_reauth"), "{events:?}");
+    assert!(
+        events.iter().any(|e| e["kind"] == "needs_reauth"),
+        "{events:?}"
+    );
 
     // From now on the answer comes from the database alone.
     let stats = app.sim_json(Method::GET, "/_sim/stats", None).await;
     let (status, headers, _) = sent(proxy(&app, &id, Method::GET, "/v1/users/me")).await;
     assert_eq!(status, 424);
     assert_eq!(header(&headers, "tokenkeeper-error"), Some("needs_reauth"));
-    let (status, _, body) = sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
+    let (status, _, body) =
+        sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
     assert_eq!(status, 424);
     assert!(json_of(&body)["error"]["reconnect_url"].is_string());
-    assert_eq!(app.sim_json(Method::GET, "/_sim/stats", None).await, stats, "Notion was not called");
+    assert_eq!(
+        app.sim_json(Method::GET, "/_sim/stats", None).await,
+        stats,
+        "Notion was not called"
+    );
 }
 
 async fn throttling_is_retried_within_the_budget_and_never_touches_auth(backend: Backend) {
@@ -153,8 +185,16 @@ async fn throttling_is_retried_within_the_budget_and_never_touches_auth(backend:
         let count = sim_count(&app, "users.me").await;
         let started = Instant::now();
         let (answer, _, body) = sent(me()).await;
-        assert_eq!(answer, 200, "{status} retried: {}", String::from_utf8_lossy(&body));
-        assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After was honoured");
+        assert_eq!(
+            answer,
+            200,
+            "{status} retried: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "Retry-After was honoured"
+        );
         assert_eq!(sim_count(&app, "users.me").await, count + 2);
     }
 
@@ -165,7 +205,11 @@ async fn throttling_is_retried_within_the_budget_and_never_touches_auth(backend:
     let (status, headers, body) = sent(me().header("Tokenkeeper-Retries", "0")).await;
     assert_eq!(status, 429);
     assert_eq!(header(&headers, "retry-after"), Some("1"));
-    assert_eq!(header(&headers, "tokenkeeper-error"), None, "Notion's answer, not ours");
+    assert_eq!(
+        header(&headers, "tokenkeeper-error"),
+        None,
+        "Notion's answer, not ours"
+    );
     assert!(header(&headers, "x-notion-request-id").is_some());
     assert_eq!(json_of(&body)["code"], "rate_limited");
     assert_eq!(sim_count(&app, "users.me").await, count + 1);
@@ -191,7 +235,11 @@ async fn throttling_is_retried_within_the_budget_and_never_touches_auth(backend:
     let started = Instant::now();
     let (status, _, _) = sent(me().header("Tokenkeeper-Retry-Budget-Ms", "1500")).await;
     assert_eq!(status, 429);
-    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A blocked request is never retried, whatever the budget.
     app.sim_fault(json!({
@@ -202,7 +250,10 @@ async fn throttling_is_retried_within_the_budget_and_never_touches_auth(backend:
     let count = sim_count(&app, "users.me").await;
     let (status, _, body) = sent(me()).await;
     assert_eq!(status, 429);
-    assert_eq!(json_of(&body)["additional_data"]["rate_limit_reason"], "public_api_request_blocked");
+    assert_eq!(
+        json_of(&body)["additional_data"]["rate_limit_reason"],
+        "public_api_request_blocked"
+    );
     assert_eq!(sim_count(&app, "users.me").await, count + 1, "not retried");
     app.sim_json(Method::DELETE, "/_sim/faults", None).await;
 
@@ -210,13 +261,18 @@ async fn throttling_is_retried_within_the_budget_and_never_touches_auth(backend:
     let count = sim_count(&app, "users.me").await;
     let (status, headers, _) = sent(me().header("Tokenkeeper-Retries", "many")).await;
     assert_eq!(status, 400);
-    assert_eq!(header(&headers, "tokenkeeper-error"), Some("invalid_request"));
+    assert_eq!(
+        header(&headers, "tokenkeeper-error"),
+        Some("invalid_request")
+    );
     assert_eq!(sim_count(&app, "users.me").await, count);
 
     assert_untouched(&app, &id, &grant).await;
 }
 
-async fn server_errors_are_retried_for_reads_only_and_a_dropped_connection_is_the_proxys_own_error(backend: Backend) {
+async fn server_errors_are_retried_for_reads_only_and_a_dropped_connection_is_the_proxys_own_error(
+    backend: Backend,
+) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
     let grant = grant_of(&app, &id).await;
@@ -234,44 +290,63 @@ async fn server_errors_are_retried_for_reads_only_and_a_dropped_connection_is_th
         app.sim_fault(json!({"endpoint": "search", "kind": "status", "status": fault, "count": 1}))
             .await;
         let count = sim_count(&app, "search").await;
-        let (status, headers, body) = sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
+        let (status, headers, body) =
+            sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
         assert_eq!(status, fault);
         assert_eq!(json_of(&body)["code"], code);
         assert_eq!(header(&headers, "tokenkeeper-error"), None);
-        assert_eq!(sim_count(&app, "search").await, count + 1, "a write is never retried");
+        assert_eq!(
+            sim_count(&app, "search").await,
+            count + 1,
+            "a write is never retried"
+        );
     }
 
     // A connection Notion drops without answering: retried on a GET, then our own 502.
-    app.sim_fault(json!({"endpoint": "users.me", "kind": "drop"})).await;
+    app.sim_fault(json!({"endpoint": "users.me", "kind": "drop"}))
+        .await;
     let count = sim_count(&app, "users.me").await;
     let (status, headers, body) = sent(proxy(&app, &id, Method::GET, "/v1/users/me")).await;
     assert_eq!(status, 502);
-    assert_eq!(header(&headers, "tokenkeeper-error"), Some("upstream_unreachable"));
+    assert_eq!(
+        header(&headers, "tokenkeeper-error"),
+        Some("upstream_unreachable")
+    );
     assert_eq!(json_of(&body)["error"]["code"], "upstream_unreachable");
     assert_eq!(sim_count(&app, "users.me").await, count + 3);
     // On a POST it is not retried.
-    app.sim_fault(json!({"endpoint": "search", "kind": "drop"})).await;
+    app.sim_fault(json!({"endpoint": "search", "kind": "drop"}))
+        .await;
     let count = sim_count(&app, "search").await;
-    let (status, headers, _) = sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
+    let (status, headers, _) =
+        sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
     assert_eq!(status, 502);
-    assert_eq!(header(&headers, "tokenkeeper-error"), Some("upstream_unreachable"));
+    assert_eq!(
+        header(&headers, "tokenkeeper-error"),
+        Some("upstream_unreachable")
+    );
     assert_eq!(sim_count(&app, "search").await, count + 1);
     app.sim_json(Method::DELETE, "/_sim/faults", None).await;
 
     assert_untouched(&app, &id, &grant).await;
 }
 
-async fn forbidden_and_not_found_pass_through_unchanged_and_leave_the_connection_active(backend: Backend) {
+async fn forbidden_and_not_found_pass_through_unchanged_and_leave_the_connection_active(
+    backend: Backend,
+) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
     let grant = grant_of(&app, &id).await;
 
     // What an edge in front of Notion may send: not JSON. It comes back byte for byte.
     let html = "<html><body><h1>403 Forbidden</h1>\n<p>cf-ray: 8a1b</p></body></html>";
-    app.sim_fault(json!({"endpoint": "search", "kind": "non_json", "status": 403, "count": 1,
-        "content_type": "text/html", "body": html}))
+    app.sim_fault(
+        json!({"endpoint": "search", "kind": "non_json", "status": 403, "count": 1,
+        "content_type": "text/html", "body": html}),
+    )
     .await;
-    let (status, headers, body) = sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
+    let (status, headers, body) =
+        sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
     assert_eq!(status, 403);
     assert_eq!(header(&headers, "content-type"), Some("text/html"));
     assert_eq!(body, Bytes::from(html));
@@ -290,7 +365,13 @@ async fn forbidden_and_not_found_pass_through_unchanged_and_leave_the_connection
         .as_str()
         .expect("the sim's workspace has an unshared page")
         .to_owned();
-    let (status, headers, body) = sent(proxy(&app, &id, Method::GET, &format!("/v1/pages/{unshared}"))).await;
+    let (status, headers, body) = sent(proxy(
+        &app,
+        &id,
+        Method::GET,
+        &format!("/v1/pages/{unshared}"),
+    ))
+    .await;
     assert_eq!(status, 404);
     let error = json_of(&body);
     assert_eq!(error["code"], "object_not_found");
@@ -299,8 +380,10 @@ async fn forbidden_and_not_found_pass_through_unchanged_and_leave_the_connection
         error["request_id"].as_str(),
         "Notion's headers come with Notion's body"
     );
-    app.sim.update_config(|c| c.capabilities = vec!["read_user_with_email".into()]);
-    let (status, _, body) = sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
+    app.sim
+        .update_config(|c| c.capabilities = vec!["read_user_with_email".into()]);
+    let (status, _, body) =
+        sent(proxy(&app, &id, Method::POST, "/v1/search").json(&json!({}))).await;
     assert_eq!(status, 403);
     assert_eq!(json_of(&body)["code"], "restricted_resource");
 
@@ -311,33 +394,50 @@ async fn the_proxy_sets_the_token_and_a_default_version_and_marks_its_own_errors
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
     let grant = grant_of(&app, &id).await;
-    let (_, token) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    let (_, token) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
     let token = token["access_token"].as_str().unwrap().to_owned();
 
     // No Notion-Version from the caller: the sim would answer 400 missing_version, so a 200
     // proves the default was set.
     let (status, headers, body) = sent(proxy(&app, &id, Method::GET, "/v1/users/me")).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(header(&headers, "tokenkeeper-grant-id"), Some(grant.as_str()));
+    assert_eq!(
+        header(&headers, "tokenkeeper-grant-id"),
+        Some(grant.as_str())
+    );
     // Notion saw the connection's token, not our API key.
-    let log = app.sim_json(Method::GET, "/_sim/requests?limit=1", None).await;
-    let seen = log["requests"][0]["token_fingerprint"].as_str().unwrap().to_owned();
+    let log = app
+        .sim_json(Method::GET, "/_sim/requests?limit=1", None)
+        .await;
+    let seen = log["requests"][0]["token_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(seen, notion_sim::fingerprint(&token));
     assert_ne!(seen, notion_sim::fingerprint(ADMIN_KEY));
     // A caller's Notion-Version passes (the sim accepts older versions).
-    let (status, _, _) = sent(proxy(&app, &id, Method::GET, "/v1/users/me").header("Notion-Version", "2022-06-28")).await;
+    let (status, _, _) =
+        sent(proxy(&app, &id, Method::GET, "/v1/users/me").header("Notion-Version", "2022-06-28"))
+            .await;
     assert_eq!(status, 200);
 
     // The proxy's own errors: our envelope and a Tokenkeeper-Error header, Notion not called.
     let count = sim_count(&app, "users.me").await;
     let unknown = tokenkeeper::ids::ConnectionId::generate();
-    let (status, headers, body) = sent(proxy(&app, unknown.as_str(), Method::GET, "/v1/users/me")).await;
+    let (status, headers, body) =
+        sent(proxy(&app, unknown.as_str(), Method::GET, "/v1/users/me")).await;
     assert_eq!(status, 404);
     assert_eq!(header(&headers, "tokenkeeper-error"), Some("not_found"));
     assert_eq!(json_of(&body)["error"]["code"], "not_found");
-    let (status, headers, body) = sent(proxy(&app, "not-a-connection", Method::GET, "/v1/users/me")).await;
+    let (status, headers, body) =
+        sent(proxy(&app, "not-a-connection", Method::GET, "/v1/users/me")).await;
     assert_eq!(status, 400);
-    assert_eq!(header(&headers, "tokenkeeper-error"), Some("invalid_request"));
+    assert_eq!(
+        header(&headers, "tokenkeeper-error"),
+        Some("invalid_request")
+    );
     assert_eq!(json_of(&body)["error"]["code"], "invalid_request");
     // A wrong API key must not look like Notion's 401.
     let (status, headers, _) = sent(
@@ -352,14 +452,21 @@ async fn the_proxy_sets_the_token_and_a_default_version_and_marks_its_own_errors
 
     // A revoked connection is answered without calling Notion.
     let (status, body) = {
-        let r = app.api(Method::DELETE, &format!("/v1/connections/{id}")).send().await.unwrap();
+        let r = app
+            .api(Method::DELETE, &format!("/v1/connections/{id}"))
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     };
     assert_eq!(status, 200, "{body}");
     let count = sim_count(&app, "users.me").await;
     let (status, headers, _) = sent(proxy(&app, &id, Method::GET, "/v1/users/me")).await;
     assert_eq!(status, 410);
-    assert_eq!(header(&headers, "tokenkeeper-error"), Some("connection_revoked"));
+    assert_eq!(
+        header(&headers, "tokenkeeper-error"),
+        Some("connection_revoked")
+    );
     assert_eq!(sim_count(&app, "users.me").await, count);
 }
 
@@ -394,7 +501,10 @@ fn pattern(i: usize) -> u8 {
 }
 
 fn checksum(bytes: &[u8], offset: usize) -> bool {
-    bytes.iter().enumerate().all(|(i, b)| *b == pattern(offset + i))
+    bytes
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(offset + i))
 }
 
 impl Upstream {
@@ -402,7 +512,9 @@ impl Upstream {
         let state = Arc::new(UpstreamState::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = axum::Router::new().fallback(upstream).with_state(state.clone());
+        let app = axum::Router::new()
+            .fallback(upstream)
+            .with_state(state.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -411,7 +523,11 @@ impl Upstream {
                 })
                 .await;
         });
-        Upstream { url, state, _stop: stop }
+        Upstream {
+            url,
+            state,
+            _stop: stop,
+        }
     }
 
     fn accept_only(&self, token: &str) {
@@ -484,7 +600,13 @@ async fn upstream(State(state): State<Arc<UpstreamState>>, req: Request) -> Resp
         let state = state.clone();
         tokio::spawn(async move {
             let mut tx = tx;
-            let chunk = |n: usize| Bytes::from((n * CHUNK..(n + 1) * CHUNK).map(pattern).collect::<Vec<u8>>());
+            let chunk = |n: usize| {
+                Bytes::from(
+                    (n * CHUNK..(n + 1) * CHUNK)
+                        .map(pattern)
+                        .collect::<Vec<u8>>(),
+                )
+            };
             use futures::SinkExt;
             if tx.send(Ok(chunk(0))).await.is_err() {
                 return;
@@ -494,7 +616,9 @@ async fn upstream(State(state): State<Arc<UpstreamState>>, req: Request) -> Resp
                 .is_err()
             {
                 let _ = tx
-                    .send(Err(std::io::Error::other("the client never got the first chunk")))
+                    .send(Err(std::io::Error::other(
+                        "the client never got the first chunk",
+                    )))
                     .await;
                 return;
             }
@@ -571,42 +695,78 @@ async fn requests_and_answers_pass_through_unchanged_except_for_the_credentials(
     let token = upstream.state.valid_token.lock().unwrap().clone();
 
     let (status, headers, body) = sent(
-        proxy(&app, &id, Method::GET, "/v1/echo/a%20b/c%2Fd?filter=x%3Dy&page_size=2&flag")
-            .header("Notion-Version", "2022-06-28")
-            .header("X-Custom", "hello")
-            .header("Accept", "application/json")
-            .header("Connection", "x-hop-secret")
-            .header("X-Hop-Secret", "only for tokenkeeper")
-            .header("Tokenkeeper-Retries", "1"),
+        proxy(
+            &app,
+            &id,
+            Method::GET,
+            "/v1/echo/a%20b/c%2Fd?filter=x%3Dy&page_size=2&flag",
+        )
+        .header("Notion-Version", "2022-06-28")
+        .header("X-Custom", "hello")
+        .header("Accept", "application/json")
+        .header("Connection", "x-hop-secret")
+        .header("X-Hop-Secret", "only for tokenkeeper")
+        .header("Tokenkeeper-Retries", "1"),
     )
     .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let seen = json_of(&body);
     assert_eq!(seen["method"], "GET");
-    assert_eq!(seen["path"], "/v1/echo/a%20b/c%2Fd", "the path as given, still encoded");
+    assert_eq!(
+        seen["path"], "/v1/echo/a%20b/c%2Fd",
+        "the path as given, still encoded"
+    );
     assert_eq!(seen["query"], "filter=x%3Dy&page_size=2&flag");
     let sent_headers = &seen["headers"];
-    assert_eq!(sent_headers["authorization"], json!([format!("Bearer {token}")]));
+    assert_eq!(
+        sent_headers["authorization"],
+        json!([format!("Bearer {token}")])
+    );
     assert_eq!(sent_headers["notion-version"], json!(["2022-06-28"]));
     assert_eq!(sent_headers["x-custom"], json!(["hello"]));
     assert_eq!(sent_headers["accept"], json!(["application/json"]));
-    assert!(sent_headers.get("x-hop-secret").is_none(), "a header named in Connection stays here: {seen}");
-    assert!(!sent_headers.as_object().unwrap().keys().any(|k| k.starts_with("tokenkeeper-")), "{seen}");
-    assert!(!body.windows(ADMIN_KEY.len()).any(|w| w == ADMIN_KEY.as_bytes()), "the API key never leaves");
+    assert!(
+        sent_headers.get("x-hop-secret").is_none(),
+        "a header named in Connection stays here: {seen}"
+    );
+    assert!(
+        !sent_headers
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("tokenkeeper-")),
+        "{seen}"
+    );
+    assert!(
+        !body
+            .windows(ADMIN_KEY.len())
+            .any(|w| w == ADMIN_KEY.as_bytes()),
+        "the API key never leaves"
+    );
     // The answer: Notion's headers, and the grant used.
     assert_eq!(header(&headers, "x-upstream-extra"), Some("kept"));
-    assert_eq!(header(&headers, "x-notion-request-id"), Some("upstream-echo"));
-    assert_eq!(header(&headers, "tokenkeeper-grant-id"), Some(grant.as_str()));
+    assert_eq!(
+        header(&headers, "x-notion-request-id"),
+        Some("upstream-echo")
+    );
+    assert_eq!(
+        header(&headers, "tokenkeeper-grant-id"),
+        Some(grant.as_str())
+    );
 
     // A write without Notion-Version gets the configured default; its body arrives whole.
     let payload = json!({"parent": {"page_id": "x"}, "properties": {}});
-    let (status, _, body) = sent(proxy(&app, &id, Method::PATCH, "/v1/pages/abc").json(&payload)).await;
+    let (status, _, body) =
+        sent(proxy(&app, &id, Method::PATCH, "/v1/pages/abc").json(&payload)).await;
     assert_eq!(status, 200);
     let seen = json_of(&body);
     assert_eq!(seen["method"], "PATCH");
     assert_eq!(seen["headers"]["notion-version"], json!(["2026-03-11"]));
     assert_eq!(seen["headers"]["content-type"], json!(["application/json"]));
-    assert_eq!(seen["body_len"], serde_json::to_vec(&payload).unwrap().len());
+    assert_eq!(
+        seen["body_len"],
+        serde_json::to_vec(&payload).unwrap().len()
+    );
 
     // `/v1/proxy/{id}` alone is Notion's root.
     let (status, _, body) = sent(proxy(&app, &id, Method::DELETE, "")).await;
@@ -629,15 +789,24 @@ async fn large_bodies_stream_both_ways_without_being_held_whole(backend: Backend
         let chunks = total / CHUNK;
         for n in 0..chunks {
             if n == chunks - 1 {
-                let waited = tokio::time::timeout(Duration::from_secs(10), received.wait_for(|r| *r >= 2 * MIB))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
+                let waited = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    received.wait_for(|r| *r >= 2 * MIB),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
                 if !waited {
-                    let _ = tx.send(Err(std::io::Error::other("upstream never saw 2 MiB"))).await;
+                    let _ = tx
+                        .send(Err(std::io::Error::other("upstream never saw 2 MiB")))
+                        .await;
                     return false;
                 }
             }
-            let chunk = Bytes::from((n * CHUNK..(n + 1) * CHUNK).map(pattern).collect::<Vec<u8>>());
+            let chunk = Bytes::from(
+                (n * CHUNK..(n + 1) * CHUNK)
+                    .map(pattern)
+                    .collect::<Vec<u8>>(),
+            );
             if tx.send(Ok(chunk)).await.is_err() {
                 return false;
             }
@@ -661,7 +830,10 @@ async fn large_bodies_stream_both_ways_without_being_held_whole(backend: Backend
     assert_eq!(seen["body_intact"], true);
 
     // Down: the upstream sends its first chunk and waits for us to have it before the rest.
-    let response = proxy(&app, &id, Method::GET, "/v1/download").send().await.unwrap();
+    let response = proxy(&app, &id, Method::GET, "/v1/download")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let mut stream = response.bytes_stream();
     let mut got = Vec::new();
@@ -684,33 +856,51 @@ async fn large_bodies_stream_both_ways_without_being_held_whole(backend: Backend
     assert!(checksum(&got, 0), "the bytes arrive unchanged and in order");
 }
 
-async fn a_body_within_the_replay_limit_is_sent_again_after_a_401_and_a_larger_one_is_not(backend: Backend) {
+async fn a_body_within_the_replay_limit_is_sent_again_after_a_401_and_a_larger_one_is_not(
+    backend: Backend,
+) {
     let upstream = Upstream::start().await;
     let (app, id, grant) = app_on(backend, &upstream).await;
 
     // The token dies; a 512 KiB write gets a 401, a refresh, and is sent again whole.
     upstream.accept_only("a token nobody has");
     let small = 512 * 1024;
-    let (status, headers, body) = sent(proxy(&app, &id, Method::POST, "/v1/echo").body(pattern_body(small))).await;
+    let (status, headers, body) =
+        sent(proxy(&app, &id, Method::POST, "/v1/echo").body(pattern_body(small))).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let seen = json_of(&body);
-    assert_eq!((seen["body_len"].as_u64(), seen["body_intact"].as_bool()), (Some(small as u64), Some(true)));
+    assert_eq!(
+        (seen["body_len"].as_u64(), seen["body_intact"].as_bool()),
+        (Some(small as u64), Some(true))
+    );
     assert_eq!(upstream.api_requests(), 2, "the 401, then the retry");
     assert_eq!(upstream.token_requests(), 1);
     let refreshed = grant_of(&app, &id).await;
     assert_ne!(refreshed, grant);
-    assert_eq!(header(&headers, "tokenkeeper-grant-id"), Some(refreshed.as_str()));
+    assert_eq!(
+        header(&headers, "tokenkeeper-grant-id"),
+        Some(refreshed.as_str())
+    );
 
     // Above the limit (1 MiB) the body is gone once sent: Notion's 401 comes back as it was.
     upstream.accept_only("another token nobody has");
     let large = 2 * MIB;
-    let (status, headers, body) = sent(proxy(&app, &id, Method::POST, "/v1/echo").body(pattern_body(large))).await;
+    let (status, headers, body) =
+        sent(proxy(&app, &id, Method::POST, "/v1/echo").body(pattern_body(large))).await;
     assert_eq!(status, 401);
-    assert_eq!(header(&headers, "tokenkeeper-error"), None, "Notion's 401, not ours");
+    assert_eq!(
+        header(&headers, "tokenkeeper-error"),
+        None,
+        "Notion's 401, not ours"
+    );
     assert_eq!(json_of(&body)["code"], "unauthorized");
     assert_eq!(json_of(&body)["request_id"], "upstream-401");
     assert_eq!(upstream.api_requests(), 3, "not retried");
-    assert_eq!(upstream.token_requests(), 1, "no refresh for a request that cannot be retried");
+    assert_eq!(
+        upstream.token_requests(),
+        1,
+        "no refresh for a request that cannot be retried"
+    );
     let connection = app.connection(&id).await;
     assert_eq!(connection["status"], "active");
     assert_eq!(connection["grant_id"], refreshed.as_str());
