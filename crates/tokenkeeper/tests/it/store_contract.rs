@@ -90,6 +90,7 @@ both_backends!(
     key_rotation_reseals_every_grant_and_all_still_open,
     a_sealed_value_moved_to_another_place_does_not_open,
     tokens_never_reach_the_database_or_the_trail_in_plaintext,
+    sixty_four_readers_during_writes_each_see_one_consistent_grant,
 );
 
 async fn first_authorization_creates_a_connection_with_one_open_grant(backend: Backend) {
@@ -1274,4 +1275,49 @@ async fn tokens_never_reach_the_database_or_the_trail_in_plaintext(backend: Back
     let (_, open) = s.current_grant(&id).await.unwrap().unwrap();
     let debug = format!("{open:?}");
     assert!(tokens.iter().all(|t| !debug.contains(t.as_str())));
+}
+
+async fn sixty_four_readers_during_writes_each_see_one_consistent_grant(backend: Backend) {
+    let db = fresh(backend).await;
+    let a = db
+        .store
+        .record_authorization(connect("u", minted("bot-hot", "hot-0", &db.clock)))
+        .await
+        .unwrap();
+    let id = a.connection.id.clone();
+    let writer = {
+        let (store, id, clock) = (db.store.clone(), id.clone(), db.clock.clone());
+        tokio::spawn(async move {
+            for i in 1..=10 {
+                let pair = minted("bot-hot", &format!("hot-{i}"), &clock);
+                store
+                    .record_authorization(reconnect(&id, pair))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let readers: Vec<_> = (0..64)
+        .map(|_| {
+            let (store, id) = (db.store.clone(), id.clone());
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    let (conn, grant) = store.current_grant(&id).await.unwrap().unwrap();
+                    let grant = grant.unwrap();
+                    // One read, one snapshot: the pointer and the grant it points at agree.
+                    assert_eq!(conn.grant_id.as_ref(), Some(&grant.record.id));
+                    assert!(grant.record.superseded_at.is_none());
+                    assert!(grant
+                        .access_token
+                        .expose_secret()
+                        .starts_with("ntn_access_hot-"));
+                }
+            })
+        })
+        .collect();
+    writer.await.unwrap();
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert_eq!(db.store.list_grants(&id).await.unwrap().len(), 11);
 }
