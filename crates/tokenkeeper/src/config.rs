@@ -41,7 +41,11 @@ impl ConfigError {
 pub struct StoreArgs {
     /// Database: `sqlite://<file>` (embedded default) or `postgres://user@host/db` for several
     /// tokenkeeper processes sharing one database.
-    #[arg(long, env = "TOKENKEEPER_DATABASE_URL", default_value = "sqlite://tokenkeeper.db")]
+    #[arg(
+        long,
+        env = "TOKENKEEPER_DATABASE_URL",
+        default_value = "sqlite://tokenkeeper.db"
+    )]
     pub database_url: String,
 
     /// The key ring that seals tokens at rest: `<key id>:<base64 of 32 bytes>` entries separated
@@ -51,7 +55,11 @@ pub struct StoreArgs {
 
     /// A file holding the key ring, one entry per line, the first active. With SQLite and no key
     /// configured, `serve` creates `<database file>.key` (mode 0600) on first start.
-    #[arg(long, env = "TOKENKEEPER_ENCRYPTION_KEY_FILE", conflicts_with = "encryption_key")]
+    #[arg(
+        long,
+        env = "TOKENKEEPER_ENCRYPTION_KEY_FILE",
+        conflicts_with = "encryption_key"
+    )]
     pub encryption_key_file: Option<PathBuf>,
 }
 
@@ -95,7 +103,11 @@ pub struct ServeArgs {
     pub notion_client_secret: Option<String>,
 
     /// Notion's API base URL (point it at a notion-sim in tests).
-    #[arg(long, env = "TOKENKEEPER_NOTION_BASE_URL", default_value = "https://api.notion.com")]
+    #[arg(
+        long,
+        env = "TOKENKEEPER_NOTION_BASE_URL",
+        default_value = "https://api.notion.com"
+    )]
     pub notion_base_url: String,
 
     /// The `Notion-Version` sent on token calls, and on proxied calls whose caller sent none.
@@ -129,7 +141,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?} is not a duration (use 500ms, 30s, 10m or 1h)")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration (use 500ms, 30s, 10m or 1h)"
+            ))
+        }
     })
 }
 
@@ -164,18 +180,23 @@ pub struct Config {
 
 impl StoreArgs {
     pub fn database_url(&self) -> Result<DatabaseUrl, ConfigError> {
-        DatabaseUrl::parse(&self.database_url).map_err(|m| ConfigError::new("TOKENKEEPER_DATABASE_URL", m))
+        DatabaseUrl::parse(&self.database_url)
+            .map_err(|m| ConfigError::new("TOKENKEEPER_DATABASE_URL", m))
     }
 
     /// Loads the key ring. With SQLite and no key configured, uses `<database>.key`, creating it
     /// (mode 0600) when `create` is set; returns the path when it was created.
     pub fn key_ring(&self, create: bool) -> Result<(Arc<KeyRing>, Option<PathBuf>), ConfigError> {
         if let Some(text) = &self.encryption_key {
-            let ring = KeyRing::parse(text).map_err(|e| ConfigError::new("TOKENKEEPER_ENCRYPTION_KEY", e.to_string()))?;
+            let ring = KeyRing::parse(text)
+                .map_err(|e| ConfigError::new("TOKENKEEPER_ENCRYPTION_KEY", e.to_string()))?;
             return Ok((Arc::new(ring), None));
         }
         if let Some(path) = &self.encryption_key_file {
-            return Ok((Arc::new(read_key_file(path, "TOKENKEEPER_ENCRYPTION_KEY_FILE")?), None));
+            return Ok((
+                Arc::new(read_key_file(path, "TOKENKEEPER_ENCRYPTION_KEY_FILE")?),
+                None,
+            ));
         }
         match self.database_url()? {
             DatabaseUrl::Sqlite(db) => {
@@ -208,8 +229,8 @@ impl StoreArgs {
 }
 
 fn read_key_file(path: &Path, var: &str) -> Result<KeyRing, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError::new(var, format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(var, format!("cannot read {}: {e}", path.display())))?;
     KeyRing::parse(&text).map_err(|e| ConfigError::new(var, format!("{}: {e}", path.display())))
 }
 
@@ -244,7 +265,9 @@ impl Config {
         })?;
         let public_url = match &args.public_url {
             Some(u) => parse_http_url(u, "TOKENKEEPER_PUBLIC_URL")?,
-            None => url::Url::parse(&format!("http://{listen}")).expect("a socket address makes a URL"),
+            None => {
+                url::Url::parse(&format!("http://{listen}")).expect("a socket address makes a URL")
+            }
         };
         let allowed_return_urls = match &args.allowed_return_urls {
             Some(list) => {
@@ -280,7 +303,10 @@ impl Config {
             }
         };
         if args.provider_timeout.is_zero() {
-            return Err(ConfigError::new("TOKENKEEPER_PROVIDER_TIMEOUT", "must be above zero"));
+            return Err(ConfigError::new(
+                "TOKENKEEPER_PROVIDER_TIMEOUT",
+                "must be above zero",
+            ));
         }
         let (keys, created_key_file) = args.store.key_ring(true)?;
         let (api_keys, created_api_key_file) = Self::api_keys(args, &database_url)?;
@@ -301,17 +327,27 @@ impl Config {
         })
     }
 
-    fn api_keys(args: &ServeArgs, db: &DatabaseUrl) -> Result<(ApiKeys, Option<PathBuf>), ConfigError> {
+    fn api_keys(
+        args: &ServeArgs,
+        db: &DatabaseUrl,
+    ) -> Result<(ApiKeys, Option<PathBuf>), ConfigError> {
         const VAR: &str = "TOKENKEEPER_API_KEYS";
         if let Some(text) = &args.api_keys {
-            return Ok((ApiKeys::parse(text).map_err(|m| ConfigError::new(VAR, m))?, None));
+            return Ok((
+                ApiKeys::parse(text).map_err(|m| ConfigError::new(VAR, m))?,
+                None,
+            ));
         }
         if let Some(path) = &args.api_keys_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new("TOKENKEEPER_API_KEYS_FILE", format!("cannot read {}: {e}", path.display()))
+                ConfigError::new(
+                    "TOKENKEEPER_API_KEYS_FILE",
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             return Ok((
-                ApiKeys::parse(&text).map_err(|m| ConfigError::new("TOKENKEEPER_API_KEYS_FILE", m))?,
+                ApiKeys::parse(&text)
+                    .map_err(|m| ConfigError::new("TOKENKEEPER_API_KEYS_FILE", m))?,
                 None,
             ));
         }
@@ -320,10 +356,17 @@ impl Config {
                 let path = sibling(file, "api-key");
                 if path.exists() {
                     let text = std::fs::read_to_string(&path).map_err(|e| {
-                        ConfigError::new("TOKENKEEPER_API_KEYS_FILE", format!("cannot read {}: {e}", path.display()))
+                        ConfigError::new(
+                            "TOKENKEEPER_API_KEYS_FILE",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
                     })?;
-                    let keys = ApiKeys::parse(&text)
-                        .map_err(|m| ConfigError::new("TOKENKEEPER_API_KEYS_FILE", format!("{}: {m}", path.display())))?;
+                    let keys = ApiKeys::parse(&text).map_err(|m| {
+                        ConfigError::new(
+                            "TOKENKEEPER_API_KEYS_FILE",
+                            format!("{}: {m}", path.display()),
+                        )
+                    })?;
                     return Ok((keys, None));
                 }
                 let key = ApiKey::generate_admin();
@@ -341,9 +384,13 @@ impl Config {
 }
 
 fn parse_http_url(s: &str, var: &str) -> Result<url::Url, ConfigError> {
-    let url = url::Url::parse(s).map_err(|e| ConfigError::new(var, format!("{s:?} is not a URL: {e}")))?;
+    let url = url::Url::parse(s)
+        .map_err(|e| ConfigError::new(var, format!("{s:?} is not a URL: {e}")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(ConfigError::new(var, format!("{s:?} must be an http or https URL")));
+        return Err(ConfigError::new(
+            var,
+            format!("{s:?} must be an http or https URL"),
+        ));
     }
     Ok(url)
 }
@@ -365,6 +412,9 @@ mod tests {
     #[test]
     fn errors_name_the_variable_and_the_flag() {
         let e = ConfigError::new("TOKENKEEPER_DATABASE_URL", "nope");
-        assert_eq!(e.to_string(), "TOKENKEEPER_DATABASE_URL (--database-url): nope");
+        assert_eq!(
+            e.to_string(),
+            "TOKENKEEPER_DATABASE_URL (--database-url): nope"
+        );
     }
 }

@@ -6,7 +6,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AccessToken, AttemptId, BotId, ConnectionId, EventId, GrantId, RefreshToken, SessionId};
+use crate::ids::{
+    AccessToken, AttemptId, BotId, ConnectionId, EventId, GrantId, RefreshToken, SessionId,
+};
 
 /// The providers tokenkeeper speaks to. Only Notion for now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -286,7 +288,10 @@ pub enum LeaseOutcome {
     /// Someone else holds the lease until `until`: wait for their result.
     Busy { until: DateTime<Utc> },
     /// The connection cannot be refreshed in its state (needs_reauth, revoked, no refresh token).
-    NotRefreshable { status: ConnectionStatus, reason: String },
+    NotRefreshable {
+        status: ConnectionStatus,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -317,6 +322,10 @@ pub struct RefreshFailure {
     pub code: Option<String>,
     pub message: String,
     pub provider_request_id: Option<String>,
+    /// The provider may have processed the request although no answer arrived (a timeout, a
+    /// connection that broke after the request was sent): its refresh token may be consumed.
+    /// Such an attempt is closed as `interrupted`, so that a later `invalid_grant` names it.
+    pub outcome_unknown: bool,
 }
 
 /// What recording a refresh failure did.

@@ -49,7 +49,10 @@ pub enum RefreshError {
     },
     /// The provider refused our client or the request (not the grant): a configuration problem.
     #[error("the provider rejected the refresh request: {code}")]
-    ProviderRejected { code: String, message: Option<String> },
+    ProviderRejected {
+        code: String,
+        message: Option<String>,
+    },
     #[error("storage failed: {0}")]
     Store(String),
 }
@@ -104,7 +107,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_POLL: Duration = Duration::from_millis(20);
 
 impl Coordinator {
-    pub fn new(store: Arc<dyn Store>, provider: NotionClient, settings: CoordinatorSettings) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        provider: NotionClient,
+        settings: CoordinatorSettings,
+    ) -> Arc<Self> {
         Arc::new(Coordinator {
             store,
             provider,
@@ -119,14 +126,19 @@ impl Coordinator {
 
     /// Refreshes the connection's token unless `if_grant` names a grant that was already
     /// replaced, in which case the current one comes back without calling the provider.
-    pub async fn refresh(self: &Arc<Self>, id: &ConnectionId, if_grant: Option<&GrantId>) -> Result<Refreshed, RefreshError> {
+    pub async fn refresh(
+        self: &Arc<Self>,
+        id: &ConnectionId,
+        if_grant: Option<&GrantId>,
+    ) -> Result<Refreshed, RefreshError> {
         let (connection, current) = self
             .store
             .current_grant(id)
             .await?
             .ok_or_else(|| RefreshError::UnknownConnection(id.clone()))?;
         check_status(connection.status, connection.diagnosis.as_ref())?;
-        let current = current.ok_or_else(|| RefreshError::NotRefreshable("the connection has no grant".into()))?;
+        let current = current
+            .ok_or_else(|| RefreshError::NotRefreshable("the connection has no grant".into()))?;
         if let Some(wanted) = if_grant {
             if *wanted != current.record.id {
                 return Ok(Refreshed {
@@ -153,8 +165,9 @@ impl Coordinator {
                         result
                     });
                     async move {
-                        task.await
-                            .unwrap_or_else(|e| Err(RefreshError::Store(format!("refresh task failed: {e}"))))
+                        task.await.unwrap_or_else(|e| {
+                            Err(RefreshError::Store(format!("refresh task failed: {e}")))
+                        })
                     }
                     .boxed()
                     .shared()
@@ -162,7 +175,10 @@ impl Coordinator {
                 .clone()
         };
         let grant = flight.await?;
-        Ok(Refreshed { grant, refreshed: true })
+        Ok(Refreshed {
+            grant,
+            refreshed: true,
+        })
     }
 
     /// One flight: replace grant `target` of connection `id`, or learn who already did.
@@ -173,12 +189,23 @@ impl Coordinator {
         loop {
             let lease = self
                 .store
-                .begin_refresh(id, Some(target), &self.settings.holder, self.settings.lease())
+                .begin_refresh(
+                    id,
+                    Some(target),
+                    &self.settings.holder,
+                    self.settings.lease(),
+                )
                 .await?;
             let (fence, attempt_id, grant) = match lease {
-                LeaseOutcome::AlreadyRotated { current } => return self.read_grant(id, &current).await,
+                LeaseOutcome::AlreadyRotated { current } => {
+                    return self.read_grant(id, &current).await
+                }
                 LeaseOutcome::NotRefreshable { status, reason } => {
-                    let diagnosis = self.store.get_connection(id).await?.and_then(|c| c.diagnosis);
+                    let diagnosis = self
+                        .store
+                        .get_connection(id)
+                        .await?
+                        .and_then(|c| c.diagnosis);
                     check_status(status, diagnosis.as_ref())?;
                     return Err(RefreshError::NotRefreshable(reason));
                 }
@@ -201,7 +228,9 @@ impl Coordinator {
                 } => (fence, attempt_id, grant),
             };
             let Some(refresh_token) = grant.refresh_token.clone() else {
-                return Err(RefreshError::NotRefreshable("the current grant has no refresh token".into()));
+                return Err(RefreshError::NotRefreshable(
+                    "the current grant has no refresh token".into(),
+                ));
             };
             let parent = grant.record.id.clone();
             match self.provider.refresh(&refresh_token).await {
@@ -215,21 +244,28 @@ impl Coordinator {
                         code: Some(error.code()),
                         message: error.to_string(),
                         provider_request_id: error.request_id(),
+                        outcome_unknown: error.maybe_processed(),
                     };
                     let outcome = self
                         .store
                         .record_refresh_failure(id, &parent, fence, &attempt_id, &failure)
                         .await?;
                     match outcome {
-                        FailureOutcome::AlreadyRotated { current } => return self.read_grant(id, &current).await,
-                        FailureOutcome::NeedsReauth { diagnosis } => return Err(RefreshError::NeedsReauth { diagnosis }),
+                        FailureOutcome::AlreadyRotated { current } => {
+                            return self.read_grant(id, &current).await
+                        }
+                        FailureOutcome::NeedsReauth { diagnosis } => {
+                            return Err(RefreshError::NeedsReauth { diagnosis })
+                        }
                         // A newer holder took over while we were slow: wait for its result.
                         FailureOutcome::Fenced => continue,
                         FailureOutcome::Recorded => {}
                     }
                     if !error.is_transient() {
                         return Err(match error {
-                            ProviderError::Rejected { code, message, .. } => RefreshError::ProviderRejected { code, message },
+                            ProviderError::Rejected { code, message, .. } => {
+                                RefreshError::ProviderRejected { code, message }
+                            }
                             other => RefreshError::ProviderUnavailable {
                                 reason: other.to_string(),
                                 retry_after: None,
@@ -268,7 +304,11 @@ impl Coordinator {
         let give_up = Instant::now() + self.settings.lease();
         let mut wait = Duration::from_millis(50);
         loop {
-            match self.store.record_refresh(id, parent, fence, attempt, pair.clone()).await {
+            match self
+                .store
+                .record_refresh(id, parent, fence, attempt, pair.clone())
+                .await
+            {
                 Ok(recorded) => return Ok(recorded.current),
                 Err(e) if Instant::now() + wait < give_up => {
                     tracing::error!(connection = %id, "could not commit a refreshed pair yet, retrying: {e}");
@@ -284,7 +324,11 @@ impl Coordinator {
     }
 
     /// The current grant, if it is no longer `target` (someone else finished the refresh).
-    async fn replaced(&self, id: &ConnectionId, target: &GrantId) -> Result<Option<OpenGrant>, RefreshError> {
+    async fn replaced(
+        &self,
+        id: &ConnectionId,
+        target: &GrantId,
+    ) -> Result<Option<OpenGrant>, RefreshError> {
         let (connection, current) = self
             .store
             .current_grant(id)
@@ -294,7 +338,11 @@ impl Coordinator {
         Ok(current.filter(|g| g.record.id != *target))
     }
 
-    async fn read_grant(&self, id: &ConnectionId, grant: &GrantId) -> Result<OpenGrant, RefreshError> {
+    async fn read_grant(
+        &self,
+        id: &ConnectionId,
+        grant: &GrantId,
+    ) -> Result<OpenGrant, RefreshError> {
         self.store
             .get_grant(id, grant)
             .await?

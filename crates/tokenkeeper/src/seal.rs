@@ -112,7 +112,9 @@ impl KeyRing {
             .map(str::trim)
             .filter(|e| !e.is_empty() && !e.starts_with('#'));
         for (index, entry) in entries.enumerate() {
-            let (id, b64) = entry.split_once(':').ok_or(SealError::BadEntry(index + 1))?;
+            let (id, b64) = entry
+                .split_once(':')
+                .ok_or(SealError::BadEntry(index + 1))?;
             let (id, b64) = (id.trim(), b64.trim());
             if !valid_key_id(id) {
                 return Err(SealError::BadKeyId(id.to_owned()));
@@ -126,7 +128,8 @@ impl KeyRing {
                     len: bytes.len(),
                 });
             }
-            let cipher = XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| SealError::BadEntry(index + 1))?;
+            let cipher = XChaCha20Poly1305::new_from_slice(&bytes)
+                .map_err(|_| SealError::BadEntry(index + 1))?;
             if keys.insert(id.to_owned(), cipher).is_some() {
                 return Err(SealError::DuplicateKeyId(id.to_owned()));
             }
@@ -288,7 +291,10 @@ mod tests {
         let after = KeyRing::parse(&format!("{new}\n{old}")).unwrap();
         assert_eq!(after.open(c, &sealed).unwrap(), "nrt_x");
         let resealed = after.seal(c, "nrt_x");
-        assert_eq!(KeyRing::key_id_of(&resealed).unwrap(), after.active_key_id());
+        assert_eq!(
+            KeyRing::key_id_of(&resealed).unwrap(),
+            after.active_key_id()
+        );
         assert_ne!(after.active_key_id(), before.active_key_id());
     }
 
@@ -299,10 +305,16 @@ mod tests {
             KeyRing::parse("k1:AAAA").unwrap_err(),
             SealError::BadKeyLength { len: 3, .. }
         ));
-        assert_eq!(KeyRing::parse("nocolon").unwrap_err(), SealError::BadEntry(1));
+        assert_eq!(
+            KeyRing::parse("nocolon").unwrap_err(),
+            SealError::BadEntry(1)
+        );
         let e = KeyRing::generate_entry();
         let dup = format!("{e},{e}");
-        assert!(matches!(KeyRing::parse(&dup).unwrap_err(), SealError::DuplicateKeyId(_)));
+        assert!(matches!(
+            KeyRing::parse(&dup).unwrap_err(),
+            SealError::DuplicateKeyId(_)
+        ));
     }
 
     proptest! {

@@ -39,7 +39,9 @@ const MIN_KEY_LEN: usize = 16;
 impl ApiKey {
     pub fn new(scope: Scope, key: &str) -> Result<Self, String> {
         if key.len() < MIN_KEY_LEN {
-            return Err(format!("an API key is at least {MIN_KEY_LEN} characters long"));
+            return Err(format!(
+                "an API key is at least {MIN_KEY_LEN} characters long"
+            ));
         }
         if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err("an API key cannot contain spaces or control characters".into());
@@ -87,7 +89,9 @@ impl ApiKeys {
             let (scope, key) = match entry.split_once(':') {
                 Some(("tokens", key)) => (Scope::Tokens, key),
                 Some(("admin", key)) => (Scope::Admin, key),
-                Some((other, _)) if !other.is_empty() && other.chars().all(|c| c.is_ascii_alphabetic()) => {
+                Some((other, _))
+                    if !other.is_empty() && other.chars().all(|c| c.is_ascii_alphabetic()) =>
+                {
                     return Err(format!(
                         "entry {}: unknown scope {other:?} (use tokens: or admin:)",
                         i + 1
@@ -123,7 +127,10 @@ mod tests {
 
     #[test]
     fn scopes_parse_and_keys_match_exactly() {
-        let keys = ApiKeys::parse("tokens:tok-0123456789abcdef, admin:adm-0123456789abcdef,plain-0123456789abcdef").unwrap();
+        let keys = ApiKeys::parse(
+            "tokens:tok-0123456789abcdef, admin:adm-0123456789abcdef,plain-0123456789abcdef",
+        )
+        .unwrap();
         assert_eq!(keys.check("tok-0123456789abcdef"), Some(Scope::Tokens));
         assert_eq!(keys.check("adm-0123456789abcdef"), Some(Scope::Admin));
         assert_eq!(keys.check("plain-0123456789abcdef"), Some(Scope::Admin));

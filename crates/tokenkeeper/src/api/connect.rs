@@ -13,12 +13,17 @@ use super::auth::Scope;
 use super::error::ApiError;
 use super::{require_admin, ApiJson, SharedState};
 use crate::ids::{ConnectionId, SessionId};
-use crate::ledger::{AuthorizationKind, AuthorizationTarget, ConnectionStatus, NewAuthorization, Provider};
+use crate::ledger::{
+    AuthorizationKind, AuthorizationTarget, ConnectionStatus, NewAuthorization, Provider,
+};
 use crate::store::SessionLookup;
 
 /// We store only a hash of `state`: the database alone cannot complete anyone's flow.
 pub fn state_hash(state: &str) -> String {
-    Sha256::digest(state.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(state.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -53,8 +58,13 @@ pub async fn create_session(
     ApiJson(body): ApiJson<CreateSession>,
 ) -> Result<Response, ApiError> {
     require_admin(scope, "creating connect sessions")?;
-    let provider = Provider::parse(&body.provider)
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "unsupported_provider", "provider must be \"notion\""))?;
+    let provider = Provider::parse(&body.provider).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_provider",
+            "provider must be \"notion\"",
+        )
+    })?;
     check_end_user(&body.end_user_id)?;
     check_return_to(&state, &body.return_to)?;
     let (session, url) = state
@@ -96,7 +106,12 @@ pub async fn create_reconnect_session(
         None => default_return_to(&state),
     };
     let (session, url) = state
-        .new_session(connection.provider, connection.end_user_id, return_to, Some(id))
+        .new_session(
+            connection.provider,
+            connection.end_user_id,
+            return_to,
+            Some(id),
+        )
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -153,7 +168,10 @@ pub fn escape(s: &str) -> String {
 }
 
 /// `GET /connect/{session}/{state}`: the link an app sends its user to.
-pub async fn follow_link(State(state): State<SharedState>, Path((session, secret)): Path<(String, String)>) -> Response {
+pub async fn follow_link(
+    State(state): State<SharedState>,
+    Path((session, secret)): Path<(String, String)>,
+) -> Response {
     let invalid = || {
         page(
             StatusCode::NOT_FOUND,
@@ -169,7 +187,11 @@ pub async fn follow_link(State(state): State<SharedState>, Path((session, secret
         Ok(None) => return invalid(),
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if !bool::from(state_hash(&secret).as_bytes().ct_eq(found.state_hash.as_bytes())) {
+    if !bool::from(
+        state_hash(&secret)
+            .as_bytes()
+            .ct_eq(found.state_hash.as_bytes()),
+    ) {
         return invalid();
     }
     if found.used_at.is_some() {
@@ -186,7 +208,13 @@ pub async fn follow_link(State(state): State<SharedState>, Path((session, secret
             "This connect link has expired. Ask the application for a new one.",
         );
     }
-    Redirect::to(state.notion.authorize_url(&secret, &state.callback_url()).as_str()).into_response()
+    Redirect::to(
+        state
+            .notion
+            .authorize_url(&secret, &state.callback_url())
+            .as_str(),
+    )
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -212,7 +240,10 @@ fn with_query(return_to: &str, pairs: &[(&str, &str)]) -> String {
 }
 
 /// `GET /oauth/callback`: Notion sends the user back here.
-pub async fn callback(State(state): State<SharedState>, Query(query): Query<CallbackQuery>) -> Response {
+pub async fn callback(
+    State(state): State<SharedState>,
+    Query(query): Query<CallbackQuery>,
+) -> Response {
     let Some(secret) = query.state.as_deref().filter(|s| !s.is_empty()) else {
         return page(
             StatusCode::BAD_REQUEST,
@@ -246,7 +277,11 @@ pub async fn callback(State(state): State<SharedState>, Query(query): Query<Call
         Err(e) => return ApiError::from(e).into_response(),
     };
     if let Some(error) = query.error.as_deref() {
-        let status = if error == "access_denied" { "denied" } else { "error" };
+        let status = if error == "access_denied" {
+            "denied"
+        } else {
+            "error"
+        };
         let mut pairs = vec![("status", status)];
         if status == "error" {
             pairs.push(("error", error));
@@ -263,7 +298,11 @@ pub async fn callback(State(state): State<SharedState>, Query(query): Query<Call
             "Notion sent neither a code nor an error. Nothing was stored.",
         );
     };
-    let pair = match state.notion.exchange_code(code, &state.callback_url()).await {
+    let pair = match state
+        .notion
+        .exchange_code(code, &state.callback_url())
+        .await
+    {
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!("code exchange failed: {e}");
@@ -308,7 +347,10 @@ pub async fn callback(State(state): State<SharedState>, Query(query): Query<Call
     debug_assert_eq!(outcome.connection.status, ConnectionStatus::Active);
     Redirect::to(&with_query(
         &session.return_to,
-        &[("connection_id", outcome.connection.id.as_str()), ("status", status)],
+        &[
+            ("connection_id", outcome.connection.id.as_str()),
+            ("status", status),
+        ],
     ))
     .into_response()
 }

@@ -14,7 +14,8 @@ use crate::ids::{ConnectionId, GrantId};
 use crate::ledger::{Connection, ConnectionFilter, ConnectionStatus, OpenGrant, Provider};
 
 pub fn parse_id(s: &str) -> Result<ConnectionId, ApiError> {
-    ConnectionId::parse(s).ok_or_else(|| ApiError::invalid(format!("{s:?} is not a connection id (con_…)")))
+    ConnectionId::parse(s)
+        .ok_or_else(|| ApiError::invalid(format!("{s:?} is not a connection id (con_…)")))
 }
 
 async fn load(state: &SharedState, id: &ConnectionId) -> Result<Connection, ApiError> {
@@ -35,17 +36,24 @@ pub struct ListQuery {
     limit: Option<u32>,
 }
 
-pub async fn list(State(state): State<SharedState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<SharedState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
     let filter = ConnectionFilter {
         provider: q
             .provider
-            .map(|p| Provider::parse(&p).ok_or_else(|| ApiError::invalid("provider must be \"notion\"")))
+            .map(|p| {
+                Provider::parse(&p).ok_or_else(|| ApiError::invalid("provider must be \"notion\""))
+            })
             .transpose()?,
         end_user_id: q.end_user_id,
         status: q
             .status
             .map(|s| {
-                ConnectionStatus::parse(&s).ok_or_else(|| ApiError::invalid("status must be active, needs_reauth or revoked"))
+                ConnectionStatus::parse(&s).ok_or_else(|| {
+                    ApiError::invalid("status must be active, needs_reauth or revoked")
+                })
             })
             .transpose()?,
         after: q.after.map(|a| parse_id(&a)).transpose()?,
@@ -58,7 +66,10 @@ pub async fn list(State(state): State<SharedState>, Query(q): Query<ListQuery>) 
     Ok(Json(json!({"data": connections, "next_after": next})))
 }
 
-pub async fn get_one(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Connection>, ApiError> {
+pub async fn get_one(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<Connection>, ApiError> {
     let id = parse_id(&id)?;
     Ok(Json(load(&state, &id).await?))
 }
@@ -89,7 +100,11 @@ fn token_body(grant: &OpenGrant, include_refresh: bool) -> Value {
 }
 
 /// 424 with the diagnosis and a fresh reconnect link.
-async fn needs_reauth(state: &SharedState, connection: &Connection, diagnosis: Option<Value>) -> ApiError {
+async fn needs_reauth(
+    state: &SharedState,
+    connection: &Connection,
+    diagnosis: Option<Value>,
+) -> ApiError {
     let link = match reconnect_url(state, &connection.id).await {
         Ok(url) => Value::from(url),
         Err(e) => {
@@ -106,13 +121,19 @@ async fn needs_reauth(state: &SharedState, connection: &Connection, diagnosis: O
     .with("reconnect_url", link)
     .with(
         "diagnosis",
-        diagnosis.or_else(|| connection.diagnosis.clone()).unwrap_or(Value::Null),
+        diagnosis
+            .or_else(|| connection.diagnosis.clone())
+            .unwrap_or(Value::Null),
     )
 }
 
 fn revoked(connection: &Connection) -> ApiError {
-    ApiError::new(StatusCode::GONE, "connection_revoked", "the connection was revoked")
-        .with("connection_id", connection.id.as_str())
+    ApiError::new(
+        StatusCode::GONE,
+        "connection_revoked",
+        "the connection was revoked",
+    )
+    .with("connection_id", connection.id.as_str())
 }
 
 /// `GET /v1/connections/{id}/access-token`: the current grant's token, without calling Notion.
@@ -136,7 +157,8 @@ pub async fn access_token(
         ConnectionStatus::NeedsReauth => return Err(needs_reauth(&state, &connection, None).await),
         ConnectionStatus::Revoked => return Err(revoked(&connection)),
     }
-    let grant = grant.ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))?;
+    let grant =
+        grant.ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))?;
     Ok(Json(token_body(&grant, q.include_refresh_token)))
 }
 
@@ -161,7 +183,10 @@ pub async fn refresh(
     }
     let body: RefreshBody = optional_json(&body)?;
     let if_grant = match body.if_grant {
-        Some(g) => Some(GrantId::parse(&g).ok_or_else(|| ApiError::invalid(format!("{g:?} is not a grant id (grt_…)")))?),
+        Some(g) => Some(
+            GrantId::parse(&g)
+                .ok_or_else(|| ApiError::invalid(format!("{g:?} is not a grant id (grt_…)")))?,
+        ),
         None => None,
     };
     match state.coordinator.refresh(&id, if_grant.as_ref()).await {
@@ -187,7 +212,9 @@ pub async fn grants(
     let id = parse_id(&id)?;
     let connection = load(&state, &id).await?;
     let grants = state.store.list_grants(&id).await?;
-    Ok(Json(json!({"connection_id": id, "current_grant_id": connection.grant_id, "data": grants})))
+    Ok(Json(
+        json!({"connection_id": id, "current_grant_id": connection.grant_id, "data": grants}),
+    ))
 }
 
 pub async fn events(
@@ -216,7 +243,9 @@ pub async fn revoke(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
     if connection.status == ConnectionStatus::Revoked {
-        return Ok(Json(json!({"connection": connection, "upstream_revoked": false})));
+        return Ok(Json(
+            json!({"connection": connection, "upstream_revoked": false}),
+        ));
     }
     let upstream = match &grant {
         Some(g) => state.notion.revoke(&g.access_token).await,
@@ -227,7 +256,9 @@ pub async fn revoke(
         Err(e) => format!("revoked through the API; the provider's revocation failed: {e}"),
     };
     let connection = state.store.mark_revoked(&id, &reason).await?;
-    Ok(Json(json!({"connection": connection, "upstream_revoked": upstream.is_ok()})))
+    Ok(Json(
+        json!({"connection": connection, "upstream_revoked": upstream.is_ok()}),
+    ))
 }
 
 /// A constant body behind the same middleware as every `/v1` route: the benchmarks' baseline.

@@ -54,14 +54,27 @@ struct ConnectForm {
 
 async fn connect(State(state): State<SharedState>, Form(form): Form<ConnectForm>) -> Response {
     if state.simulator.is_none() {
-        return page(StatusCode::NOT_FOUND, "Not found", "The demo is only available with the built-in simulator.");
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "The demo is only available with the built-in simulator.",
+        );
     }
     let end_user = form.end_user_id.trim();
     if end_user.is_empty() || end_user.len() > 256 {
-        return page(StatusCode::BAD_REQUEST, "Bad end user id", "Give an end user id of 1 to 256 characters.");
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Bad end user id",
+            "Give an end user id of 1 to 256 characters.",
+        );
     }
     match state
-        .new_session(Provider::Notion, end_user.to_owned(), state.public("/demo/connected"), None)
+        .new_session(
+            Provider::Notion,
+            end_user.to_owned(),
+            state.public("/demo/connected"),
+            None,
+        )
         .await
     {
         Ok((_, url)) => Redirect::to(&url).into_response(),
@@ -77,11 +90,19 @@ struct ConnectedQuery {
 
 async fn connected(State(state): State<SharedState>, Query(q): Query<ConnectedQuery>) -> Response {
     if state.simulator.is_none() {
-        return page(StatusCode::NOT_FOUND, "Not found", "The demo is only available with the built-in simulator.");
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "The demo is only available with the built-in simulator.",
+        );
     }
     let status = q.status.unwrap_or_default();
     let Some(id) = q.connection_id.as_deref().and_then(ConnectionId::parse) else {
-        return page(StatusCode::OK, "Not connected", &format!("The authorization ended with status {status:?}."));
+        return page(
+            StatusCode::OK,
+            "Not connected",
+            &format!("The authorization ended with status {status:?}."),
+        );
     };
     let (connection, grants, events) = match (
         state.store.get_connection(&id).await,
@@ -89,7 +110,13 @@ async fn connected(State(state): State<SharedState>, Query(q): Query<ConnectedQu
         state.store.list_events(&id).await,
     ) {
         (Ok(Some(c)), Ok(g), Ok(e)) => (c, g, e),
-        _ => return page(StatusCode::NOT_FOUND, "Unknown connection", "No such connection."),
+        _ => {
+            return page(
+                StatusCode::NOT_FOUND,
+                "Unknown connection",
+                "No such connection.",
+            )
+        }
     };
     let mut rows = String::new();
     for g in &grants {
@@ -110,7 +137,10 @@ async fn connected(State(state): State<SharedState>, Query(q): Query<ConnectedQu
             "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
             e.at.to_rfc3339(),
             e.kind.as_str(),
-            e.grant_id.as_ref().map(|g| escape(g.as_str())).unwrap_or_default()
+            e.grant_id
+                .as_ref()
+                .map(|g| escape(g.as_str()))
+                .unwrap_or_default()
         ));
     }
     let id_text = escape(connection.id.as_str());

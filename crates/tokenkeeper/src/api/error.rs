@@ -95,7 +95,9 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::UnknownConnection(id) => ApiError::not_found(format!("connection {id} does not exist")),
+            StoreError::UnknownConnection(id) => {
+                ApiError::not_found(format!("connection {id} does not exist"))
+            }
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             StoreError::Timeout => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -111,24 +113,38 @@ impl From<RefreshError> for ApiError {
     fn from(e: RefreshError) -> Self {
         let message = e.to_string();
         match e {
-            RefreshError::UnknownConnection(id) => ApiError::not_found(format!("connection {id} does not exist")),
+            RefreshError::UnknownConnection(id) => {
+                ApiError::not_found(format!("connection {id} does not exist"))
+            }
             RefreshError::NeedsReauth { diagnosis } => {
-                ApiError::new(StatusCode::FAILED_DEPENDENCY, "needs_reauth", message).with("diagnosis", diagnosis)
+                ApiError::new(StatusCode::FAILED_DEPENDENCY, "needs_reauth", message)
+                    .with("diagnosis", diagnosis)
             }
             RefreshError::Revoked => ApiError::new(StatusCode::GONE, "connection_revoked", message),
-            RefreshError::NotRefreshable(_) => ApiError::new(StatusCode::CONFLICT, "not_refreshable", message),
+            RefreshError::NotRefreshable(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_refreshable", message)
+            }
             RefreshError::LockTimeout => {
-                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "refresh_lock_timeout", message);
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "refresh_lock_timeout",
+                    message,
+                );
                 e.retry_after = Some(1);
                 e
             }
             RefreshError::ProviderUnavailable { retry_after, .. } => {
-                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", message);
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "provider_unavailable",
+                    message,
+                );
                 e.retry_after = Some(retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1));
                 e
             }
             RefreshError::ProviderRejected { code, .. } => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "provider_rejected", message).with("provider_code", code)
+                ApiError::new(StatusCode::BAD_GATEWAY, "provider_rejected", message)
+                    .with("provider_code", code)
             }
             RefreshError::Store(m) => ApiError::internal(m),
         }

@@ -17,7 +17,7 @@ use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::clock::Clock;
-use crate::ledger::{Provider, ConnectSession};
+use crate::ledger::{ConnectSession, Provider};
 use crate::provider::notion::NotionClient;
 use crate::refresh::Coordinator;
 use crate::store::Store;
@@ -47,7 +47,10 @@ pub type SharedState = Arc<AppState>;
 pub use connections::parse_id as parse_connection_id;
 
 /// A fresh reconnect link for a connection, or `null` (logged) when one cannot be made.
-pub async fn connect_reconnect_url(state: &SharedState, id: &crate::ids::ConnectionId) -> serde_json::Value {
+pub async fn connect_reconnect_url(
+    state: &SharedState,
+    id: &crate::ids::ConnectionId,
+) -> serde_json::Value {
     match connect::reconnect_url(state, id).await {
         Ok(url) => serde_json::Value::from(url),
         Err(e) => {
@@ -79,7 +82,10 @@ impl AppState {
         self.allowed_return_urls.iter().any(|prefix| {
             return_to.starts_with(prefix.as_str())
                 && (prefix.ends_with('/')
-                    || matches!(return_to.as_bytes().get(prefix.len()), None | Some(b'/' | b'?' | b'#')))
+                    || matches!(
+                        return_to.as_bytes().get(prefix.len()),
+                        None | Some(b'/' | b'?' | b'#')
+                    ))
         })
     }
 
@@ -93,7 +99,8 @@ impl AppState {
     ) -> Result<(ConnectSession, String), ApiError> {
         let state = crate::ids::random_token(24);
         let now = self.clock.now();
-        let ttl = chrono::Duration::from_std(self.session_ttl).unwrap_or(chrono::Duration::minutes(10));
+        let ttl =
+            chrono::Duration::from_std(self.session_ttl).unwrap_or(chrono::Duration::minutes(10));
         let session = ConnectSession {
             id: crate::ids::SessionId::generate(),
             provider,
@@ -134,11 +141,16 @@ pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> R
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON for this call: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON for this call: {e}")))
 }
 
 /// The gate in front of `/v1`: a known key, whose scope handlers can read from the request.
-async fn require_api_key(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+async fn require_api_key(
+    State(state): State<SharedState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let presented = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -153,9 +165,10 @@ async fn require_api_key(State(state): State<SharedState>, mut req: Request, nex
         None => {
             // Marked as ours: through the proxy, a bare 401 would read as Notion's dead token.
             let mut response = ApiError::unauthorized().into_response();
-            response
-                .headers_mut()
-                .insert("tokenkeeper-error", http::HeaderValue::from_static("unauthorized"));
+            response.headers_mut().insert(
+                "tokenkeeper-error",
+                http::HeaderValue::from_static("unauthorized"),
+            );
             response
         }
     }
@@ -174,34 +187,55 @@ pub fn router(state: SharedState) -> Router {
     let v1 = Router::new()
         .route("/connect-sessions", post(connect::create_session))
         .route("/connections", get(connections::list))
-        .route("/connections/{id}", get(connections::get_one).delete(connections::revoke))
-        .route("/connections/{id}/access-token", get(connections::access_token))
+        .route(
+            "/connections/{id}",
+            get(connections::get_one).delete(connections::revoke),
+        )
+        .route(
+            "/connections/{id}/access-token",
+            get(connections::access_token),
+        )
         .route("/connections/{id}/refresh", post(connections::refresh))
-        .route("/connections/{id}/reconnect-sessions", post(connect::create_reconnect_session))
+        .route(
+            "/connections/{id}/reconnect-sessions",
+            post(connect::create_reconnect_session),
+        )
         .route("/connections/{id}/grants", get(connections::grants))
         .route("/connections/{id}/events", get(connections::events))
         .route("/proxy/{id}", any(crate::proxy::forward_root))
         .route("/proxy/{id}/{*path}", any(crate::proxy::forward))
         .route("/_baseline", get(connections::baseline))
         .fallback(|| async { ApiError::not_found("no such API route") })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .nest("/v1", v1)
         .route("/connect/{session}/{state}", get(connect::follow_link))
         .route("/oauth/callback", get(connect::callback))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(ready))
         .merge(demo::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
 }
 
-async fn ready(State(state): State<SharedState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn ready(
+    State(state): State<SharedState>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     match state.store.check_schema().await {
         Ok(version) => Ok(axum::Json(
             serde_json::json!({"status": "ready", "backend": state.store.backend(), "schema_version": version}),
         )),
-        Err(e) => Err(ApiError::new(http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())),
+        Err(e) => Err(ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            e.to_string(),
+        )),
     }
 }
 
@@ -212,5 +246,7 @@ pub async fn serve(
     state: SharedState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -26,7 +26,13 @@ pub enum ProviderError {
     },
     /// The provider could not be reached, timed out, or answered 5xx.
     #[error("the provider is unreachable or failing: {reason}")]
-    Unavailable { status: Option<u16>, reason: String },
+    Unavailable {
+        status: Option<u16>,
+        reason: String,
+        /// Whether the provider may have acted on the request anyway (a timeout, a connection
+        /// that broke after sending, a gateway timeout): a refresh token may be consumed.
+        maybe_processed: bool,
+    },
     /// The provider answered something we cannot read. The body is never quoted: it may hold a
     /// token.
     #[error("the provider's answer could not be read: {reason}")]
@@ -34,7 +40,10 @@ pub enum ProviderError {
 }
 
 fn describe(message: &Option<String>) -> String {
-    message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
+    message
+        .as_ref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default()
 }
 
 impl ProviderError {
@@ -46,14 +55,30 @@ impl ProviderError {
 
     /// Worth trying again later: throttling, 5xx, timeouts, network failures.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ProviderError::Throttled { .. } | ProviderError::Unavailable { .. })
+        matches!(
+            self,
+            ProviderError::Throttled { .. } | ProviderError::Unavailable { .. }
+        )
+    }
+
+    /// See `Unavailable::maybe_processed`.
+    pub fn maybe_processed(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Unavailable {
+                maybe_processed: true,
+                ..
+            }
+        )
     }
 
     pub fn code(&self) -> String {
         match self {
             ProviderError::Rejected { code, .. } => code.clone(),
             ProviderError::Throttled { status, .. } => format!("throttled_{status}"),
-            ProviderError::Unavailable { status: Some(s), .. } => format!("http_{s}"),
+            ProviderError::Unavailable {
+                status: Some(s), ..
+            } => format!("http_{s}"),
             ProviderError::Unavailable { status: None, .. } => "unreachable".into(),
             ProviderError::Unparseable { .. } => "unparseable".into(),
         }
@@ -61,9 +86,8 @@ impl ProviderError {
 
     pub fn request_id(&self) -> Option<String> {
         match self {
-            ProviderError::Rejected { request_id, .. } | ProviderError::Throttled { request_id, .. } => {
-                request_id.clone()
-            }
+            ProviderError::Rejected { request_id, .. }
+            | ProviderError::Throttled { request_id, .. } => request_id.clone(),
             _ => None,
         }
     }

@@ -97,14 +97,20 @@ impl NotionClient {
     }
 
     /// Exchanges an authorization code. `redirect_uri` is always sent (notion-wire.md §2).
-    pub async fn exchange_code(&self, code: &str, redirect_uri: &str) -> Result<MintedPair, ProviderError> {
-        let body = json!({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri});
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+    ) -> Result<MintedPair, ProviderError> {
+        let body =
+            json!({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri});
         self.token_call(body).await
     }
 
     /// Uses a refresh token. Notion rotates it: the answer carries a new pair.
     pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<MintedPair, ProviderError> {
-        let body = json!({"grant_type": "refresh_token", "refresh_token": refresh_token.expose_secret()});
+        let body =
+            json!({"grant_type": "refresh_token", "refresh_token": refresh_token.expose_secret()});
         self.token_call(body).await
     }
 
@@ -122,7 +128,14 @@ impl NotionClient {
         &self,
         path: &str,
         body: &Value,
-    ) -> Result<(reqwest::StatusCode, reqwest::header::HeaderMap, bytes::Bytes), ProviderError> {
+    ) -> Result<
+        (
+            reqwest::StatusCode,
+            reqwest::header::HeaderMap,
+            bytes::Bytes,
+        ),
+        ProviderError,
+    > {
         let response = self
             .http
             .post(self.endpoint(path))
@@ -134,13 +147,18 @@ impl NotionClient {
             .map_err(|e| ProviderError::Unavailable {
                 status: None,
                 reason: transport_reason(&e),
+                maybe_processed: !e.is_connect(),
             })?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(|e| ProviderError::Unavailable {
-            status: Some(status.as_u16()),
-            reason: transport_reason(&e),
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ProviderError::Unavailable {
+                status: Some(status.as_u16()),
+                reason: transport_reason(&e),
+                maybe_processed: true,
+            })?;
         Ok((status, headers, bytes))
     }
 
@@ -168,15 +186,20 @@ fn transport_reason(e: &reqwest::Error) -> String {
 
 /// Parses a successful token response into a pair, keeping the rest as metadata.
 pub fn parse_token_response(status: u16, bytes: &[u8]) -> Result<MintedPair, ProviderError> {
-    let mut value: Value = serde_json::from_slice(bytes).map_err(|_| ProviderError::Unparseable {
-        status,
-        reason: "the token response is not JSON".into(),
-    })?;
-    let parsed: TokenResponse = serde_json::from_value(value.clone()).map_err(|e| ProviderError::Unparseable {
-        status,
-        // serde's message names the field, never the value, for missing or mistyped fields.
-        reason: format!("the token response lacks a required field: {}", field_of(&e)),
-    })?;
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|_| ProviderError::Unparseable {
+            status,
+            reason: "the token response is not JSON".into(),
+        })?;
+    let parsed: TokenResponse =
+        serde_json::from_value(value.clone()).map_err(|e| ProviderError::Unparseable {
+            status,
+            // serde's message names the field, never the value, for missing or mistyped fields.
+            reason: format!(
+                "the token response lacks a required field: {}",
+                field_of(&e)
+            ),
+        })?;
     if let Some(map) = value.as_object_mut() {
         map.remove("access_token");
         map.remove("refresh_token");
@@ -206,7 +229,11 @@ fn field_of(e: &serde_json::Error) -> String {
 }
 
 /// Reads an error answer in either of Notion's shapes.
-pub fn error_from(status: u16, headers: &reqwest::header::HeaderMap, bytes: &[u8]) -> ProviderError {
+pub fn error_from(
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    bytes: &[u8],
+) -> ProviderError {
     let retry_after = headers
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
@@ -231,6 +258,8 @@ pub fn error_from(status: u16, headers: &reqwest::header::HeaderMap, bytes: &[u8
         (500..=599, _) => ProviderError::Unavailable {
             status: Some(status),
             reason: format!("HTTP {status}"),
+            // A gateway timeout says nothing about whether Notion acted behind it.
+            maybe_processed: status == 504,
         },
         (400..=499, Some(code)) => ProviderError::Rejected {
             status,
@@ -253,7 +282,9 @@ mod tests {
     fn both_error_shapes_parse() {
         let h = reqwest::header::HeaderMap::new();
         let oauth = error_from(401, &h, br#"{"error":"invalid_client","request_id":"r1"}"#);
-        assert!(matches!(&oauth, ProviderError::Rejected { code, request_id: Some(r), .. } if code == "invalid_client" && r == "r1"));
+        assert!(
+            matches!(&oauth, ProviderError::Rejected { code, request_id: Some(r), .. } if code == "invalid_client" && r == "r1")
+        );
         let envelope = error_from(
             400,
             &h,
@@ -268,7 +299,9 @@ mod tests {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
         let e = error_from(429, &h, b"slow down");
-        assert!(matches!(e, ProviderError::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(7)));
+        assert!(
+            matches!(e, ProviderError::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(7))
+        );
         assert!(error_from(503, &h, b"<html>").is_transient());
         assert!(error_from(529, &h, b"").is_transient());
         assert!(!error_from(403, &h, b"<html>forbidden</html>").is_transient());
@@ -290,7 +323,11 @@ mod tests {
 
     #[test]
     fn missing_required_fields_are_unparseable_and_quote_no_value() {
-        let e = parse_token_response(200, br#"{"access_token":"ntn_secret_value","workspace_id":"w"}"#).unwrap_err();
+        let e = parse_token_response(
+            200,
+            br#"{"access_token":"ntn_secret_value","workspace_id":"w"}"#,
+        )
+        .unwrap_err();
         assert!(matches!(&e, ProviderError::Unparseable { .. }));
         assert!(!e.to_string().contains("ntn_secret_value"));
         assert!(e.to_string().contains("bot_id"));

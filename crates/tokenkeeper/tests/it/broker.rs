@@ -38,6 +38,7 @@ both_backends!(
     bad_input_gets_the_documented_status_and_stores_nothing,
     a_reconnect_answered_with_a_new_bot_id_keeps_the_connection_and_records_the_change,
     deleting_a_connection_revokes_upstream_and_keeps_the_history,
+    a_timed_out_refresh_that_consumed_the_token_is_named_in_the_later_diagnosis,
 );
 
 async fn reauthorizing_twice_keeps_all_three_pairs_and_serves_the_newest(backend: Backend) {
@@ -45,23 +46,43 @@ async fn reauthorizing_twice_keeps_all_three_pairs_and_serves_the_newest(backend
     let (id, first) = app.connect("user-1").await;
     let (again, second) = app.connect("user-1").await;
     let (third_id, third) = app.connect("user-1").await;
-    assert_eq!((first.as_str(), second.as_str(), third.as_str()), ("connected", "reconnected", "reconnected"));
+    assert_eq!(
+        (first.as_str(), second.as_str(), third.as_str()),
+        ("connected", "reconnected", "reconnected")
+    );
     assert_eq!(id, again);
     assert_eq!(id, third_id);
 
     let grants = app.grants(&id).await;
-    assert_eq!(grants.len(), 3, "every pair Notion minted is kept: {grants:?}");
-    let origins: Vec<_> = grants.iter().map(|g| g["origin"].as_str().unwrap()).collect();
-    assert_eq!(origins, ["authorization", "reauthorization", "reauthorization"]);
+    assert_eq!(
+        grants.len(),
+        3,
+        "every pair Notion minted is kept: {grants:?}"
+    );
+    let origins: Vec<_> = grants
+        .iter()
+        .map(|g| g["origin"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        origins,
+        ["authorization", "reauthorization", "reauthorization"]
+    );
     assert!(grants[0]["superseded_at"].is_string() && grants[1]["superseded_at"].is_string());
     assert!(grants[2]["superseded_at"].is_null());
-    let fingerprints: std::collections::HashSet<_> =
-        grants.iter().map(|g| g["access_token_fingerprint"].as_str().unwrap()).collect();
+    let fingerprints: std::collections::HashSet<_> = grants
+        .iter()
+        .map(|g| g["access_token_fingerprint"].as_str().unwrap())
+        .collect();
     assert_eq!(fingerprints.len(), 3, "three distinct pairs");
 
-    let (status, token) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    let (status, token) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
     assert_eq!(status, 200, "{token}");
-    assert_eq!(token["grant_id"], grants[2]["id"], "the newest grant is served");
+    assert_eq!(
+        token["grant_id"], grants[2]["id"],
+        "the newest grant is served"
+    );
     assert_eq!(
         tokenkeeper::ids::fingerprint(token["access_token"].as_str().unwrap()),
         grants[2]["access_token_fingerprint"].as_str().unwrap()
@@ -70,12 +91,23 @@ async fn reauthorizing_twice_keeps_all_three_pairs_and_serves_the_newest(backend
     let cid = tokenkeeper::ids::ConnectionId::parse(&id).unwrap();
     for g in &grants {
         let gid = tokenkeeper::ids::GrantId::parse(g["id"].as_str().unwrap()).unwrap();
-        let open = app.db.store.get_grant(&cid, &gid).await.unwrap().expect("grant exists");
-        assert_eq!(open.access_token.fingerprint(), g["access_token_fingerprint"].as_str().unwrap());
+        let open = app
+            .db
+            .store
+            .get_grant(&cid, &gid)
+            .await
+            .unwrap()
+            .expect("grant exists");
+        assert_eq!(
+            open.access_token.fingerprint(),
+            g["access_token_fingerprint"].as_str().unwrap()
+        );
     }
 }
 
-async fn a_callback_for_a_known_bot_persists_the_new_pair_and_the_next_refresh_uses_it(backend: Backend) {
+async fn a_callback_for_a_known_bot_persists_the_new_pair_and_the_next_refresh_uses_it(
+    backend: Backend,
+) {
     // The sim kills the previous pair on re-authorization and rejects refresh-token reuse: a
     // broker that skipped the "duplicate" callback would refresh with a dead token.
     let app = TestApp::with(
@@ -88,11 +120,20 @@ async fn a_callback_for_a_known_bot_persists_the_new_pair_and_the_next_refresh_u
     .await;
     let (id, _) = app.connect("user-1").await;
     let (again, status) = app.connect("user-1").await;
-    assert_eq!((again.as_str(), status.as_str()), (id.as_str(), "reconnected"));
-    let current = app.connection(&id).await["grant_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (again.as_str(), status.as_str()),
+        (id.as_str(), "reconnected")
+    );
+    let current = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let (status, body) = app.refresh(&id, &current).await;
-    assert_eq!(status, 200, "the refresh uses the re-authorization's refresh token: {body}");
+    assert_eq!(
+        status, 200,
+        "the refresh uses the re-authorization's refresh token: {body}"
+    );
     assert_eq!(body["refreshed"], true);
     assert_ne!(body["grant_id"].as_str().unwrap(), current);
     let grants = app.grants(&id).await;
@@ -102,13 +143,21 @@ async fn a_callback_for_a_known_bot_persists_the_new_pair_and_the_next_refresh_u
     assert_eq!(app.sim_refreshes().await, 1);
 }
 
-async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_at_birth(backend: Backend) {
+async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_at_birth(
+    backend: Backend,
+) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
-    let first = app.connection(&id).await["grant_id"].as_str().unwrap().to_owned();
+    let first = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // The sim rotates at once but answers the refresh only after 1.5 s.
     app.sim.update_config(|c| {
-        c.latency.insert("oauth.token:refresh_token".into(), Duration::from_millis(1500));
+        c.latency.insert(
+            "oauth.token:refresh_token".into(),
+            Duration::from_millis(1500),
+        );
     });
     let in_flight = {
         let (http, url, id, first) = (app.http.clone(), app.url.clone(), id.clone(), first.clone());
@@ -125,15 +174,29 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (again, status) = app.connect("user-1").await;
-    assert_eq!((again.as_str(), status.as_str()), (id.as_str(), "reconnected"));
-    let reauthorized = app.connection(&id).await["grant_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (again.as_str(), status.as_str()),
+        (id.as_str(), "reconnected")
+    );
+    let reauthorized = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_ne!(reauthorized, first);
 
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["grant_id"], reauthorized.as_str(), "the caller gets the grant that is current");
+    assert_eq!(
+        body["grant_id"],
+        reauthorized.as_str(),
+        "the caller gets the grant that is current"
+    );
     let grants = app.grants(&id).await;
-    assert_eq!(grants.len(), 3, "the late refresh result is kept: {grants:?}");
+    assert_eq!(
+        grants.len(),
+        3,
+        "the late refresh result is kept: {grants:?}"
+    );
     let late = grants
         .iter()
         .find(|g| g["origin"] == "refresh")
@@ -150,12 +213,20 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
     assert_eq!(next["parent_grant_id"], reauthorized.as_str());
 }
 
-async fn concurrent_refreshes_across_processes_cause_exactly_one_provider_refresh(backend: Backend) {
+async fn concurrent_refreshes_across_processes_cause_exactly_one_provider_refresh(
+    backend: Backend,
+) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
-    let first = app.connection(&id).await["grant_id"].as_str().unwrap().to_owned();
+    let first = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     app.sim.update_config(|c| {
-        c.latency.insert("oauth.token:refresh_token".into(), Duration::from_millis(300));
+        c.latency.insert(
+            "oauth.token:refresh_token".into(),
+            Duration::from_millis(300),
+        );
     });
     let peers = match backend {
         Backend::Postgres => 2,
@@ -199,41 +270,66 @@ async fn concurrent_refreshes_across_processes_cause_exactly_one_provider_refres
         tokens.insert(body["access_token"].as_str().unwrap().to_owned());
         grants.insert(body["grant_id"].as_str().unwrap().to_owned());
     }
-    assert_eq!(app.sim_refreshes().await, 1, "exactly one refresh reached Notion");
-    assert_eq!(tokens.len(), 1, "all {CALLERS} callers got the same new token");
+    assert_eq!(
+        app.sim_refreshes().await,
+        1,
+        "exactly one refresh reached Notion"
+    );
+    assert_eq!(
+        tokens.len(),
+        1,
+        "all {CALLERS} callers got the same new token"
+    );
     assert_eq!(grants.len(), 1);
     assert!(!grants.contains(&first));
     assert_eq!(app.grants(&id).await.len(), 2);
 }
 
-async fn an_uninstall_ends_in_needs_reauth_with_a_diagnosis_and_a_reconnect_recovers(backend: Backend) {
+async fn an_uninstall_ends_in_needs_reauth_with_a_diagnosis_and_a_reconnect_recovers(
+    backend: Backend,
+) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
     let connection = app.connection(&id).await;
     let grant = connection["grant_id"].as_str().unwrap().to_owned();
     let bot = connection["bot_id"].as_str().unwrap().to_owned();
-    app.sim_json(Method::POST, &format!("/_sim/bots/{bot}/revoke"), None).await;
+    app.sim_json(Method::POST, &format!("/_sim/bots/{bot}/revoke"), None)
+        .await;
 
     let (status, body) = app.refresh(&id, &grant).await;
     assert_eq!(status, 424, "{body}");
     assert_eq!(body["error"]["code"], "needs_reauth");
     assert_eq!(body["error"]["diagnosis"]["grant_id"], grant.as_str());
     assert_eq!(body["error"]["diagnosis"]["code"], "invalid_grant");
-    let reconnect = body["error"]["reconnect_url"].as_str().expect("a reconnect link").to_owned();
+    let reconnect = body["error"]["reconnect_url"]
+        .as_str()
+        .expect("a reconnect link")
+        .to_owned();
     assert_eq!(app.connection(&id).await["status"], "needs_reauth");
-    let (status, body) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    let (status, body) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
     assert_eq!(status, 424, "{body}");
     assert!(body["error"]["reconnect_url"].is_string());
 
     let landing = app.follow(&reconnect).await;
-    assert_eq!(landing.connection_id.as_deref(), Some(id.as_str()), "the reconnect lands on the same connection");
+    assert_eq!(
+        landing.connection_id.as_deref(),
+        Some(id.as_str()),
+        "the reconnect lands on the same connection"
+    );
     assert_eq!(landing.status, "reconnected");
     assert_eq!(app.connection(&id).await["status"], "active");
     let kinds = app.event_kinds(&id).await;
     for expected in ["refresh_failed", "needs_reauth", "recovered"] {
-        assert!(kinds.iter().any(|k| k == expected), "{expected} in {kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k == expected),
+            "{expected} in {kinds:?}"
+        );
     }
-    let (status, _) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    let (status, _) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
     assert_eq!(status, 200);
 }
 
@@ -241,8 +337,15 @@ async fn a_legacy_reauthorization_returning_the_same_pair_adds_no_grant(backend:
     let app = TestApp::with(backend, sim(|s| s.reauth = ReauthMode::Legacy)).await;
     let (id, _) = app.connect("user-1").await;
     let (again, status) = app.connect("user-1").await;
-    assert_eq!((again.as_str(), status.as_str()), (id.as_str(), "reconnected"));
-    assert_eq!(app.grants(&id).await.len(), 1, "the same pair is not a new grant");
+    assert_eq!(
+        (again.as_str(), status.as_str()),
+        (id.as_str(), "reconnected")
+    );
+    assert_eq!(
+        app.grants(&id).await.len(),
+        1,
+        "the same pair is not a new grant"
+    );
     assert!(app
         .event_kinds(&id)
         .await
@@ -250,7 +353,9 @@ async fn a_legacy_reauthorization_returning_the_same_pair_adds_no_grant(backend:
         .any(|k| k == "reauthorization_confirmed"));
 }
 
-async fn a_process_killed_mid_refresh_is_diagnosed_after_its_lease_and_nothing_is_lost(backend: Backend) {
+async fn a_process_killed_mid_refresh_is_diagnosed_after_its_lease_and_nothing_is_lost(
+    backend: Backend,
+) {
     // Lease = 2 × 1 s + 5 s. The sim rotates at once and answers after 3 s: the peer is killed
     // while Notion has consumed the refresh token and before the peer could commit.
     let options = Options {
@@ -260,13 +365,22 @@ async fn a_process_killed_mid_refresh_is_diagnosed_after_its_lease_and_nothing_i
     };
     let app = TestApp::with(backend, options).await;
     let (id, _) = app.connect("user-1").await;
-    let grant = app.connection(&id).await["grant_id"].as_str().unwrap().to_owned();
+    let grant = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     app.sim.update_config(|c| {
-        c.latency.insert("oauth.token:refresh_token".into(), Duration::from_secs(3));
+        c.latency
+            .insert("oauth.token:refresh_token".into(), Duration::from_secs(3));
     });
     let mut peer = app.spawn_peer(&[]).await;
     let doomed = {
-        let (http, url, id, grant) = (app.http.clone(), peer.url.clone(), id.clone(), grant.clone());
+        let (http, url, id, grant) = (
+            app.http.clone(),
+            peer.url.clone(),
+            id.clone(),
+            grant.clone(),
+        );
         tokio::spawn(async move {
             http.post(format!("{url}/v1/connections/{id}/refresh"))
                 .bearer_auth(ADMIN_KEY)
@@ -278,11 +392,17 @@ async fn a_process_killed_mid_refresh_is_diagnosed_after_its_lease_and_nothing_i
     // Wait until the peer's refresh has reached the sim, then kill the peer.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while app.sim_refreshes().await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the peer's refresh reached the sim");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer's refresh reached the sim"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     peer.kill().await;
-    assert!(doomed.await.unwrap().is_err(), "the killed peer never answered");
+    assert!(
+        doomed.await.unwrap().is_err(),
+        "the killed peer never answered"
+    );
     app.sim.update_config(|c| c.latency.clear());
 
     // This process waits for the dead holder's lease, takes over, and judges the failure.
@@ -300,7 +420,9 @@ async fn a_process_killed_mid_refresh_is_diagnosed_after_its_lease_and_nothing_i
     assert_eq!(grants[0]["id"], grant.as_str());
 }
 
-async fn throttling_5xx_and_timeouts_at_the_token_endpoint_never_change_the_status(backend: Backend) {
+async fn throttling_5xx_and_timeouts_at_the_token_endpoint_never_change_the_status(
+    backend: Backend,
+) {
     let options = Options {
         provider_timeout: Duration::from_millis(500),
         refresh_budget: Duration::from_millis(1500),
@@ -308,7 +430,10 @@ async fn throttling_5xx_and_timeouts_at_the_token_endpoint_never_change_the_stat
     };
     let app = TestApp::with(backend, options).await;
     let (id, _) = app.connect("user-1").await;
-    let grant = app.connection(&id).await["grant_id"].as_str().unwrap().to_owned();
+    let grant = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let faults = [
         json!({"endpoint": "oauth.token", "kind": "status", "status": 429, "retry_after": 1}),
         json!({"endpoint": "oauth.token", "kind": "status", "status": 503}),
@@ -317,27 +442,42 @@ async fn throttling_5xx_and_timeouts_at_the_token_endpoint_never_change_the_stat
         json!({"endpoint": "oauth.token", "kind": "delay", "delay_ms": 2000}),
     ];
     for fault in faults {
-        app.sim_json(Method::POST, "/_sim/reset", Some(json!({}))).await;
+        app.sim_json(Method::POST, "/_sim/reset", Some(json!({})))
+            .await;
         app.sim_fault(fault.clone()).await;
         let (status, body) = app.refresh(&id, &grant).await;
         assert_eq!(status, 503, "{fault}: {body}");
         assert_eq!(body["error"]["code"], "provider_unavailable", "{fault}");
         let connection = app.connection(&id).await;
-        assert_eq!(connection["status"], "active", "{fault} left the connection active");
+        assert_eq!(
+            connection["status"], "active",
+            "{fault} left the connection active"
+        );
         assert_eq!(connection["grant_id"], grant.as_str());
     }
-    assert!(app.event_kinds(&id).await.iter().any(|k| k == "refresh_failed"));
+    assert!(app
+        .event_kinds(&id)
+        .await
+        .iter()
+        .any(|k| k == "refresh_failed"));
 }
 
 async fn transient_token_endpoint_failures_are_retried_within_the_budget(backend: Backend) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
-    let grant = app.connection(&id).await["grant_id"].as_str().unwrap().to_owned();
+    let grant = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     app.sim_fault(json!({"endpoint": "oauth.token", "kind": "status", "status": 503, "count": 2}))
         .await;
     let (status, body) = app.refresh(&id, &grant).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(app.sim_refreshes().await, 3, "two 503s, then the refresh that worked");
+    assert_eq!(
+        app.sim_refreshes().await,
+        3,
+        "two 503s, then the refresh that worked"
+    );
     assert_eq!(app.connection(&id).await["status"], "active");
 }
 
@@ -350,7 +490,10 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
     // Keys.
     let r = app.http.get(url("/v1/connections")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "unauthorized");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "unauthorized"
+    );
     let r = app
         .http
         .get(url("/v1/connections"))
@@ -370,25 +513,42 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
     assert_eq!(r.status(), 403, "a tokens key cannot create sessions");
     let r = app
         .http
-        .get(url(&format!("/v1/connections/{id}/access-token?include_refresh_token=true")))
+        .get(url(&format!(
+            "/v1/connections/{id}/access-token?include_refresh_token=true"
+        )))
         .bearer_auth(TOKENS_KEY)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "a tokens key cannot read refresh tokens");
     let (status, body) = app
-        .get_json(&format!("/v1/connections/{id}/access-token?include_refresh_token=true"))
+        .get_json(&format!(
+            "/v1/connections/{id}/access-token?include_refresh_token=true"
+        ))
         .await;
     assert_eq!(status, 200);
-    assert!(body["refresh_token"].is_string(), "an admin key can, when it asks");
-    let (_, body) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    assert!(
+        body["refresh_token"].is_string(),
+        "an admin key can, when it asks"
+    );
+    let (_, body) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
     assert!(body.get("refresh_token").is_none(), "never unasked");
 
     // Ids and bodies.
-    let (status, body) = app.get_json("/v1/connections/con_00000000000000000000000000000000").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = app
+        .get_json("/v1/connections/con_00000000000000000000000000000000")
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
     let (status, body) = app.get_json("/v1/connections/not-an-id").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
     let r = app
         .api(Method::POST, "/v1/connect-sessions")
         .header("content-type", "application/json")
@@ -397,18 +557,30 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid_request");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_request"
+    );
     let (status, body) = app
-        .post_json(&format!("/v1/connections/{id}/refresh"), json!({"if_grant": "nope"}))
+        .post_json(
+            &format!("/v1/connections/{id}/refresh"),
+            json!({"if_grant": "nope"}),
+        )
         .await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
     let (status, body) = app
         .post_json(
             "/v1/connect-sessions",
             json!({"provider": "notion", "end_user_id": "u", "return_to": "https://evil.example/steal"}),
         )
         .await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("return_to_not_allowed")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("return_to_not_allowed"))
+    );
     let evil_suffix = format!("{}.evil.example/", app.url);
     let (status, _) = app
         .post_json(
@@ -423,7 +595,10 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
             json!({"provider": "github", "end_user_id": "u", "return_to": url("/done")}),
         )
         .await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unsupported_provider")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("unsupported_provider"))
+    );
 
     // Replayed and forged state, on a second user in another workspace.
     app.sim_json(
@@ -444,14 +619,24 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
     let forged = app.http.get(&forged).send().await.unwrap();
     assert_eq!(forged.status(), 400);
     let again = app.http.get(&link).send().await.unwrap();
-    assert_eq!(again.status(), 410, "a used link does not start another flow");
+    assert_eq!(
+        again.status(),
+        410,
+        "a used link does not start another flow"
+    );
 
     let (_, list) = app.get_json("/v1/connections").await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 2, "only the two real authorizations");
+    assert_eq!(
+        list["data"].as_array().unwrap().len(),
+        2,
+        "only the two real authorizations"
+    );
     assert_eq!(app.grants(&id).await.len(), grants_before);
 }
 
-async fn a_reconnect_answered_with_a_new_bot_id_keeps_the_connection_and_records_the_change(backend: Backend) {
+async fn a_reconnect_answered_with_a_new_bot_id_keeps_the_connection_and_records_the_change(
+    backend: Backend,
+) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
     let before = app.connection(&id).await;
@@ -461,20 +646,41 @@ async fn a_reconnect_answered_with_a_new_bot_id_keeps_the_connection_and_records
     assert_eq!(landing.connection_id.as_deref(), Some(id.as_str()));
     assert_eq!(landing.status, "reconnected");
     let after = app.connection(&id).await;
-    assert_ne!(after["bot_id"], before["bot_id"], "the connection follows the new bot");
+    assert_ne!(
+        after["bot_id"], before["bot_id"],
+        "the connection follows the new bot"
+    );
     assert_eq!(after["end_user_id"], before["end_user_id"]);
-    assert_eq!(app.grants(&id).await.len(), 2, "the history stays with the connection");
-    assert!(app.event_kinds(&id).await.iter().any(|k| k == "bot_changed"));
+    assert_eq!(
+        app.grants(&id).await.len(),
+        2,
+        "the history stays with the connection"
+    );
+    assert!(app
+        .event_kinds(&id)
+        .await
+        .iter()
+        .any(|k| k == "bot_changed"));
     let (_, list) = app.get_json("/v1/connections").await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 1, "no second connection appeared");
+    assert_eq!(
+        list["data"].as_array().unwrap().len(),
+        1,
+        "no second connection appeared"
+    );
 }
 
 async fn deleting_a_connection_revokes_upstream_and_keeps_the_history(backend: Backend) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
-    let (_, token) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
+    let (_, token) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
     let access = token["access_token"].as_str().unwrap().to_owned();
-    let r = app.api(Method::DELETE, &format!("/v1/connections/{id}")).send().await.unwrap();
+    let r = app
+        .api(Method::DELETE, &format!("/v1/connections/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["upstream_revoked"], true, "{body}");
@@ -489,8 +695,13 @@ async fn deleting_a_connection_revokes_upstream_and_keeps_the_history(backend: B
         .await
         .unwrap();
     assert_eq!(upstream.status(), 401, "the token is dead at Notion");
-    let (status, body) = app.get_json(&format!("/v1/connections/{id}/access-token")).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("connection_revoked")));
+    let (status, body) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (410, Some("connection_revoked"))
+    );
     let grants = app.grants(&id).await;
     assert_eq!(grants.len(), 1, "the history is kept");
     assert!(grants[0]["revoked_at"].is_string());
@@ -498,6 +709,48 @@ async fn deleting_a_connection_revokes_upstream_and_keeps_the_history(backend: B
     // The grant is still readable in the ledger, sealed as it was.
     let cid = tokenkeeper::ids::ConnectionId::parse(&id).unwrap();
     let gid = tokenkeeper::ids::GrantId::parse(grants[0]["id"].as_str().unwrap()).unwrap();
-    let kept = app.state.store.get_grant(&cid, &gid).await.unwrap().unwrap();
+    let kept = app
+        .state
+        .store
+        .get_grant(&cid, &gid)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(kept.access_token.expose_secret(), access);
+}
+
+async fn a_timed_out_refresh_that_consumed_the_token_is_named_in_the_later_diagnosis(
+    backend: Backend,
+) {
+    let options = Options {
+        provider_timeout: Duration::from_millis(400),
+        refresh_budget: Duration::from_millis(1000),
+        ..Options::default()
+    };
+    let app = TestApp::with(backend, options).await;
+    let (id, _) = app.connect("user-1").await;
+    let grant = app.connection(&id).await["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Notion rotates the pair, but its answer arrives after our timeout.
+    app.sim.update_config(|c| {
+        c.latency
+            .insert("oauth.token:refresh_token".into(), Duration::from_secs(2));
+    });
+    let (status, body) = app.refresh(&id, &grant).await;
+    assert_eq!(status, 503, "a timeout is transient: {body}");
+    assert_eq!(app.connection(&id).await["status"], "active");
+
+    app.sim.update_config(|c| c.latency.clear());
+    let (status, body) = app.refresh(&id, &grant).await;
+    assert_eq!(
+        status, 424,
+        "the rotated-away refresh token is rejected: {body}"
+    );
+    let interrupted = &body["error"]["diagnosis"]["interrupted_attempt"];
+    assert!(
+        interrupted.is_object(),
+        "the diagnosis names the attempt whose answer never arrived: {body}"
+    );
 }

@@ -412,6 +412,7 @@ async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
                         ),
                         message: "model failure".into(),
                         provider_request_id: None,
+                        outcome_unknown: false,
                     };
                     let outcome = store
                         .record_refresh_failure(&p.conn, &p.parent, p.fence, &p.attempt, &failure)

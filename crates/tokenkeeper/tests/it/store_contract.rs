@@ -61,6 +61,7 @@ fn invalid_grant() -> RefreshFailure {
         code: Some("invalid_grant".into()),
         message: "The refresh token is invalid or was already used.".into(),
         provider_request_id: Some("req-failed".into()),
+        outcome_unknown: false,
     }
 }
 
@@ -91,6 +92,7 @@ both_backends!(
     a_sealed_value_moved_to_another_place_does_not_open,
     tokens_never_reach_the_database_or_the_trail_in_plaintext,
     sixty_four_readers_during_writes_each_see_one_consistent_grant,
+    a_bulk_import_records_each_authorization_as_record_authorization_does,
 );
 
 async fn first_authorization_creates_a_connection_with_one_open_grant(backend: Backend) {
@@ -820,6 +822,7 @@ async fn a_transient_failure_leaves_the_connection_active(backend: Backend) {
             code: Some(code.into()),
             message: format!("{code} from the token endpoint"),
             provider_request_id: None,
+            outcome_unknown: false,
         };
         let outcome = s
             .record_refresh_failure(&id, &parent, f, &attempt, &failure)
@@ -1320,4 +1323,87 @@ async fn sixty_four_readers_during_writes_each_see_one_consistent_grant(backend:
         r.await.unwrap();
     }
     assert_eq!(db.store.list_grants(&id).await.unwrap().len(), 11);
+}
+
+async fn a_bulk_import_records_each_authorization_as_record_authorization_does(backend: Backend) {
+    let db = fresh(backend).await;
+    let s = &*db.store;
+    let batch = (0..40)
+        .map(|i| {
+            connect(
+                &format!("user-{i}"),
+                minted(&format!("bot-{i}"), &format!("imp-{i}"), &db.clock),
+            )
+        })
+        .collect();
+    let ids = s.import_authorizations(batch).await.unwrap();
+    assert_eq!(ids.len(), 40);
+    for (i, id) in ids.iter().enumerate() {
+        let (c, grant) = s.current_grant(id).await.unwrap().unwrap();
+        assert_eq!(
+            c.end_user_id,
+            format!("user-{i}"),
+            "the result keeps the batch's order"
+        );
+        assert_eq!(c.bot_id, BotId(format!("bot-{i}")));
+        assert_eq!(c.status, ConnectionStatus::Active);
+        let grant = grant.unwrap();
+        assert_eq!(grant.record.origin, GrantOrigin::Authorization);
+        assert_eq!(
+            grant.access_token.expose_secret(),
+            format!("ntn_access_imp-{i}_Zq7Xv")
+        );
+        assert_eq!(
+            grant
+                .refresh_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned()),
+            Some(format!("nrt_refresh_imp-{i}_Kp3Wm"))
+        );
+        assert_eq!(kinds(s, id).await, vec![EventKind::Authorized]);
+    }
+
+    // A batch that names one bot twice is refused whole.
+    let twice = vec![
+        connect("x", minted("bot-twice", "t1", &db.clock)),
+        connect("y", minted("bot-twice", "t2", &db.clock)),
+    ];
+    assert!(matches!(
+        s.import_authorizations(twice).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // A batch with one authorization that record_authorization would refuse (a reconnect onto
+    // another live connection's bot) stores nothing of the batch.
+    let refused = vec![
+        connect("z", minted("bot-fresh", "f1", &db.clock)),
+        reconnect(&ids[1], minted("bot-2", "steal", &db.clock)),
+    ];
+    assert!(s.import_authorizations(refused).await.is_err());
+    let all = s
+        .list_connections(&ConnectionFilter {
+            limit: 1000,
+            ..ConnectionFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 40);
+
+    // A known bot is re-authorized, exactly as record_authorization would do it.
+    let again = s
+        .import_authorizations(vec![connect(
+            "user-0",
+            minted("bot-0", "imp-again", &db.clock),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![ids[0].clone()]);
+    assert_eq!(s.list_grants(&ids[0]).await.unwrap().len(), 2);
+    assert_eq!(
+        kinds(s, &ids[0]).await,
+        vec![
+            EventKind::Authorized,
+            EventKind::Reauthorized,
+            EventKind::Superseded
+        ]
+    );
 }

@@ -546,7 +546,18 @@ pub(super) fn record_refresh_failure(
     if fenced {
         return Ok(FailureOutcome::Fenced);
     }
-    release_lease_and_close(tx, &row, fence, attempt, "failed", now)?;
+    release_lease_and_close(
+        tx,
+        &row,
+        fence,
+        attempt,
+        if failure.outcome_unknown {
+            "interrupted"
+        } else {
+            "failed"
+        },
+        now,
+    )?;
     match row.connection.grant_id {
         Some(current) if current != *parent => {
             return Ok(FailureOutcome::AlreadyRotated { current })

@@ -83,7 +83,9 @@ impl TestApp {
         let keys = Arc::new(KeyRing::parse(&key_ring).unwrap());
         let db = TestDb::new(backend, keys, Clock::System).await;
         db.store.migrate().await.expect("migrations apply");
-        let sim = SimServer::start(options.sim.clone()).await.expect("the simulator starts");
+        let sim = SimServer::start(options.sim.clone())
+            .await
+            .expect("the simulator starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let sim_config = options.sim.clone();
@@ -92,13 +94,20 @@ impl TestApp {
             NotionSettings {
                 client_id: sim_config.client_id.clone(),
                 client_secret: ClientSecret::new(sim_config.client_secret.clone()),
-                base_url: url::Url::parse(options.notion_base_url.as_deref().unwrap_or(&sim.base_url())).unwrap(),
+                base_url: url::Url::parse(
+                    options
+                        .notion_base_url
+                        .as_deref()
+                        .unwrap_or(&sim.base_url()),
+                )
+                .unwrap(),
                 version: "2026-03-11".into(),
             },
             StateSettings {
                 public_url: url::Url::parse(&url).unwrap(),
                 allowed_return_urls: vec![format!("{url}/")],
-                api_keys: ApiKeys::parse(&format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}")).unwrap(),
+                api_keys: ApiKeys::parse(&format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"))
+                    .unwrap(),
                 session_ttl: Duration::from_secs(600),
                 provider_timeout: options.provider_timeout,
                 refresh_budget: options.refresh_budget,
@@ -145,7 +154,12 @@ impl TestApp {
     }
 
     pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.api(reqwest::Method::POST, path).json(&body).send().await.unwrap();
+        let r = self
+            .api(reqwest::Method::POST, path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -165,12 +179,23 @@ impl TestApp {
     /// Follows a connect link through the (auto-approving) simulator and the callback.
     pub async fn follow(&self, link: &str) -> Landing {
         let to_sim = self.redirect(link).await;
-        assert!(to_sim.starts_with(&self.sim.base_url()), "link goes to Notion: {to_sim}");
+        assert!(
+            to_sim.starts_with(&self.sim.base_url()),
+            "link goes to Notion: {to_sim}"
+        );
         let to_callback = self.redirect(&to_sim).await;
-        assert!(to_callback.starts_with(&format!("{}/oauth/callback", self.url)), "{to_callback}");
+        assert!(
+            to_callback.starts_with(&format!("{}/oauth/callback", self.url)),
+            "{to_callback}"
+        );
         let landing = self.redirect(&to_callback).await;
         let landing = url::Url::parse(&landing).unwrap();
-        let get = |k: &str| landing.query_pairs().find(|(key, _)| key == k).map(|(_, v)| v.into_owned());
+        let get = |k: &str| {
+            landing
+                .query_pairs()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.into_owned())
+        };
         Landing {
             connection_id: get("connection_id"),
             status: get("status").unwrap_or_default(),
@@ -180,7 +205,11 @@ impl TestApp {
     /// GETs `url` and returns the redirect's target, failing on anything else.
     pub async fn redirect(&self, url: &str) -> String {
         let r = self.http.get(url).send().await.unwrap();
-        assert!(r.status().is_redirection(), "expected a redirect from {url}, got {}", r.status());
+        assert!(
+            r.status().is_redirection(),
+            "expected a redirect from {url}, got {}",
+            r.status()
+        );
         r.headers()["location"].to_str().unwrap().to_owned()
     }
 
@@ -188,12 +217,18 @@ impl TestApp {
     pub async fn connect(&self, end_user: &str) -> (String, String) {
         let link = self.connect_link(end_user).await;
         let landing = self.follow(&link).await;
-        (landing.connection_id.expect("a connection id"), landing.status)
+        (
+            landing.connection_id.expect("a connection id"),
+            landing.status,
+        )
     }
 
     pub async fn reconnect(&self, id: &str) -> Landing {
         let (status, body) = self
-            .post_json(&format!("/v1/connections/{id}/reconnect-sessions"), json!({}))
+            .post_json(
+                &format!("/v1/connections/{id}/reconnect-sessions"),
+                json!({}),
+            )
             .await;
         assert_eq!(status, 201, "{body}");
         self.follow(body["url"].as_str().unwrap()).await
@@ -223,12 +258,22 @@ impl TestApp {
     }
 
     pub async fn refresh(&self, id: &str, if_grant: &str) -> (u16, Value) {
-        self.post_json(&format!("/v1/connections/{id}/refresh"), json!({"if_grant": if_grant}))
-            .await
+        self.post_json(
+            &format!("/v1/connections/{id}/refresh"),
+            json!({"if_grant": if_grant}),
+        )
+        .await
     }
 
-    pub async fn sim_json(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut r = self.http.request(method, format!("{}{path}", self.sim.base_url()));
+    pub async fn sim_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.sim.base_url()));
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -239,12 +284,17 @@ impl TestApp {
 
     /// How many refresh-grant token requests reached the simulator.
     pub async fn sim_refreshes(&self) -> u64 {
-        let stats = self.sim_json(reqwest::Method::GET, "/_sim/stats", None).await;
-        stats["token_requests"]["total"]["refresh_token"].as_u64().unwrap_or(0)
+        let stats = self
+            .sim_json(reqwest::Method::GET, "/_sim/stats", None)
+            .await;
+        stats["token_requests"]["total"]["refresh_token"]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     pub async fn sim_fault(&self, fault: Value) {
-        self.sim_json(reqwest::Method::POST, "/_sim/faults", Some(fault)).await;
+        self.sim_json(reqwest::Method::POST, "/_sim/faults", Some(fault))
+            .await;
     }
 
     /// Starts another tokenkeeper process on the same database and simulator.
@@ -253,11 +303,17 @@ impl TestApp {
         cmd.arg("serve")
             .env("TOKENKEEPER_DATABASE_URL", &self.db.url)
             .env("TOKENKEEPER_ENCRYPTION_KEY", &self.key_ring)
-            .env("TOKENKEEPER_API_KEYS", format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"))
+            .env(
+                "TOKENKEEPER_API_KEYS",
+                format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"),
+            )
             .env("TOKENKEEPER_LISTEN", "127.0.0.1:0")
             .env("TOKENKEEPER_PUBLIC_URL", &self.url)
             .env("TOKENKEEPER_NOTION_CLIENT_ID", &self.options.sim.client_id)
-            .env("TOKENKEEPER_NOTION_CLIENT_SECRET", &self.options.sim.client_secret)
+            .env(
+                "TOKENKEEPER_NOTION_CLIENT_SECRET",
+                &self.options.sim.client_secret,
+            )
             .env("TOKENKEEPER_NOTION_BASE_URL", self.sim.base_url())
             .env(
                 "TOKENKEEPER_PROVIDER_TIMEOUT",
