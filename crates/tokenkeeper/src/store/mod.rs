@@ -104,6 +104,14 @@ pub trait Store: Send + Sync + 'static {
     /// `Conflict`, and nothing is stored.
     async fn record_authorization(&self, auth: NewAuthorization) -> Result<AuthorizationOutcome, StoreError>;
 
+    /// Records many authorizations in one transaction, each exactly as `record_authorization`
+    /// records it (same sealing, rows and events); returns their connections in order. For bulk
+    /// imports such as the benchmark's seeder. The batch must concern distinct bots and distinct
+    /// reconnect targets (the PostgreSQL backend pipelines them); one that does not is a
+    /// `Conflict`, as is any authorization `record_authorization` would refuse, and then
+    /// nothing of the batch is stored.
+    async fn import_authorizations(&self, batch: Vec<NewAuthorization>) -> Result<Vec<ConnectionId>, StoreError>;
+
     async fn get_connection(&self, id: &ConnectionId) -> Result<Option<Connection>, StoreError>;
     async fn list_connections(&self, filter: &ConnectionFilter) -> Result<Vec<Connection>, StoreError>;
 
@@ -173,6 +181,29 @@ pub trait Store: Send + Sync + 'static {
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one
     /// transaction, and says how many remain. Safe to run while serving.
     async fn rotate_keys(&self, batch: u32) -> Result<RotateProgress, StoreError>;
+}
+
+/// Refuses a batch for `import_authorizations` that names one bot, or one reconnect target,
+/// twice.
+fn check_distinct(batch: &[NewAuthorization]) -> Result<(), StoreError> {
+    let mut bots = std::collections::HashSet::new();
+    let mut targets = std::collections::HashSet::new();
+    for auth in batch {
+        if !bots.insert((auth.provider, auth.pair.bot_id.0.as_str())) {
+            return Err(StoreError::Conflict(format!(
+                "the import names bot {} twice",
+                auth.pair.bot_id
+            )));
+        }
+        if let crate::ledger::AuthorizationTarget::Reconnect { connection_id } = &auth.target {
+            if !targets.insert(connection_id.as_str()) {
+                return Err(StoreError::Conflict(format!(
+                    "the import reconnects {connection_id} twice"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the data lives, parsed from `TOKENKEEPER_DATABASE_URL`.

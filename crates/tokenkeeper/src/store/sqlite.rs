@@ -316,6 +316,20 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn import_authorizations(
+        &self,
+        batch: Vec<NewAuthorization>,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        super::check_distinct(&batch)?;
+        self.write(move |tx, keys, now| {
+            batch
+                .iter()
+                .map(|auth| ledger::record_authorization(tx, keys, now, auth).map(|o| o.connection.id))
+                .collect()
+        })
+        .await
+    }
+
     async fn get_connection(&self, id: &ConnectionId) -> Result<Option<Connection>, StoreError> {
         let id = id.clone();
         self.read(move |conn, _| Ok(find_connection(conn, &id)?.map(|r| r.connection)))
