@@ -110,7 +110,10 @@ pub trait Store: Send + Sync + 'static {
     /// reconnect targets (the PostgreSQL backend pipelines them); one that does not is a
     /// `Conflict`, as is any authorization `record_authorization` would refuse, and then
     /// nothing of the batch is stored.
-    async fn import_authorizations(&self, batch: Vec<NewAuthorization>) -> Result<Vec<ConnectionId>, StoreError>;
+    async fn import_authorizations(
+        &self,
+        batch: Vec<NewAuthorization>,
+    ) -> Result<Vec<ConnectionId>, StoreError>;
 
     async fn get_connection(&self, id: &ConnectionId) -> Result<Option<Connection>, StoreError>;
     async fn list_connections(&self, filter: &ConnectionFilter) -> Result<Vec<Connection>, StoreError>;

@@ -333,7 +333,12 @@ impl Store for PgStore {
         let mut ids = Vec::with_capacity(batch.len());
         let mut inflight = FuturesOrdered::new();
         for auth in &batch {
-            inflight.push_back(ledger::record_authorization(&tx, &self.keys, &self.clock, auth));
+            inflight.push_back(ledger::record_authorization(
+                &tx,
+                &self.keys,
+                &self.clock,
+                auth,
+            ));
             if inflight.len() >= IMPORT_PIPELINE {
                 if let Some(outcome) = inflight.next().await {
                     ids.push(outcome?.connection.id);

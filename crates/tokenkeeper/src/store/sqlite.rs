@@ -324,7 +324,9 @@ impl Store for SqliteStore {
         self.write(move |tx, keys, now| {
             batch
                 .iter()
-                .map(|auth| ledger::record_authorization(tx, keys, now, auth).map(|o| o.connection.id))
+                .map(|auth| {
+                    ledger::record_authorization(tx, keys, now, auth).map(|o| o.connection.id)
+                })
                 .collect()
         })
         .await
