@@ -92,12 +92,23 @@ async fn concurrent_401s_cause_exactly_one_refresh_and_every_request_succeeds(ba
     let (id, _) = app.connect("user-1").await;
     let before = grant_of(&app, &id).await;
     // The token dies 1 s after it was minted; the refreshed one then lives 1 s, ample for the
-    // retries, which go out at once.
-    app.sim
-        .update_config(|c| c.access_token_ttl = Some(Duration::from_secs(1)));
+    // retries. Every answer takes 200 ms and the requests start over 150 ms, so some 401s for
+    // the old grant arrive after the refresh was committed: without `if_grant`, each of those
+    // would refresh again.
+    app.sim.update_config(|c| {
+        c.access_token_ttl = Some(Duration::from_secs(1));
+        c.latency
+            .insert("users.me".into(), Duration::from_millis(200));
+    });
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
-    let calls = (0..50).map(|_| sent(proxy(&app, &id, Method::GET, "/v1/users/me")));
+    let calls = (0..50u64).map(|i| {
+        let request = proxy(&app, &id, Method::GET, "/v1/users/me");
+        async move {
+            tokio::time::sleep(Duration::from_millis(i * 3)).await;
+            sent(request).await
+        }
+    });
     let results = futures::future::join_all(calls).await;
 
     let after = grant_of(&app, &id).await;
