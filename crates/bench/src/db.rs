@@ -63,10 +63,12 @@ impl Database {
                 )?;
                 let name = format!("tkbench_{tag}");
                 let client = pg_connect(admin).await?;
+                // Two statements, each its own transaction: neither may run inside one.
                 client
-                    .batch_execute(&format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-                    ))
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
                     .await
                     .with_context(|| format!("cannot create database {name}"))?;
                 let mut url =
@@ -205,6 +207,23 @@ pub struct Counters {
 }
 
 impl Probe {
+    /// PostgreSQL: the server processes serving this database's other sessions (tokenkeeper's
+    /// pool), to count their CPU time. SQLite: none, it runs inside tokenkeeper.
+    pub async fn backend_pids(&self) -> anyhow::Result<Vec<u32>> {
+        match self {
+            Probe::Sqlite { .. } => Ok(Vec::new()),
+            Probe::Postgres { client } => Ok(client
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get::<_, i32>(0) as u32)
+                .collect()),
+        }
+    }
+
     pub async fn sample(&self) -> anyhow::Result<Counters> {
         match self {
             Probe::Sqlite { conn, path } => {
@@ -295,21 +314,36 @@ fn fake_authorization(i: usize) -> NewAuthorization {
     }
 }
 
-/// Seeds `n` connections with tokenkeeper's own store code, `batch` per transaction; prints
+/// Seeds `n` connections with tokenkeeper's own store code, `batch` per transaction and up to
+/// `parallel` transactions at once (PostgreSQL runs them side by side; SQLite queues them on
+/// its one writer, which still lets the next batch be generated while one commits); prints
 /// progress. Returns the ids and how long it took.
 pub async fn seed(
     store: &Arc<dyn Store>,
     n: usize,
     batch: usize,
+    parallel: usize,
 ) -> anyhow::Result<(Vec<ConnectionId>, Duration)> {
     let start = Instant::now();
     let mut ids = Vec::with_capacity(n);
     let mut last_report = Instant::now();
+    let mut next = 0;
+    let mut inflight = tokio::task::JoinSet::new();
     while ids.len() < n {
-        let size = batch.min(n - ids.len());
-        let first = ids.len();
-        let auths: Vec<NewAuthorization> = (first..first + size).map(fake_authorization).collect();
-        ids.append(&mut store.import_authorizations(auths).await?);
+        while next < n && inflight.len() < parallel.max(1) {
+            let (first, size) = (next, batch.min(n - next));
+            next += size;
+            let store = store.clone();
+            inflight.spawn(async move {
+                let auths: Vec<NewAuthorization> =
+                    (first..first + size).map(fake_authorization).collect();
+                store.import_authorizations(auths).await
+            });
+        }
+        let Some(done) = inflight.join_next().await else {
+            anyhow::bail!("the seeder ran out of work before {n} connections");
+        };
+        ids.append(&mut done??);
         if last_report.elapsed() > Duration::from_secs(2) || ids.len() == n {
             last_report = Instant::now();
             eprintln!(

@@ -6,6 +6,7 @@
 //! A phase is bounded twice: by its duration and by a request cap, so a run never outlives
 //! its budget whatever the server does.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,6 +42,8 @@ pub struct Stats {
     pub elapsed: Duration,
     /// The first unexpected answer, to say what went wrong.
     pub first_error: Option<String>,
+    /// CPU time (user + system) each watched process spent during the phases, ms.
+    pub cpu_ms: BTreeMap<String, f64>,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -56,6 +59,7 @@ impl Stats {
             errors: 0,
             elapsed: Duration::ZERO,
             first_error: None,
+            cpu_ms: BTreeMap::new(),
         }
     }
 
@@ -68,6 +72,9 @@ impl Stats {
         self.elapsed += other.elapsed;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
+        }
+        for (name, ms) in &other.cpu_ms {
+            *self.cpu_ms.entry(name.clone()).or_default() += ms;
         }
     }
 
@@ -84,6 +91,14 @@ impl Stats {
         self.hist.value_at_quantile(quantile) as f64 / 1000.0
     }
 
+    /// CPU time the named process(es) spent per successful request, µs.
+    pub fn cpu_us(&self, name: &str) -> f64 {
+        round(
+            self.cpu_ms.get(name).copied().unwrap_or(0.0) * 1000.0 / self.ok.max(1) as f64,
+            1,
+        )
+    }
+
     pub fn max_ms(&self) -> f64 {
         self.hist.max() as f64 / 1000.0
     }
@@ -95,6 +110,12 @@ impl Stats {
             "first_error": self.first_error,
             "seconds": round(self.elapsed.as_secs_f64(), 3),
             "requests_per_second": round(self.rps(), 1),
+            "cpu_ms": self.cpu_ms,
+            "cpu_us_per_request": self
+                .cpu_ms
+                .iter()
+                .map(|(name, ms)| (name.clone(), round(ms * 1000.0 / self.ok.max(1) as f64, 1)))
+                .collect::<BTreeMap<_, _>>(),
             "latency_ms": {
                 "mean": round(self.hist.mean() / 1000.0, 3),
                 "p50": self.ms(0.50),
@@ -132,6 +153,7 @@ pub async fn closed_loop(
     phase: Phase,
     expect: StatusCode,
     make: MakeRequest,
+    watch: &[(&str, u32)],
 ) -> anyhow::Result<Stats> {
     // Connect every worker first, so the measured phase has no handshakes in it.
     let mut conns = Vec::with_capacity(phase.concurrency);
@@ -140,6 +162,7 @@ pub async fn closed_loop(
     }
     let sent = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_times(watch);
     let start = Instant::now();
     let deadline = start + phase.duration;
     let ticker = {
@@ -203,6 +226,9 @@ pub async fn closed_loop(
         total.merge(&worker.await?);
     }
     total.elapsed = start.elapsed();
+    for ((name, before), (_, after)) in cpu_before.iter().zip(cpu_times(watch)) {
+        *total.cpu_ms.entry(name.clone()).or_default() += after - before;
+    }
     ticker.abort();
     Ok(total)
 }
@@ -214,6 +240,7 @@ pub async fn side_by_side(
     (label_b, addr_b, make_b, expect_b): (&str, SocketAddr, MakeRequest, StatusCode),
     phase: Phase,
     slices: u32,
+    watch: &[(&str, u32)],
 ) -> anyhow::Result<(Stats, Stats)> {
     let slice = Phase {
         duration: phase.duration / slices,
@@ -223,12 +250,27 @@ pub async fn side_by_side(
     let mut a = Stats::empty();
     let mut b = Stats::empty();
     for i in 1..=slices {
-        let s = closed_loop(label_a, addr_a, slice, expect_a, make_a.clone()).await?;
+        let s = closed_loop(label_a, addr_a, slice, expect_a, make_a.clone(), watch).await?;
         eprintln!("  {label_a} [{i}/{slices}]: {}", s.summary());
         a.merge(&s);
-        let s = closed_loop(label_b, addr_b, slice, expect_b, make_b.clone()).await?;
+        let s = closed_loop(label_b, addr_b, slice, expect_b, make_b.clone(), watch).await?;
         eprintln!("  {label_b} [{i}/{slices}]: {}", s.summary());
         b.merge(&s);
     }
     Ok((a, b))
+}
+
+/// CPU time (user + system, all threads) of each process so far, ms; the bench itself is
+/// always included as `bench`. A process that is gone reads as 0.
+fn cpu_times(watch: &[(&str, u32)]) -> Vec<(String, f64)> {
+    let own = ("bench", std::process::id());
+    std::iter::once(&own)
+        .chain(watch.iter())
+        .map(|(name, pid)| {
+            (
+                (*name).to_owned(),
+                crate::procs::cpu_ms(*pid).unwrap_or(0.0),
+            )
+        })
+        .collect()
 }

@@ -141,6 +141,20 @@ pub fn memory_of(pid: u32) -> anyhow::Result<Memory> {
     })
 }
 
+/// CPU time (user + system, every thread) a process has used, ms, from `/proc/<pid>/stat`.
+pub fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name and state.
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks * 1000.0 / CLOCK_TICKS)
+}
+
+/// `sysconf(_SC_CLK_TCK)`, which is 100 on every Linux this runs on.
+const CLOCK_TICKS: f64 = 100.0;
+
 /// A free loopback port, asked of the kernel. `serve` needs its port before it starts, because
 /// its public URL (the OAuth callback) is derived from it.
 pub fn free_port() -> anyhow::Result<u16> {

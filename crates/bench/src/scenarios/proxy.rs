@@ -65,16 +65,43 @@ pub async fn run(ctx: &Ctx, backend: Backend) -> anyhow::Result<BackendResult> {
         duration: std::time::Duration::from_secs(2),
         ..phase
     };
-    load::closed_loop("warm-up", tk, warm, StatusCode::OK, via_proxy.clone()).await?;
+    load::closed_loop("warm-up", tk, warm, StatusCode::OK, via_proxy.clone(), &[]).await?;
+    let probe = stack.db.probe().await?;
+    let backends = probe.backend_pids().await?;
+    drop(probe);
+    let mut watch = vec![
+        ("tokenkeeper", broker.proc.pid),
+        ("notion-sim", stack.sim.proc.pid),
+    ];
+    watch.extend(backends.iter().map(|pid| ("postgres", *pid)));
     eprintln!(
         "  measuring: users.me through the proxy and straight at the simulator, alternately, {} s each",
         ctx.duration.as_secs_f64()
     );
     let (proxied, straight) = load::side_by_side(
-        ("proxy users.me", tk, via_proxy, StatusCode::OK),
-        ("direct users.me", sim, direct, StatusCode::OK),
+        ("proxy users.me", tk, via_proxy.clone(), StatusCode::OK),
+        ("direct users.me", sim, direct.clone(), StatusCode::OK),
         phase,
         2,
+        &watch,
+    )
+    .await?;
+    // The same with one client: latency without queueing, i.e. what the proxy adds to a call.
+    eprintln!(
+        "  and with one client, {} s each",
+        ctx.duration.as_secs_f64() / 2.0
+    );
+    let single = Phase {
+        concurrency: 1,
+        duration: ctx.duration / 2,
+        ..phase
+    };
+    let (proxied1, straight1) = load::side_by_side(
+        ("proxy users.me, 1 client", tk, via_proxy, StatusCode::OK),
+        ("direct users.me, 1 client", sim, direct, StatusCode::OK),
+        single,
+        2,
+        &watch,
     )
     .await?;
     let memory = broker.proc.memory()?;
@@ -82,34 +109,67 @@ pub async fn run(ctx: &Ctx, backend: Backend) -> anyhow::Result<BackendResult> {
     stack.finish().await?;
 
     let added_p50 = proxied.ms(0.5) - straight.ms(0.5);
+    let added_p50_1 = proxied1.ms(0.5) - straight1.ms(0.5);
     let ratio = proxied.rps() / straight.rps();
+    let errors = proxied.errors + straight.errors + proxied1.errors + straight1.errors;
+    let c = ctx.concurrency;
     Ok(BackendResult {
         backend: backend.name().to_owned(),
         figures: vec![
-            Figure::new("through the proxy", round(proxied.rps(), 0), "req/s"),
             Figure::new(
-                "straight at the simulator",
+                &format!("through the proxy, {c} clients"),
+                round(proxied.rps(), 0),
+                "req/s",
+            ),
+            Figure::new(
+                &format!("straight at the simulator, {c} clients"),
                 round(straight.rps(), 0),
                 "req/s",
             ),
             Figure::new("proxy / direct throughput", round(ratio, 3), "")
                 .target(">= 0.6", ratio >= 0.6),
-            Figure::new("proxy p50", proxied.ms(0.5), "ms"),
-            Figure::new("direct p50", straight.ms(0.5), "ms"),
-            Figure::new("added p50", round(added_p50, 3), "ms").target("< 0.3 ms", added_p50 < 0.3),
-            Figure::new("proxy p99", proxied.ms(0.99), "ms"),
-            Figure::new("direct p99", straight.ms(0.99), "ms"),
+            Figure::new(&format!("proxy p50, {c} clients"), proxied.ms(0.5), "ms"),
+            Figure::new(&format!("direct p50, {c} clients"), straight.ms(0.5), "ms"),
             Figure::new(
-                "request errors",
-                (proxied.errors + straight.errors) as f64,
-                "",
+                &format!("added p50, {c} clients"),
+                round(added_p50, 3),
+                "ms",
             )
-            .target("0", proxied.errors + straight.errors == 0),
+            .target("< 0.3 ms", added_p50 < 0.3),
+            Figure::new(&format!("proxy p99, {c} clients"), proxied.ms(0.99), "ms"),
+            Figure::new(&format!("direct p99, {c} clients"), straight.ms(0.99), "ms"),
+            Figure::new(
+                "tokenkeeper CPU per proxied call",
+                proxied.cpu_us("tokenkeeper"),
+                "µs",
+            ),
+            Figure::new(
+                "notion-sim CPU per call, proxied",
+                proxied.cpu_us("notion-sim"),
+                "µs",
+            ),
+            Figure::new(
+                "notion-sim CPU per call, direct",
+                straight.cpu_us("notion-sim"),
+                "µs",
+            ),
+            Figure::new(
+                "load generator CPU per call, direct",
+                straight.cpu_us("bench"),
+                "µs",
+            ),
+            Figure::new("proxy p50, 1 client", proxied1.ms(0.5), "ms"),
+            Figure::new("direct p50, 1 client", straight1.ms(0.5), "ms"),
+            Figure::new("added p50, 1 client", round(added_p50_1, 3), "ms")
+                .target("< 0.3 ms", added_p50_1 < 0.3),
+            Figure::new("request errors", errors as f64, "").target("0", errors == 0),
         ],
         details: json!({
             "connections": n,
             "proxy": proxied.to_json(),
             "direct": straight.to_json(),
+            "proxy_one_client": proxied1.to_json(),
+            "direct_one_client": straight1.to_json(),
             "memory_mb": memory,
         }),
     })

@@ -46,7 +46,15 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<BackendResult> {
         "  users.me straight at the simulator for {} s",
         ctx.duration.as_secs_f64()
     );
-    let me = load::closed_loop("sim users.me", addr, phase, StatusCode::OK, users_me).await?;
+    let me = load::closed_loop(
+        "sim users.me",
+        addr,
+        phase,
+        StatusCode::OK,
+        users_me,
+        &[("notion-sim", sim.proc.pid)],
+    )
+    .await?;
     eprintln!("  users.me: {}", me.summary());
     eprintln!(
         "  token endpoint (refresh_token grants, each worker rotating its own bot's pair) for {} s",

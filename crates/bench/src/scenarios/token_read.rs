@@ -35,7 +35,15 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
         params.connections
     );
     let store = stack.db.open_store(stack.keys.clone()).await?;
-    let (ids, seed_time) = db::seed(&store, params.connections, ctx.seed_batch).await?;
+    let (ids, seed_time) = {
+        // PostgreSQL: several transactions at once, each small enough that their advisory locks
+        // (one per new bot) fit the server's lock table.
+        let (batch, parallel) = match backend {
+            Backend::Sqlite => (ctx.seed_batch, 2),
+            Backend::Postgres => (ctx.seed_batch.min(2_000), 4),
+        };
+        db::seed(&store, params.connections, batch, parallel).await?
+    };
     drop(store);
     let db_size = stack.db.size_mib().await?;
     eprintln!(
@@ -87,7 +95,18 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
         duration: Duration::from_secs(2),
         ..phase
     };
-    load::closed_loop("warm-up", addr, warm, StatusCode::OK, token_req.clone()).await?;
+    load::closed_loop(
+        "warm-up",
+        addr,
+        warm,
+        StatusCode::OK,
+        token_req.clone(),
+        &[],
+    )
+    .await?;
+    let backends = probe.backend_pids().await?;
+    let mut watch = vec![("tokenkeeper", broker.proc.pid)];
+    watch.extend(backends.iter().map(|pid| ("postgres", *pid)));
     let before = probe.sample().await?;
     eprintln!(
         "  measuring: token reads and the baseline, alternately, {} s each",
@@ -98,6 +117,7 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
         ("baseline", addr, baseline_req, StatusCode::OK),
         phase,
         2,
+        &watch,
     )
     .await?;
     let after_load = probe.sample().await?;
@@ -130,6 +150,16 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
         Figure::new("token read p99", p99, "ms").target("< 5 ms", p99 < 5.0),
         Figure::new("baseline p99", baseline.ms(0.99), "ms"),
         Figure::new(
+            "tokenkeeper CPU per token read",
+            token.cpu_us("tokenkeeper"),
+            "µs",
+        ),
+        Figure::new(
+            "tokenkeeper CPU per baseline request",
+            baseline.cpu_us("tokenkeeper"),
+            "µs",
+        ),
+        Figure::new(
             "database writes during token reads",
             if wrote { 1.0 } else { 0.0 },
             "(1 = yes)",
@@ -157,6 +187,18 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
         )
         .target("0", token.errors + baseline.errors == 0),
     ];
+    if backend == Backend::Postgres {
+        figures.push(Figure::new(
+            "PostgreSQL CPU per token read",
+            token.cpu_us("postgres"),
+            "µs",
+        ));
+    }
+    figures.push(Figure::new(
+        "load generator CPU per token read",
+        token.cpu_us("bench"),
+        "µs",
+    ));
     if params.scenario == "scale" {
         figures.push(Figure::new(
             "seeding time",
