@@ -45,6 +45,7 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
         db::seed(&store, params.connections, batch, parallel).await?
     };
     drop(store);
+    stack.db.settle().await?;
     let db_size = stack.db.size_mib().await?;
     eprintln!(
         "  seeded in {:.1} s ({:.0} connections/s); database {:.0} MiB",
@@ -175,18 +176,23 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
             memory.hwm_mb < params.memory_target_mb,
         ),
         Figure::new(
-            "token reads/s vs the leading peer's 420",
-            round(token.rps() / PEER_RPS, 1),
-            "×",
-        )
-        .target(">= 25×", token.rps() / PEER_RPS >= 25.0),
-        Figure::new(
             "request errors",
             (token.errors + baseline.errors) as f64,
             "",
         )
         .target("0", token.errors + baseline.errors == 0),
     ];
+    // The issue sets the 25× target on the 10,000-connection figure; `scale` reports it only.
+    let peer = Figure::new(
+        "token reads/s vs the leading peer's 420",
+        round(token.rps() / PEER_RPS, 1),
+        "×",
+    );
+    figures.push(if params.scenario == "token-read" {
+        peer.target(">= 25×", token.rps() / PEER_RPS >= 25.0)
+    } else {
+        peer
+    });
     if backend == Backend::Postgres {
         figures.push(Figure::new(
             "PostgreSQL CPU per token read",
