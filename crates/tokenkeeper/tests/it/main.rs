@@ -6,6 +6,7 @@
 mod support;
 
 mod broker;
+mod cli;
 mod store_contract;
 mod ledger_model;
 mod store_processes;
