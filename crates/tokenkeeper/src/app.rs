@@ -25,7 +25,11 @@ pub fn holder_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into());
-    format!("{host}-{}-{}", std::process::id(), &crate::ids::random_token(6))
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &crate::ids::random_token(6)
+    )
 }
 
 /// What the state needs besides the store and Notion's address.
@@ -82,9 +86,13 @@ pub fn state(
 impl App {
     pub async fn build(config: &Config) -> anyhow::Result<App> {
         let clock = Clock::System;
-        let store = crate::store::open(&config.database_url, config.keys.clone(), clock.clone()).await?;
+        let store =
+            crate::store::open(&config.database_url, config.keys.clone(), clock.clone()).await?;
         let schema_version = store.migrate().await?;
-        let callback = format!("{}/oauth/callback", config.public_url.as_str().trim_end_matches('/'));
+        let callback = format!(
+            "{}/oauth/callback",
+            config.public_url.as_str().trim_end_matches('/')
+        );
         let (notion, simulator) = match &config.notion {
             Some(n) => (n.clone(), None),
             None => {

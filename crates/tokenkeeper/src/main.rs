@@ -100,7 +100,10 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         }
     }
     let app = tokenkeeper::app::App::build(&config).await?;
-    println!("tokenkeeper {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "tokenkeeper {} listening on http://{addr}",
+        env!("CARGO_PKG_VERSION")
+    );
     match &app.simulator {
         Some(sim) => println!(
             "No Notion credentials configured: Notion is played by the built-in notion-sim at {} \
@@ -122,7 +125,10 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         println!("Created an admin API key in {} (mode 0600)", path.display());
     }
     if app.simulator.is_some() {
-        println!("Open {} in a browser to connect a simulated Notion workspace", config.public_url);
+        println!(
+            "Open {} in a browser to connect a simulated Notion workspace",
+            config.public_url
+        );
     }
     tokenkeeper::api::serve(listener, app.state.clone(), shutdown_signal()).await?;
     drop(app);
@@ -156,7 +162,9 @@ async fn migrate(args: &StoreArgs) -> anyhow::Result<()> {
     // Migrations never seal anything; a configured ring is used when there is one.
     let keys = match args.key_ring(false) {
         Ok((keys, _)) => keys,
-        Err(_) => Arc::new(KeyRing::parse(&KeyRing::generate_entry()).expect("a generated entry parses")),
+        Err(_) => {
+            Arc::new(KeyRing::parse(&KeyRing::generate_entry()).expect("a generated entry parses"))
+        }
     };
     let store = tokenkeeper::store::open(&url, keys, tokenkeeper::clock::Clock::System).await?;
     let version = store.migrate().await?;
@@ -174,7 +182,10 @@ async fn rotate(args: &StoreArgs, batch: u32) -> anyhow::Result<()> {
     loop {
         let progress = store.rotate_keys(batch.max(1)).await?;
         total += progress.resealed;
-        eprintln!("re-sealed {total} grants with key {active}; {} remaining", progress.remaining);
+        eprintln!(
+            "re-sealed {total} grants with key {active}; {} remaining",
+            progress.remaining
+        );
         if progress.remaining == 0 || progress.resealed == 0 {
             println!("done: {total} grants re-sealed; every grant is sealed with {active}");
             return Ok(());

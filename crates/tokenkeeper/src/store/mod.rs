@@ -27,8 +27,9 @@ use async_trait::async_trait;
 use crate::clock::Clock;
 use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
-    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, Event, FailureOutcome, GrantRecord,
-    LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, RotateProgress,
+    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, Event, FailureOutcome,
+    GrantRecord, LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshCommit,
+    RefreshFailure, RotateProgress,
 };
 use crate::seal::{KeyRing, SealError};
 
@@ -102,7 +103,10 @@ pub trait Store: Send + Sync + 'static {
     /// Records a successful authorization (invariants 1, 3, 8). See `AuthorizationTarget` for
     /// where it lands. A `Reconnect` whose new `bot_id` belongs to another live connection is a
     /// `Conflict`, and nothing is stored.
-    async fn record_authorization(&self, auth: NewAuthorization) -> Result<AuthorizationOutcome, StoreError>;
+    async fn record_authorization(
+        &self,
+        auth: NewAuthorization,
+    ) -> Result<AuthorizationOutcome, StoreError>;
 
     /// Records many authorizations in one transaction, each exactly as `record_authorization`
     /// records it (same sealing, rows and events); returns their connections in order. For bulk
@@ -116,14 +120,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<ConnectionId>, StoreError>;
 
     async fn get_connection(&self, id: &ConnectionId) -> Result<Option<Connection>, StoreError>;
-    async fn list_connections(&self, filter: &ConnectionFilter) -> Result<Vec<Connection>, StoreError>;
+    async fn list_connections(
+        &self,
+        filter: &ConnectionFilter,
+    ) -> Result<Vec<Connection>, StoreError>;
 
     /// The connection and its current grant with tokens opened; read-only (the hot path of
     /// token reads: one indexed read, no write).
-    async fn current_grant(&self, id: &ConnectionId) -> Result<Option<(Connection, Option<OpenGrant>)>, StoreError>;
+    async fn current_grant(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<Option<(Connection, Option<OpenGrant>)>, StoreError>;
 
     /// One grant with its tokens opened, current or not.
-    async fn get_grant(&self, id: &ConnectionId, grant: &GrantId) -> Result<Option<OpenGrant>, StoreError>;
+    async fn get_grant(
+        &self,
+        id: &ConnectionId,
+        grant: &GrantId,
+    ) -> Result<Option<OpenGrant>, StoreError>;
 
     /// Every grant of the connection, oldest first.
     async fn list_grants(&self, id: &ConnectionId) -> Result<Vec<GrantRecord>, StoreError>;
@@ -179,7 +193,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Connection, StoreError>;
 
     /// Marks the connection `revoked` and its live grants revoked; keeps the history.
-    async fn mark_revoked(&self, id: &ConnectionId, reason: &str) -> Result<Connection, StoreError>;
+    async fn mark_revoked(&self, id: &ConnectionId, reason: &str)
+        -> Result<Connection, StoreError>;
 
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one
     /// transaction, and says how many remain. Safe to run while serving.
@@ -237,9 +252,15 @@ impl DatabaseUrl {
 }
 
 /// Opens the store the URL names. Does not migrate.
-pub async fn open(url: &DatabaseUrl, keys: Arc<KeyRing>, clock: Clock) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(
+    url: &DatabaseUrl,
+    keys: Arc<KeyRing>,
+    clock: Clock,
+) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match url {
         DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path, keys, clock).await?),
-        DatabaseUrl::Postgres(url) => Arc::new(postgres::PgStore::connect(url, None, keys, clock).await?),
+        DatabaseUrl::Postgres(url) => {
+            Arc::new(postgres::PgStore::connect(url, None, keys, clock).await?)
+        }
     })
 }

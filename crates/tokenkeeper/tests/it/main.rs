@@ -7,7 +7,7 @@ mod support;
 
 mod broker;
 mod cli;
-mod store_contract;
 mod ledger_model;
-mod store_processes;
 mod proxy;
+mod store_contract;
+mod store_processes;
