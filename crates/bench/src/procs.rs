@@ -34,6 +34,8 @@ pub struct Memory {
     pub rss_mb: f64,
     /// Peak resident set size, MB.
     pub hwm_mb: f64,
+    /// Anonymous resident memory now (heap and stacks, without mapped files), MB.
+    pub anon_mb: f64,
 }
 
 impl Proc {
@@ -138,6 +140,7 @@ pub fn memory_of(pid: u32) -> anyhow::Result<Memory> {
     Ok(Memory {
         rss_mb: field("VmRSS:")?,
         hwm_mb: field("VmHWM:")?,
+        anon_mb: field("RssAnon:")?,
     })
 }
 
