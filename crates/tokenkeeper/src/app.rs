@@ -89,6 +89,15 @@ impl App {
         let store =
             crate::store::open(&config.database_url, config.keys.clone(), clock.clone()).await?;
         let schema_version = store.migrate().await?;
+        // Open the pool's connections now, not inside the first burst of traffic: a refresh
+        // stampede right after start would otherwise pay for connection setup in its slowest
+        // callers. Pings run concurrently so that each takes its own connection.
+        if store.backend() == "postgres" {
+            let pings: Vec<_> = (0..16).map(|_| store.ping()).collect();
+            for result in futures::future::join_all(pings).await {
+                result?;
+            }
+        }
         let callback = format!(
             "{}/oauth/callback",
             config.public_url.as_str().trim_end_matches('/')

@@ -103,8 +103,9 @@ pub struct Coordinator {
 
 /// The first retry of a transient failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Waiters re-read the current grant at most this far apart.
-const MAX_POLL: Duration = Duration::from_millis(20);
+/// Waiters re-read the current grant at most this far apart: a waiting process learns of
+/// another process's refresh within this long (one cheap indexed read per poll per process).
+const MAX_POLL: Duration = Duration::from_millis(5);
 
 impl Coordinator {
     pub fn new(
@@ -131,6 +132,23 @@ impl Coordinator {
         id: &ConnectionId,
         if_grant: Option<&GrantId>,
     ) -> Result<Refreshed, RefreshError> {
+        // A caller naming a grant that a flight is already replacing joins it at once, without
+        // reading the database: in a stampede, only the first caller pays for a read.
+        if let Some(wanted) = if_grant {
+            let joined = self
+                .flights
+                .lock()
+                .expect("flights lock is never poisoned")
+                .get(&(id.clone(), wanted.clone()))
+                .cloned();
+            if let Some(flight) = joined {
+                let grant = flight.await?;
+                return Ok(Refreshed {
+                    grant,
+                    refreshed: true,
+                });
+            }
+        }
         let (connection, current) = self
             .store
             .current_grant(id)
