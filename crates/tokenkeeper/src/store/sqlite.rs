@@ -8,7 +8,8 @@
 //! returns (invariant 1). Reads go to a small pool of read-only connections, so the token-read
 //! path never waits behind a writer.
 //!
-//! rusqlite is blocking; every call runs on tokio's blocking pool.
+//! rusqlite is blocking: writes (which may wait for another process's lock) run on tokio's blocking
+//! pool; reads, one indexed lookup that never waits for a writer in WAL mode, run inline.
 
 mod ledger;
 mod rows;
