@@ -34,6 +34,7 @@ use crate::ledger::{
 use crate::seal::{KeyRing, SealError};
 
 pub mod postgres;
+mod sealed;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,16 +1,17 @@
 //! Values to PostgreSQL rows and back: row decoders, sealing, and the two inserts every ledger
 //! operation shares (a grant, sealed; an event). Types are native: timestamptz, bytea, jsonb.
 
+pub(super) use crate::store::sealed::{open_grant, seal_tokens, GrantRow};
+
 use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
-use crate::ids::{AccessToken, BotId, ConnectionId, EventId, GrantId, RefreshToken};
+use crate::ids::{BotId, ConnectionId, EventId, GrantId, RefreshToken};
 use crate::ledger::{
-    Connection, ConnectionStatus, Event, EventKind, GrantOrigin, GrantRecord, MintedPair,
-    OpenGrant, Provider,
+    Connection, ConnectionStatus, Event, EventKind, GrantOrigin, GrantRecord, MintedPair, Provider,
 };
-use crate::seal::{Column, KeyRing, SealContext};
+use crate::seal::KeyRing;
 use crate::store::StoreError;
 
 /// PostgreSQL keeps microseconds; values are truncated on the way in so that what a caller
@@ -73,14 +74,6 @@ pub(super) const GRANT_COLUMNS: &str = "g.id, g.connection_id, g.origin, g.paren
      g.obtained_at, g.expires_at, g.superseded_at, g.revoked_at, g.stale_at_birth, g.access_fp, g.refresh_fp, \
      g.provider_request_id, g.key_id, g.access_token, g.refresh_token";
 
-/// A grant as stored: its record and its sealed tokens.
-#[derive(Clone)]
-pub(super) struct GrantRow {
-    pub record: GrantRecord,
-    pub access: Vec<u8>,
-    pub refresh: Option<Vec<u8>>,
-}
-
 pub(super) fn grant_at(row: &Row, base: usize) -> Result<GrantRow, StoreError> {
     let origin: String = row.try_get(base + 2)?;
     Ok(GrantRow {
@@ -120,47 +113,6 @@ pub(super) fn event_at(row: &Row) -> Result<Event, StoreError> {
         detail: row.try_get(6)?,
         at: row.try_get(7)?,
     })
-}
-
-fn context<'a>(connection: &'a str, grant: &'a str, column: Column) -> SealContext<'a> {
-    SealContext {
-        connection_id: connection,
-        grant_id: grant,
-        column,
-    }
-}
-
-/// Opens a grant's tokens; a value that does not open is an error, never a guess.
-pub(super) fn open_grant(keys: &KeyRing, row: GrantRow) -> Result<OpenGrant, StoreError> {
-    let (connection, grant) = (row.record.connection_id.as_str(), row.record.id.as_str());
-    let access = keys.open(context(connection, grant, Column::AccessToken), &row.access)?;
-    let refresh = row
-        .refresh
-        .map(|sealed| keys.open(context(connection, grant, Column::RefreshToken), &sealed))
-        .transpose()?;
-    Ok(OpenGrant {
-        record: row.record,
-        access_token: AccessToken::new(access),
-        refresh_token: refresh.map(RefreshToken::new),
-    })
-}
-
-/// Seals a grant's tokens for its row; returns `(access, refresh, key id)`.
-pub(super) fn seal_tokens(
-    keys: &KeyRing,
-    connection: &ConnectionId,
-    grant: &GrantId,
-    access: &AccessToken,
-    refresh: Option<&RefreshToken>,
-) -> (Vec<u8>, Option<Vec<u8>>, String) {
-    let (c, g) = (connection.as_str(), grant.as_str());
-    let access = keys.seal(context(c, g, Column::AccessToken), access.expose_secret());
-    let refresh =
-        refresh.map(|r| keys.seal(context(c, g, Column::RefreshToken), r.expose_secret()));
-    let key_id = KeyRing::key_id_of(&access)
-        .expect("a value just sealed names its key")
-        .to_owned();
-    (access, refresh, key_id)
 }
 
 /// A grant about to be inserted.

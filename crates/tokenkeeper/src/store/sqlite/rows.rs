@@ -1,16 +1,17 @@
 //! Values to SQLite rows and back: timestamps, row decoders, and the two inserts every ledger
 //! operation shares (a grant, sealed; an event).
 
+pub(super) use crate::store::sealed::{open_grant, seal_tokens, GrantRow};
+
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use rusqlite::types::Type;
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 
-use crate::ids::{AccessToken, BotId, ConnectionId, EventId, GrantId, RefreshToken};
+use crate::ids::{BotId, ConnectionId, EventId, GrantId, RefreshToken};
 use crate::ledger::{
-    Connection, ConnectionStatus, Event, EventKind, GrantOrigin, GrantRecord, MintedPair,
-    OpenGrant, Provider,
+    Connection, ConnectionStatus, Event, EventKind, GrantOrigin, GrantRecord, MintedPair, Provider,
 };
-use crate::seal::{Column, KeyRing, SealContext};
+use crate::seal::KeyRing;
 use crate::store::StoreError;
 
 /// Timestamps are stored as fixed-width RFC 3339 in UTC with microseconds, so that SQL string
@@ -101,14 +102,6 @@ pub(super) const GRANT_COLUMNS: &str = "g.id, g.connection_id, g.origin, g.paren
      g.obtained_at, g.expires_at, g.superseded_at, g.revoked_at, g.stale_at_birth, g.access_fp, g.refresh_fp, \
      g.provider_request_id, g.key_id, g.access_token, g.refresh_token";
 
-/// A grant as stored: its record and its sealed tokens.
-#[derive(Clone)]
-pub(super) struct GrantRow {
-    pub record: GrantRecord,
-    pub access: Vec<u8>,
-    pub refresh: Option<Vec<u8>>,
-}
-
 pub(super) fn grant_at(row: &Row<'_>, base: usize) -> rusqlite::Result<GrantRow> {
     let origin: String = row.get(base + 2)?;
     Ok(GrantRow {
@@ -150,47 +143,6 @@ pub(super) fn event_at(row: &Row<'_>) -> rusqlite::Result<Event> {
         detail: json(row, 6)?.unwrap_or(serde_json::Value::Null),
         at: time(row, 7)?,
     })
-}
-
-fn context<'a>(connection: &'a str, grant: &'a str, column: Column) -> SealContext<'a> {
-    SealContext {
-        connection_id: connection,
-        grant_id: grant,
-        column,
-    }
-}
-
-/// Opens a grant's tokens; a value that does not open is an error, never a guess.
-pub(super) fn open_grant(keys: &KeyRing, row: GrantRow) -> Result<OpenGrant, StoreError> {
-    let (connection, grant) = (row.record.connection_id.as_str(), row.record.id.as_str());
-    let access = keys.open(context(connection, grant, Column::AccessToken), &row.access)?;
-    let refresh = row
-        .refresh
-        .map(|sealed| keys.open(context(connection, grant, Column::RefreshToken), &sealed))
-        .transpose()?;
-    Ok(OpenGrant {
-        record: row.record,
-        access_token: AccessToken::new(access),
-        refresh_token: refresh.map(RefreshToken::new),
-    })
-}
-
-/// Seals a grant's tokens for its row; returns `(access, refresh, key id)`.
-pub(super) fn seal_tokens(
-    keys: &KeyRing,
-    connection: &ConnectionId,
-    grant: &GrantId,
-    access: &AccessToken,
-    refresh: Option<&RefreshToken>,
-) -> (Vec<u8>, Option<Vec<u8>>, String) {
-    let (c, g) = (connection.as_str(), grant.as_str());
-    let access = keys.seal(context(c, g, Column::AccessToken), access.expose_secret());
-    let refresh =
-        refresh.map(|r| keys.seal(context(c, g, Column::RefreshToken), r.expose_secret()));
-    let key_id = KeyRing::key_id_of(&access)
-        .expect("a value just sealed names its key")
-        .to_owned();
-    (access, refresh, key_id)
 }
 
 /// A grant about to be inserted.
