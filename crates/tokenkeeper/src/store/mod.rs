@@ -33,6 +33,7 @@ use crate::ledger::{
 };
 use crate::seal::{KeyRing, SealError};
 
+mod common;
 pub mod postgres;
 mod sealed;
 pub mod sqlite;

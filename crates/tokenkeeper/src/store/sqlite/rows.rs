@@ -1,6 +1,7 @@
 //! Values to SQLite rows and back: timestamps, row decoders, and the two inserts every ledger
 //! operation shares (a grant, sealed; an event).
 
+pub(super) use crate::store::common::NewEvent;
 pub(super) use crate::store::sealed::{open_grant, seal_tokens, GrantRow};
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
@@ -196,42 +197,6 @@ pub(super) fn insert_grant(
         pair.metadata.to_string(),
     ])?;
     Ok(())
-}
-
-/// An audit record about to be appended.
-pub(super) struct NewEvent<'a> {
-    pub kind: EventKind,
-    pub grant: Option<&'a GrantId>,
-    pub related: Option<&'a GrantId>,
-    pub provider_request_id: Option<&'a str>,
-    pub detail: serde_json::Value,
-}
-
-impl<'a> NewEvent<'a> {
-    pub fn new(kind: EventKind, grant: Option<&'a GrantId>) -> Self {
-        NewEvent {
-            kind,
-            grant,
-            related: None,
-            provider_request_id: None,
-            detail: serde_json::json!({}),
-        }
-    }
-
-    pub fn related(mut self, related: Option<&'a GrantId>) -> Self {
-        self.related = related;
-        self
-    }
-
-    pub fn request(mut self, id: Option<&'a str>) -> Self {
-        self.provider_request_id = id;
-        self
-    }
-
-    pub fn detail(mut self, detail: serde_json::Value) -> Self {
-        self.detail = detail;
-        self
-    }
 }
 
 pub(super) fn insert_event(
