@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use serde_json::json;
 
@@ -28,13 +28,12 @@ use crate::ledger::{
     NewAuthorization, Provider, RefreshCommit, RefreshFailure, RotateProgress,
 };
 use crate::seal::KeyRing;
+use crate::store::common::{
+    bot_changed_detail, is_confirmation, refresh_rejected_diagnosis, rfc3339,
+};
 use crate::store::{RefreshRecorded, SessionLookup, StoreError};
 
 type Tx<'a> = Transaction<'a>;
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
 
 /// Serializes everyone who may make `(provider, bot_id)` live, in this schema, until commit.
 async fn lock_bot(tx: &Tx<'_>, provider: Provider, bot: &BotId) -> Result<(), StoreError> {
@@ -201,15 +200,7 @@ async fn reauthorize(
         Some(g) => find_grant(tx, &conn.id, g).await?,
         None => None,
     };
-    // A confirmation needs the whole pair to match: a new refresh token with an old access
-    // token is still a new pair, and dropping it would lose it (invariant 1).
-    let confirmed = match &current {
-        Some(g) if g.record.revoked_at.is_none() => {
-            let open = open_grant(keys, g.clone())?;
-            open.access_token == pair.access_token && open.refresh_token == pair.refresh_token
-        }
-        _ => false,
-    };
+    let confirmed = is_confirmation(keys, current.as_ref(), pair)?;
 
     if bot_changed {
         insert_event(
@@ -218,12 +209,7 @@ async fn reauthorize(
             now,
             NewEvent::new(EventKind::BotChanged, None)
                 .request(pair.provider_request_id.as_deref())
-                .detail(json!({
-                    "from_bot_id": conn.bot_id,
-                    "to_bot_id": pair.bot_id,
-                    "from_workspace_id": conn.workspace_id,
-                    "to_workspace_id": pair.workspace_id,
-                })),
+                .detail(bot_changed_detail(&conn, pair)),
         )
         .await?;
     }
@@ -689,16 +675,13 @@ pub(super) async fn record_refresh_failure(
         }))
     })
     .transpose()?;
-    let diagnosis = json!({
-        "reason": "refresh_rejected",
-        "code": failure.code,
-        "message": failure.message,
-        "grant_id": parent,
-        "grant_obtained_at": rfc3339(grant.record.obtained_at),
-        "provider_request_id": failure.provider_request_id,
-        "attempt_id": attempt,
-        "interrupted_attempt": interrupted,
-    });
+    let diagnosis = refresh_rejected_diagnosis(
+        failure,
+        parent,
+        grant.record.obtained_at,
+        attempt,
+        interrupted,
+    );
     exec(
         tx,
         "UPDATE connections SET status = 'needs_reauth', diagnosis = $1, updated_at = $2 WHERE id = $3",

@@ -1,7 +1,9 @@
 //! Values to PostgreSQL rows and back: row decoders, sealing, and the two inserts every ledger
 //! operation shares (a grant, sealed; an event). Types are native: timestamptz, bytea, jsonb.
 
-pub(super) use crate::store::common::NewEvent;
+pub(super) use crate::store::common::{
+    ConnectionRow, NewEvent, CONNECTION_COLUMNS, CONNECTION_WIDTH, GRANT_COLUMNS,
+};
 pub(super) use crate::store::sealed::{open_grant, seal_tokens, GrantRow};
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -31,21 +33,6 @@ fn grant_id(row: &Row, idx: usize) -> Result<Option<GrantId>, StoreError> {
         .map(GrantId::from_trusted))
 }
 
-/// The columns `connection_at` reads, in order, for a table aliased `c`.
-pub(super) const CONNECTION_COLUMNS: &str = "c.id, c.provider, c.bot_id, c.workspace_id, c.workspace_name, \
-     c.workspace_icon, c.end_user_id, c.status, c.current_grant_id, c.diagnosis, c.created_at, c.updated_at, \
-     c.lease_holder, c.lease_until, c.lease_fence";
-pub(super) const CONNECTION_WIDTH: usize = 15;
-
-/// A connection as stored, with its lease, which the API never shows.
-#[derive(Debug, Clone)]
-pub(super) struct ConnectionRow {
-    pub connection: Connection,
-    pub lease_holder: Option<String>,
-    pub lease_until: Option<DateTime<Utc>>,
-    pub lease_fence: i64,
-}
-
 pub(super) fn connection_at(row: &Row, base: usize) -> Result<ConnectionRow, StoreError> {
     let provider: String = row.try_get(base + 1)?;
     let status: String = row.try_get(base + 7)?;
@@ -69,11 +56,6 @@ pub(super) fn connection_at(row: &Row, base: usize) -> Result<ConnectionRow, Sto
         lease_fence: row.try_get(base + 14)?,
     })
 }
-
-/// The columns `grant_at` reads, in order, for a table aliased `g`; the two sealed tokens last.
-pub(super) const GRANT_COLUMNS: &str = "g.id, g.connection_id, g.origin, g.parent_grant_id, g.bot_id, \
-     g.obtained_at, g.expires_at, g.superseded_at, g.revoked_at, g.stale_at_birth, g.access_fp, g.refresh_fp, \
-     g.provider_request_id, g.key_id, g.access_token, g.refresh_token";
 
 pub(super) fn grant_at(row: &Row, base: usize) -> Result<GrantRow, StoreError> {
     let origin: String = row.try_get(base + 2)?;

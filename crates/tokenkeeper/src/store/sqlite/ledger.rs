@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde_json::json;
 
@@ -20,11 +20,10 @@ use crate::ledger::{
     NewAuthorization, Provider, RefreshCommit, RefreshFailure, RotateProgress,
 };
 use crate::seal::KeyRing;
+use crate::store::common::{
+    bot_changed_detail, is_confirmation, refresh_rejected_diagnosis, rfc3339,
+};
 use crate::store::{RefreshRecorded, SessionLookup, StoreError};
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
 
 fn live_by_bot(
     tx: &Transaction<'_>,
@@ -148,15 +147,7 @@ fn reauthorize(
         Some(g) => find_grant(tx, &conn.id, g)?,
         None => None,
     };
-    // A confirmation needs the whole pair to match: a new refresh token with an old access
-    // token is still a new pair, and dropping it would lose it (invariant 1).
-    let confirmed = match &current {
-        Some(g) if g.record.revoked_at.is_none() => {
-            let open = open_grant(keys, g.clone())?;
-            open.access_token == pair.access_token && open.refresh_token == pair.refresh_token
-        }
-        _ => false,
-    };
+    let confirmed = is_confirmation(keys, current.as_ref(), pair)?;
 
     if bot_changed {
         insert_event(
@@ -165,12 +156,7 @@ fn reauthorize(
             now,
             NewEvent::new(EventKind::BotChanged, None)
                 .request(pair.provider_request_id.as_deref())
-                .detail(json!({
-                    "from_bot_id": conn.bot_id,
-                    "to_bot_id": pair.bot_id,
-                    "from_workspace_id": conn.workspace_id,
-                    "to_workspace_id": pair.workspace_id,
-                })),
+                .detail(bot_changed_detail(&conn, pair)),
         )?;
     }
     tx.prepare_cached(
@@ -585,16 +571,13 @@ pub(super) fn record_refresh_failure(
             }))
         })
         .optional()?;
-    let diagnosis = json!({
-        "reason": "refresh_rejected",
-        "code": failure.code,
-        "message": failure.message,
-        "grant_id": parent,
-        "grant_obtained_at": rfc3339(grant.record.obtained_at),
-        "provider_request_id": failure.provider_request_id,
-        "attempt_id": attempt,
-        "interrupted_attempt": interrupted,
-    });
+    let diagnosis = refresh_rejected_diagnosis(
+        failure,
+        parent,
+        grant.record.obtained_at,
+        attempt,
+        interrupted,
+    );
     tx.prepare_cached(
         "UPDATE connections SET status = 'needs_reauth', diagnosis = ?1, updated_at = ?2 WHERE id = ?3",
     )?

@@ -1,7 +1,9 @@
 //! Values to SQLite rows and back: timestamps, row decoders, and the two inserts every ledger
 //! operation shares (a grant, sealed; an event).
 
-pub(super) use crate::store::common::NewEvent;
+pub(super) use crate::store::common::{
+    ConnectionRow, NewEvent, CONNECTION_COLUMNS, CONNECTION_WIDTH, GRANT_COLUMNS,
+};
 pub(super) use crate::store::sealed::{open_grant, seal_tokens, GrantRow};
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
@@ -57,21 +59,6 @@ fn grant_id(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<GrantId>> {
         .map(GrantId::from_trusted))
 }
 
-/// The columns `connection_at` reads, in order, for a table aliased `c`.
-pub(super) const CONNECTION_COLUMNS: &str = "c.id, c.provider, c.bot_id, c.workspace_id, c.workspace_name, \
-     c.workspace_icon, c.end_user_id, c.status, c.current_grant_id, c.diagnosis, c.created_at, c.updated_at, \
-     c.lease_holder, c.lease_until, c.lease_fence";
-pub(super) const CONNECTION_WIDTH: usize = 15;
-
-/// A connection as stored, with its lease, which the API never shows.
-#[derive(Debug, Clone)]
-pub(super) struct ConnectionRow {
-    pub connection: Connection,
-    pub lease_holder: Option<String>,
-    pub lease_until: Option<DateTime<Utc>>,
-    pub lease_fence: i64,
-}
-
 pub(super) fn connection_at(row: &Row<'_>, base: usize) -> rusqlite::Result<ConnectionRow> {
     let provider: String = row.get(base + 1)?;
     let status: String = row.get(base + 7)?;
@@ -97,11 +84,6 @@ pub(super) fn connection_at(row: &Row<'_>, base: usize) -> rusqlite::Result<Conn
         lease_fence: row.get(base + 14)?,
     })
 }
-
-/// The columns `grant_at` reads, in order, for a table aliased `g`; the two sealed tokens last.
-pub(super) const GRANT_COLUMNS: &str = "g.id, g.connection_id, g.origin, g.parent_grant_id, g.bot_id, \
-     g.obtained_at, g.expires_at, g.superseded_at, g.revoked_at, g.stale_at_birth, g.access_fp, g.refresh_fp, \
-     g.provider_request_id, g.key_id, g.access_token, g.refresh_token";
 
 pub(super) fn grant_at(row: &Row<'_>, base: usize) -> rusqlite::Result<GrantRow> {
     let origin: String = row.get(base + 2)?;
