@@ -124,10 +124,7 @@ async fn a_callback_for_a_known_bot_persists_the_new_pair_and_the_next_refresh_u
         (again.as_str(), status.as_str()),
         (id.as_str(), "reconnected")
     );
-    let current = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let current = app.current_grant(&id).await;
 
     let (status, body) = app.refresh(&id, &current).await;
     assert_eq!(
@@ -148,10 +145,7 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
 ) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
-    let first = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let first = app.current_grant(&id).await;
     // The sim rotates at once but answers the refresh only after 1.5 s.
     app.sim.update_config(|c| {
         c.latency.insert(
@@ -178,10 +172,7 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
         (again.as_str(), status.as_str()),
         (id.as_str(), "reconnected")
     );
-    let reauthorized = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let reauthorized = app.current_grant(&id).await;
     assert_ne!(reauthorized, first);
 
     let (status, body) = in_flight.await.unwrap();
@@ -218,10 +209,7 @@ async fn concurrent_refreshes_across_processes_cause_exactly_one_provider_refres
 ) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
-    let first = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let first = app.current_grant(&id).await;
     app.sim.update_config(|c| {
         c.latency.insert(
             "oauth.token:refresh_token".into(),
@@ -365,10 +353,7 @@ async fn a_process_killed_mid_refresh_is_diagnosed_after_its_lease_and_nothing_i
     };
     let app = TestApp::with(backend, options).await;
     let (id, _) = app.connect("user-1").await;
-    let grant = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let grant = app.current_grant(&id).await;
     app.sim.update_config(|c| {
         c.latency
             .insert("oauth.token:refresh_token".into(), Duration::from_secs(3));
@@ -430,10 +415,7 @@ async fn throttling_5xx_and_timeouts_at_the_token_endpoint_never_change_the_stat
     };
     let app = TestApp::with(backend, options).await;
     let (id, _) = app.connect("user-1").await;
-    let grant = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let grant = app.current_grant(&id).await;
     let faults = [
         json!({"endpoint": "oauth.token", "kind": "status", "status": 429, "retry_after": 1}),
         json!({"endpoint": "oauth.token", "kind": "status", "status": 503}),
@@ -465,10 +447,7 @@ async fn throttling_5xx_and_timeouts_at_the_token_endpoint_never_change_the_stat
 async fn transient_token_endpoint_failures_are_retried_within_the_budget(backend: Backend) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
-    let grant = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let grant = app.current_grant(&id).await;
     app.sim_fault(json!({"endpoint": "oauth.token", "kind": "status", "status": 503, "count": 2}))
         .await;
     let (status, body) = app.refresh(&id, &grant).await;
@@ -729,10 +708,7 @@ async fn a_timed_out_refresh_that_consumed_the_token_is_named_in_the_later_diagn
     };
     let app = TestApp::with(backend, options).await;
     let (id, _) = app.connect("user-1").await;
-    let grant = app.connection(&id).await["grant_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let grant = app.current_grant(&id).await;
     // Notion rotates the pair, but its answer arrives after our timeout.
     app.sim.update_config(|c| {
         c.latency

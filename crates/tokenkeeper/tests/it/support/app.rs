@@ -240,6 +240,14 @@ impl TestApp {
         body
     }
 
+    /// The id of the connection's current grant.
+    pub async fn current_grant(&self, id: &str) -> String {
+        self.connection(id).await["grant_id"]
+            .as_str()
+            .expect("the connection has a current grant")
+            .to_owned()
+    }
+
     pub async fn grants(&self, id: &str) -> Vec<Value> {
         let (status, body) = self.get_json(&format!("/v1/connections/{id}/grants")).await;
         assert_eq!(status, 200, "{body}");
