@@ -1,6 +1,6 @@
-//! Fidelity to real traffic: every JSON body in the recordings (shared/notion-recordings) is
-//! matched against what the simulator answers to the same call: the same keys, recursively,
-//! with the same JSON value types.
+//! Fidelity to real traffic: every JSON body in the recordings (`tests/recordings/`, vendored
+//! from notion-sdk-py; see the README there) is matched against what the simulator answers to
+//! the same call: the same keys, recursively, with the same JSON value types.
 //!
 //! The recordings are VCR cassettes in YAML. The only YAML they need parsed is a few scalars
 //! (`method`, `uri`, status codes, response bodies as single-quoted or plain scalars), so this
@@ -16,10 +16,10 @@ use serde_json::{json, Value};
 use crate::{Answer, Sim};
 
 fn recordings_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/notion-recordings");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/recordings");
     assert!(
         dir.is_dir(),
-        "the Notion recordings are missing: expected them at {} (shared/ beside the repository)",
+        "the Notion recordings are missing: expected them at {}",
         dir.display()
     );
     dir
@@ -156,7 +156,7 @@ fn type_name(v: &Value) -> &'static str {
 
 /// Differences between a recorded body and the simulator's: missing or extra keys and, unless
 /// `keys_only`, differing value types. `allowed_extra` names keys the simulator may add (fields
-/// notion-wire.md documents that the recording predates).
+/// docs/notion-wire.md documents that the recording predates).
 fn shape_diff(
     recorded: &Value,
     sim: &Value,
@@ -250,7 +250,7 @@ async fn counterpart(sim: &Sim, rec: &Interaction) -> Option<Counterpart> {
                 answer: sim.exchange(&code).await,
                 // The recording's values are "..." placeholders: only its keys are evidence.
                 keys_only: true,
-                // Documented in notion-wire.md §2; the recording predates refresh tokens.
+                // Documented in docs/notion-wire.md §2; the recording predates refresh tokens.
                 allowed_extra: &["refresh_token"],
             })
         }
