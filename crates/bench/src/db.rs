@@ -84,11 +84,11 @@ impl Database {
     }
 
     /// Opens the store with tokenkeeper's own code and applies its migrations.
-    pub async fn open_store(&self, keys: Arc<KeyRing>) -> anyhow::Result<Arc<dyn Store>> {
+    pub async fn open_store(&self, keys: Arc<KeyRing>) -> anyhow::Result<Arc<Store>> {
         let url = DatabaseUrl::parse(&self.url).map_err(anyhow::Error::msg)?;
         let store = tokenkeeper::store::open(&url, keys, Clock::System).await?;
         store.migrate().await?;
-        Ok(store)
+        Ok(Arc::new(store))
     }
 
     pub async fn probe(&self) -> anyhow::Result<Probe> {
@@ -333,7 +333,7 @@ fn fake_authorization(i: usize) -> NewAuthorization {
 /// its one writer, which still lets the next batch be generated while one commits); prints
 /// progress. Returns the ids and how long it took.
 pub async fn seed(
-    store: &Arc<dyn Store>,
+    store: &Arc<Store>,
     n: usize,
     batch: usize,
     parallel: usize,

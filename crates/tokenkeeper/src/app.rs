@@ -9,9 +9,10 @@ use crate::api::{AppState, SharedState};
 use crate::clock::Clock;
 use crate::config::{Config, NotionSettings};
 use crate::ids::ClientSecret;
+use crate::ledger::LeaseHolder;
 use crate::provider::notion::NotionClient;
 use crate::refresh::{Coordinator, CoordinatorSettings};
-use crate::store::Store;
+use crate::store::{Backend, Store};
 
 pub struct App {
     pub state: SharedState,
@@ -20,16 +21,16 @@ pub struct App {
     pub schema_version: i64,
 }
 
-/// A lease holder name unique to this process.
-pub fn holder_name() -> String {
+/// A lease holder name unique to this process: host, process id and a random suffix.
+pub fn holder_name() -> LeaseHolder {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into());
-    format!(
+    LeaseHolder(format!(
         "{host}-{}-{}",
         std::process::id(),
         &crate::ids::random_token(6)
-    )
+    ))
 }
 
 /// What the state needs besides the store and Notion's address.
@@ -45,7 +46,7 @@ pub struct StateSettings {
 
 /// Builds the shared state from its parts.
 pub fn state(
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     notion: NotionSettings,
     settings: StateSettings,
     clock: Clock,
@@ -92,7 +93,7 @@ impl App {
         // Open the pool's connections now, not inside the first burst of traffic: a refresh
         // stampede right after start would otherwise pay for connection setup in its slowest
         // callers. Pings run concurrently so that each takes its own connection.
-        if store.backend() == "postgres" {
+        if store.backend() == Backend::Postgres {
             let pings: Vec<_> = (0..16).map(|_| store.ping()).collect();
             for result in futures::future::join_all(pings).await {
                 result?;
@@ -120,7 +121,7 @@ impl App {
             }
         };
         let state = state(
-            store,
+            Arc::new(store),
             notion,
             StateSettings {
                 public_url: config.public_url.clone(),

@@ -181,8 +181,8 @@ pub struct Connection {
     pub status: ConnectionStatus,
     /// `None` only for a revoked connection whose grants were all revoked.
     pub grant_id: Option<GrantId>,
-    /// Why the connection needs re-authorization: a JSON diagnosis, present in `needs_reauth`.
-    pub diagnosis: Option<serde_json::Value>,
+    /// Why the connection needs re-authorization; present in `needs_reauth`.
+    pub diagnosis: Option<Diagnosis>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -277,7 +277,7 @@ pub enum LeaseOutcome {
     /// We hold the lease: call the provider with this grant's refresh token, then report back
     /// with `record_refresh` or `record_refresh_failure` and this fence.
     Acquired {
-        fence: i64,
+        fence: Fence,
         attempt_id: AttemptId,
         grant: OpenGrant,
         /// An earlier attempt with the same refresh token that never reported back.
@@ -294,12 +294,173 @@ pub enum LeaseOutcome {
     },
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A refresh attempt that never reported back: its holder vanished (or its answer never
+/// arrived) after it may have spent the refresh token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterruptedAttempt {
     pub attempt_id: AttemptId,
     pub grant_id: GrantId,
+    #[serde(with = "rfc3339_micros")]
     pub started_at: DateTime<Utc>,
-    pub holder: String,
+    pub holder: LeaseHolder,
+}
+
+/// The lease's fence: bumped by every `begin_refresh`, so a holder whose lease was taken over
+/// can be told apart from the current one (invariant 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fence(pub i64);
+
+impl Fence {
+    pub fn next(self) -> Fence {
+        Fence(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Who holds a refresh lease: a name unique per process (see `app::holder_name`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseHolder(pub String);
+
+impl LeaseHolder {
+    pub fn new(name: impl Into<String>) -> Self {
+        LeaseHolder(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a recorded refresh attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The provider answered with a new pair, and it was recorded.
+    Refreshed,
+    /// The provider answered with an error, and it was recorded.
+    Failed,
+    /// No answer is known: the holder vanished, or the answer never arrived. The refresh token
+    /// may have been spent.
+    Interrupted,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Refreshed => "refreshed",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Why a connection needs its user back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiagnosisReason {
+    /// The provider refused the refresh of the current grant (`invalid_grant`).
+    RefreshRejected,
+    /// The provider refused the current grant's access token itself.
+    TokenRejected,
+    /// A reason this binary does not know (written by a newer one).
+    #[serde(other)]
+    Unknown,
+}
+
+/// The trail behind a `needs_reauth`: which grant failed, obtained when, what the provider
+/// said, and any earlier attempt with the same refresh token whose answer never arrived
+/// (invariant 5). Shown to the app in 424 answers and stored with the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnosis {
+    pub reason: DiagnosisReason,
+    /// The provider's error code (`invalid_grant`, `unauthorized`, …), when it sent one.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// What happened, in words.
+    #[serde(default)]
+    pub message: String,
+    /// The grant found dead.
+    #[serde(default)]
+    pub grant_id: Option<GrantId>,
+    #[serde(default, with = "rfc3339_micros::option")]
+    pub grant_obtained_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub provider_request_id: Option<String>,
+    /// The attempt that met the refusal.
+    #[serde(default)]
+    pub attempt_id: Option<AttemptId>,
+    /// An earlier attempt with the same refresh token that never reported back: the likely
+    /// reason the token was already spent.
+    #[serde(default)]
+    pub interrupted_attempt: Option<InterruptedAttempt>,
+}
+
+impl Diagnosis {
+    /// A diagnosis of `reason` for `grant`, with nothing else known yet.
+    pub fn new(reason: DiagnosisReason, message: impl Into<String>) -> Self {
+        Diagnosis {
+            reason,
+            code: None,
+            message: message.into(),
+            grant_id: None,
+            grant_obtained_at: None,
+            provider_request_id: None,
+            attempt_id: None,
+            interrupted_attempt: None,
+        }
+    }
+}
+
+/// Timestamps inside stored JSON (diagnoses, event details): RFC 3339 in UTC with exactly six
+/// decimals, both backends' precision, so that a value reads back as it was written.
+pub mod rfc3339_micros {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn format(t: DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            t: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&super::format(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            Option::<DateTime<Utc>>::deserialize(d)
+        }
+    }
 }
 
 /// What recording a refresh result did.
@@ -336,7 +497,7 @@ pub enum FailureOutcome {
     /// The failing grant was no longer current: someone else rotated it; use theirs.
     AlreadyRotated { current: GrantId },
     /// The failing grant was current: the connection is now `needs_reauth`.
-    NeedsReauth { diagnosis: serde_json::Value },
+    NeedsReauth { diagnosis: Diagnosis },
     /// Our lease was taken over by a newer holder; we changed nothing.
     Fenced,
 }

@@ -9,7 +9,6 @@ pub mod config;
 pub mod ids;
 pub mod ledger;
 pub mod provider;
-pub mod proxy;
 pub mod refresh;
 pub mod seal;
 pub mod store;

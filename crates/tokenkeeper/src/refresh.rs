@@ -18,11 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::ids::{ConnectionId, GrantId};
-use crate::ledger::{ConnectionStatus, FailureOutcome, LeaseOutcome, OpenGrant, RefreshFailure};
+use crate::ids::{AttemptId, ConnectionId, GrantId};
+use crate::ledger::{
+    ConnectionStatus, Diagnosis, FailureOutcome, Fence, LeaseHolder, LeaseOutcome, MintedPair,
+    OpenGrant, RefreshFailure,
+};
 use crate::provider::notion::NotionClient;
 use crate::provider::ProviderError;
 use crate::store::{Store, StoreError};
@@ -33,7 +35,7 @@ pub enum RefreshError {
     #[error("connection {0} does not exist")]
     UnknownConnection(ConnectionId),
     #[error("the connection needs to be re-authorized")]
-    NeedsReauth { diagnosis: Value },
+    NeedsReauth { diagnosis: Option<Box<Diagnosis>> },
     #[error("the connection was revoked")]
     Revoked,
     #[error("the connection cannot be refreshed: {0}")]
@@ -53,15 +55,19 @@ pub enum RefreshError {
         code: String,
         message: Option<String>,
     },
+    /// The database failed. Shared (`Arc`) because every caller of a flight gets the result.
     #[error("storage failed: {0}")]
-    Store(String),
+    Store(Arc<StoreError>),
+    /// The flight's task ended without a result (it panicked).
+    #[error("the refresh task failed: {0}")]
+    Task(String),
 }
 
 impl From<StoreError> for RefreshError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::UnknownConnection(id) => RefreshError::UnknownConnection(id),
-            other => RefreshError::Store(other.to_string()),
+            other => RefreshError::Store(Arc::new(other)),
         }
     }
 }
@@ -80,7 +86,7 @@ type Flight = Shared<BoxFuture<'static, Result<OpenGrant, RefreshError>>>;
 #[derive(Debug, Clone)]
 pub struct CoordinatorSettings {
     /// Who we are in lease records: unique per process.
-    pub holder: String,
+    pub holder: LeaseHolder,
     /// The provider call's timeout; the lease is derived from it.
     pub provider_timeout: Duration,
     /// How long one caller may wait in total, retries included.
@@ -95,7 +101,7 @@ impl CoordinatorSettings {
 }
 
 pub struct Coordinator {
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     provider: NotionClient,
     settings: CoordinatorSettings,
     flights: Mutex<HashMap<(ConnectionId, GrantId), Flight>>,
@@ -109,7 +115,7 @@ const MAX_POLL: Duration = Duration::from_millis(5);
 
 impl Coordinator {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<Store>,
         provider: NotionClient,
         settings: CoordinatorSettings,
     ) -> Arc<Self> {
@@ -121,7 +127,7 @@ impl Coordinator {
         })
     }
 
-    pub fn holder(&self) -> &str {
+    pub fn holder(&self) -> &LeaseHolder {
         &self.settings.holder
     }
 
@@ -154,7 +160,7 @@ impl Coordinator {
             .current_grant(id)
             .await?
             .ok_or_else(|| RefreshError::UnknownConnection(id.clone()))?;
-        check_status(connection.status, connection.diagnosis.as_ref())?;
+        check_status(connection.status, connection.diagnosis)?;
         let current = current
             .ok_or_else(|| RefreshError::NotRefreshable("the connection has no grant".into()))?;
         if let Some(wanted) = if_grant {
@@ -183,9 +189,8 @@ impl Coordinator {
                         result
                     });
                     async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(RefreshError::Store(format!("refresh task failed: {e}")))
-                        })
+                        task.await
+                            .unwrap_or_else(|e| Err(RefreshError::Task(e.to_string())))
                     }
                     .boxed()
                     .shared()
@@ -224,7 +229,7 @@ impl Coordinator {
                         .get_connection(id)
                         .await?
                         .and_then(|c| c.diagnosis);
-                    check_status(status, diagnosis.as_ref())?;
+                    check_status(status, diagnosis)?;
                     return Err(RefreshError::NotRefreshable(reason));
                 }
                 LeaseOutcome::Busy { .. } => {
@@ -273,7 +278,9 @@ impl Coordinator {
                             return self.read_grant(id, &current).await
                         }
                         FailureOutcome::NeedsReauth { diagnosis } => {
-                            return Err(RefreshError::NeedsReauth { diagnosis })
+                            return Err(RefreshError::NeedsReauth {
+                                diagnosis: Some(Box::new(diagnosis)),
+                            })
                         }
                         // A newer holder took over while we were slow: wait for its result.
                         FailureOutcome::Fenced => continue,
@@ -315,9 +322,9 @@ impl Coordinator {
         &self,
         id: &ConnectionId,
         parent: &GrantId,
-        fence: i64,
-        attempt: &crate::ids::AttemptId,
-        pair: crate::ledger::MintedPair,
+        fence: Fence,
+        attempt: &AttemptId,
+        pair: MintedPair,
     ) -> Result<GrantId, RefreshError> {
         let give_up = Instant::now() + self.settings.lease();
         let mut wait = Duration::from_millis(50);
@@ -352,7 +359,7 @@ impl Coordinator {
             .current_grant(id)
             .await?
             .ok_or_else(|| RefreshError::UnknownConnection(id.clone()))?;
-        check_status(connection.status, connection.diagnosis.as_ref())?;
+        check_status(connection.status, connection.diagnosis)?;
         Ok(current.filter(|g| g.record.id != *target))
     }
 
@@ -361,18 +368,22 @@ impl Coordinator {
         id: &ConnectionId,
         grant: &GrantId,
     ) -> Result<OpenGrant, RefreshError> {
-        self.store
-            .get_grant(id, grant)
-            .await?
-            .ok_or_else(|| RefreshError::Store(format!("grant {grant} vanished")))
+        self.store.get_grant(id, grant).await?.ok_or_else(|| {
+            RefreshError::Store(Arc::new(StoreError::Database(format!(
+                "grant {grant} vanished"
+            ))))
+        })
     }
 }
 
-fn check_status(status: ConnectionStatus, diagnosis: Option<&Value>) -> Result<(), RefreshError> {
+fn check_status(
+    status: ConnectionStatus,
+    diagnosis: Option<Diagnosis>,
+) -> Result<(), RefreshError> {
     match status {
         ConnectionStatus::Active => Ok(()),
         ConnectionStatus::NeedsReauth => Err(RefreshError::NeedsReauth {
-            diagnosis: diagnosis.cloned().unwrap_or(Value::Null),
+            diagnosis: diagnosis.map(Box::new),
         }),
         ConnectionStatus::Revoked => Err(RefreshError::Revoked),
     }

@@ -10,11 +10,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::auth::Scope;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::{require_admin, ApiJson, SharedState};
 use crate::ids::{ConnectionId, SessionId};
 use crate::ledger::{
-    AuthorizationKind, AuthorizationTarget, ConnectionStatus, NewAuthorization, Provider,
+    AuthorizationKind, AuthorizationTarget, ConnectionStatus, Diagnosis, NewAuthorization, Provider,
 };
 use crate::store::SessionLookup;
 
@@ -46,8 +46,7 @@ fn check_return_to(state: &SharedState, return_to: &str) -> Result<(), ApiError>
         return Ok(());
     }
     Err(ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "return_to_not_allowed",
+        ErrorCode::ReturnToNotAllowed,
         "return_to must start with one of TOKENKEEPER_ALLOWED_RETURN_URLS",
     ))
 }
@@ -60,8 +59,7 @@ pub async fn create_session(
     require_admin(scope, "creating connect sessions")?;
     let provider = Provider::parse(&body.provider).ok_or_else(|| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unsupported_provider",
+            ErrorCode::UnsupportedProvider,
             "provider must be \"notion\"",
         )
     })?;
@@ -145,6 +143,32 @@ pub async fn reconnect_url(state: &SharedState, id: &ConnectionId) -> Result<Str
         )
         .await?;
     Ok(url)
+}
+
+/// The answer for a connection whose user must reconnect: 424 `needs_reauth` with the
+/// diagnosis and a reconnect link (`null`, logged, when one cannot be made).
+pub async fn needs_reauth(
+    state: &SharedState,
+    id: &ConnectionId,
+    diagnosis: Option<Diagnosis>,
+) -> ApiError {
+    let link = match reconnect_url(state, id).await {
+        Ok(url) => serde_json::Value::from(url),
+        Err(e) => {
+            tracing::error!(connection = %id, "could not make a reconnect link: {}", e.message);
+            serde_json::Value::Null
+        }
+    };
+    ApiError::new(
+        ErrorCode::NeedsReauth,
+        "the user must reconnect this connection; send them to reconnect_url",
+    )
+    .with("connection_id", id.as_str())
+    .with("reconnect_url", link)
+    .with(
+        "diagnosis",
+        serde_json::to_value(diagnosis).expect("a diagnosis serializes"),
+    )
 }
 
 /// A plain page that says what happened, for the user's browser.

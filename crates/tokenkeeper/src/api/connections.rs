@@ -1,14 +1,13 @@
 //! Connections, their tokens, refreshes and history.
 
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Scope;
-use super::connect::reconnect_url;
-use super::error::ApiError;
+use super::connect::needs_reauth;
+use super::error::{ApiError, ErrorCode};
 use super::{optional_json, require_admin, SharedState};
 use crate::ids::{ConnectionId, GrantId};
 use crate::ledger::{Connection, ConnectionFilter, ConnectionStatus, OpenGrant, Provider};
@@ -99,41 +98,9 @@ fn token_body(grant: &OpenGrant, include_refresh: bool) -> Value {
     body
 }
 
-/// 424 with the diagnosis and a fresh reconnect link.
-async fn needs_reauth(
-    state: &SharedState,
-    connection: &Connection,
-    diagnosis: Option<Value>,
-) -> ApiError {
-    let link = match reconnect_url(state, &connection.id).await {
-        Ok(url) => Value::from(url),
-        Err(e) => {
-            tracing::error!("could not make a reconnect link: {}", e.message);
-            Value::Null
-        }
-    };
-    ApiError::new(
-        StatusCode::FAILED_DEPENDENCY,
-        "needs_reauth",
-        "the user must reconnect this connection; send them to reconnect_url",
-    )
-    .with("connection_id", connection.id.as_str())
-    .with("reconnect_url", link)
-    .with(
-        "diagnosis",
-        diagnosis
-            .or_else(|| connection.diagnosis.clone())
-            .unwrap_or(Value::Null),
-    )
-}
-
 fn revoked(connection: &Connection) -> ApiError {
-    ApiError::new(
-        StatusCode::GONE,
-        "connection_revoked",
-        "the connection was revoked",
-    )
-    .with("connection_id", connection.id.as_str())
+    ApiError::new(ErrorCode::ConnectionRevoked, "the connection was revoked")
+        .with("connection_id", connection.id.as_str())
 }
 
 /// `GET /v1/connections/{id}/access-token`: the current grant's token, without calling Notion.
@@ -154,7 +121,9 @@ pub async fn access_token(
         .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
     match connection.status {
         ConnectionStatus::Active => {}
-        ConnectionStatus::NeedsReauth => return Err(needs_reauth(&state, &connection, None).await),
+        ConnectionStatus::NeedsReauth => {
+            return Err(needs_reauth(&state, &id, connection.diagnosis).await)
+        }
         ConnectionStatus::Revoked => return Err(revoked(&connection)),
     }
     let grant =
@@ -196,8 +165,7 @@ pub async fn refresh(
             Ok(Json(body))
         }
         Err(crate::refresh::RefreshError::NeedsReauth { diagnosis }) => {
-            let connection = load(&state, &id).await?;
-            Err(needs_reauth(&state, &connection, Some(diagnosis)).await)
+            Err(needs_reauth(&state, &id, diagnosis.map(|d| *d)).await)
         }
         Err(e) => Err(e.into()),
     }

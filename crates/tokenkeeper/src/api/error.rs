@@ -6,13 +6,82 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
+use std::sync::Arc;
+
+use crate::ids::ConnectionId;
 use crate::refresh::RefreshError;
 use crate::store::StoreError;
 
+/// Every error code tokenkeeper answers with, each with its one HTTP status (docs/API.md
+/// lists them). The code is the contract; the message is for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidRequest,
+    UnsupportedProvider,
+    ReturnToNotAllowed,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    NotRefreshable,
+    ConnectionRevoked,
+    NeedsReauth,
+    Internal,
+    ProviderRejected,
+    UpstreamUnreachable,
+    DatabaseUnavailable,
+    NotReady,
+    RefreshLockTimeout,
+    ProviderUnavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnsupportedProvider => "unsupported_provider",
+            ErrorCode::ReturnToNotAllowed => "return_to_not_allowed",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::NotRefreshable => "not_refreshable",
+            ErrorCode::ConnectionRevoked => "connection_revoked",
+            ErrorCode::NeedsReauth => "needs_reauth",
+            ErrorCode::Internal => "internal",
+            ErrorCode::ProviderRejected => "provider_rejected",
+            ErrorCode::UpstreamUnreachable => "upstream_unreachable",
+            ErrorCode::DatabaseUnavailable => "database_unavailable",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::RefreshLockTimeout => "refresh_lock_timeout",
+            ErrorCode::ProviderUnavailable => "provider_unavailable",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidRequest
+            | ErrorCode::UnsupportedProvider
+            | ErrorCode::ReturnToNotAllowed => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Conflict | ErrorCode::NotRefreshable => StatusCode::CONFLICT,
+            ErrorCode::ConnectionRevoked => StatusCode::GONE,
+            ErrorCode::NeedsReauth => StatusCode::FAILED_DEPENDENCY,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::ProviderRejected | ErrorCode::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ErrorCode::DatabaseUnavailable
+            | ErrorCode::NotReady
+            | ErrorCode::RefreshLockTimeout
+            | ErrorCode::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// More fields for the `error` object (`reconnect_url`, `diagnosis`, `retry_after`, …).
     pub extra: Map<String, Value>,
@@ -20,14 +89,19 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
             code,
             message: message.into(),
             extra: Map::new(),
             retry_after: None,
         }
+    }
+
+    /// Sets `Retry-After`, in seconds.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -36,34 +110,35 @@ impl ApiError {
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        ApiError::new(ErrorCode::InvalidRequest, message)
     }
 
     pub fn unauthorized() -> Self {
         ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "a valid API key is required: Authorization: Bearer <key>",
         )
     }
 
     pub fn forbidden(what: &str) -> Self {
         ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             format!("this API key's scope does not allow {what}; use an admin key"),
         )
     }
 
     pub fn not_found(what: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
+        ApiError::new(ErrorCode::NotFound, what)
+    }
+
+    pub fn unknown_connection(id: &ConnectionId) -> Self {
+        ApiError::not_found(format!("connection {id} does not exist"))
     }
 
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {e}");
         ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "tokenkeeper failed to handle this request; see its log",
         )
     }
@@ -71,7 +146,7 @@ impl ApiError {
     /// The body, for callers that need it outside a response (the proxy adds a header).
     pub fn body(&self) -> Value {
         let mut error = Map::new();
-        error.insert("code".into(), Value::from(self.code));
+        error.insert("code".into(), Value::from(self.code.as_str()));
         error.insert("message".into(), Value::from(self.message.clone()));
         for (k, v) in &self.extra {
             error.insert(k.clone(), v.clone());
@@ -82,7 +157,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
+        let mut response = (self.code.status(), axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
@@ -95,58 +170,51 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::UnknownConnection(id) => {
-                ApiError::not_found(format!("connection {id} does not exist"))
-            }
-            StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::UnknownConnection(id) => ApiError::unknown_connection(&id),
+            StoreError::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
             StoreError::Timeout => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
+                ErrorCode::DatabaseUnavailable,
                 "the database did not answer in time",
-            ),
+            )
+            .retry_after(1),
             other => ApiError::internal(other),
         }
     }
 }
 
 impl From<RefreshError> for ApiError {
+    /// Every refresh error but `NeedsReauth`, whose answer carries a reconnect link and so is
+    /// built by `connect::needs_reauth`.
     fn from(e: RefreshError) -> Self {
         let message = e.to_string();
         match e {
-            RefreshError::UnknownConnection(id) => {
-                ApiError::not_found(format!("connection {id} does not exist"))
-            }
+            RefreshError::UnknownConnection(id) => ApiError::unknown_connection(&id),
             RefreshError::NeedsReauth { diagnosis } => {
-                ApiError::new(StatusCode::FAILED_DEPENDENCY, "needs_reauth", message)
-                    .with("diagnosis", diagnosis)
+                ApiError::new(ErrorCode::NeedsReauth, message).with(
+                    "diagnosis",
+                    serde_json::to_value(diagnosis).expect("a diagnosis serializes"),
+                )
             }
-            RefreshError::Revoked => ApiError::new(StatusCode::GONE, "connection_revoked", message),
-            RefreshError::NotRefreshable(_) => {
-                ApiError::new(StatusCode::CONFLICT, "not_refreshable", message)
-            }
+            RefreshError::Revoked => ApiError::new(ErrorCode::ConnectionRevoked, message),
+            RefreshError::NotRefreshable(_) => ApiError::new(ErrorCode::NotRefreshable, message),
             RefreshError::LockTimeout => {
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "refresh_lock_timeout",
-                    message,
-                );
-                e.retry_after = Some(1);
-                e
+                ApiError::new(ErrorCode::RefreshLockTimeout, message).retry_after(1)
             }
             RefreshError::ProviderUnavailable { retry_after, .. } => {
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "provider_unavailable",
-                    message,
-                );
-                e.retry_after = Some(retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1));
-                e
+                ApiError::new(ErrorCode::ProviderUnavailable, message)
+                    .retry_after(retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1))
             }
             RefreshError::ProviderRejected { code, .. } => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "provider_rejected", message)
-                    .with("provider_code", code)
+                ApiError::new(ErrorCode::ProviderRejected, message).with("provider_code", code)
             }
-            RefreshError::Store(m) => ApiError::internal(m),
+            RefreshError::Store(e) => match Arc::try_unwrap(e) {
+                Ok(e) => e.into(),
+                Err(shared) => match &*shared {
+                    StoreError::Timeout => StoreError::Timeout.into(),
+                    other => ApiError::internal(other),
+                },
+            },
+            RefreshError::Task(m) => ApiError::internal(m),
         }
     }
 }

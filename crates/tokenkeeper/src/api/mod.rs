@@ -6,6 +6,7 @@ mod connect;
 mod connections;
 mod demo;
 pub mod error;
+pub mod proxy;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,11 +23,11 @@ use crate::provider::notion::NotionClient;
 use crate::refresh::Coordinator;
 use crate::store::Store;
 use auth::{ApiKeys, Scope};
-use error::ApiError;
+use error::{ApiError, ErrorCode};
 
 /// Everything a handler may need, built once at start and shared.
 pub struct AppState {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<Store>,
     pub coordinator: Arc<Coordinator>,
     pub notion: NotionClient,
     pub api_keys: ApiKeys,
@@ -43,22 +44,6 @@ pub struct AppState {
 }
 
 pub type SharedState = Arc<AppState>;
-
-pub use connections::parse_id as parse_connection_id;
-
-/// A fresh reconnect link for a connection, or `null` (logged) when one cannot be made.
-pub async fn connect_reconnect_url(
-    state: &SharedState,
-    id: &crate::ids::ConnectionId,
-) -> serde_json::Value {
-    match connect::reconnect_url(state, id).await {
-        Ok(url) => serde_json::Value::from(url),
-        Err(e) => {
-            tracing::error!("could not make a reconnect link: {}", e.message);
-            serde_json::Value::Null
-        }
-    }
-}
 
 impl AppState {
     /// `<public url>/<path>`, whatever path the public URL itself has.
@@ -202,8 +187,8 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/connections/{id}/grants", get(connections::grants))
         .route("/connections/{id}/events", get(connections::events))
-        .route("/proxy/{id}", any(crate::proxy::forward_root))
-        .route("/proxy/{id}/{*path}", any(crate::proxy::forward))
+        .route("/proxy/{id}", any(proxy::forward_root))
+        .route("/proxy/{id}/{*path}", any(proxy::forward))
         .route("/_baseline", get(connections::baseline))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .layer(axum::middleware::from_fn_with_state(
@@ -231,11 +216,7 @@ async fn ready(
         Ok(version) => Ok(axum::Json(
             serde_json::json!({"status": "ready", "backend": state.store.backend(), "schema_version": version}),
         )),
-        Err(e) => Err(ApiError::new(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            e.to_string(),
-        )),
+        Err(e) => Err(ApiError::new(ErrorCode::NotReady, e.to_string())),
     }
 }
 

@@ -22,21 +22,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
 use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
-    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, Event, FailureOutcome,
-    GrantRecord, LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshCommit,
-    RefreshFailure, RotateProgress,
+    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, Diagnosis, Event,
+    FailureOutcome, Fence, GrantRecord, LeaseHolder, LeaseOutcome, MintedPair, NewAuthorization,
+    OpenGrant, RefreshCommit, RefreshFailure, RotateProgress,
 };
 use crate::seal::{KeyRing, SealError};
 
-mod common;
+mod db;
 pub mod postgres;
+mod reads;
+mod rules;
 mod sealed;
+mod sql;
 pub mod sqlite;
+
+use postgres::PgStore;
+use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +65,38 @@ pub enum StoreError {
     Database(String),
 }
 
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A connection as stored, with its lease, which the API never shows.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionRow {
+    pub connection: Connection,
+    pub lease_holder: Option<LeaseHolder>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub lease_fence: Fence,
+}
+
 /// The result of consuming a connect session's `state`.
 #[derive(Debug, Clone)]
 pub enum SessionLookup {
@@ -78,129 +116,282 @@ pub struct RefreshRecorded {
     pub current: GrantId,
 }
 
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// `"sqlite"` or `"postgres"`.
-    fn backend(&self) -> &'static str;
+/// The ledger on one of its two databases. Every operation is written once (`rules.rs` for
+/// writes, `reads.rs` for reads) and run here on whichever backend this store has: SQLite runs
+/// it on its writer inside a blocking task, PostgreSQL on a pooled connection's transaction.
+#[derive(Debug, Clone)]
+pub struct Store {
+    engine: Engine,
+}
+
+#[derive(Debug, Clone)]
+enum Engine {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl From<SqliteStore> for Store {
+    fn from(s: SqliteStore) -> Self {
+        Store {
+            engine: Engine::Sqlite(s),
+        }
+    }
+}
+
+impl From<PgStore> for Store {
+    fn from(p: PgStore) -> Self {
+        Store {
+            engine: Engine::Postgres(p),
+        }
+    }
+}
+
+/// Runs `$body`, a future over `$db: &impl Db`, in one write transaction and commits it; any
+/// error rolls it back. SQLite runs it on its one writer (the owned values it uses are moved
+/// into a blocking task); PostgreSQL on a pooled connection.
+macro_rules! in_transaction {
+    ($store:expr, |$db:ident| $body:expr) => {
+        match &$store.engine {
+            Engine::Sqlite(s) => s.write(move |$db| sqlite::drive($body)).await,
+            Engine::Postgres(p) => {
+                let mut client = p.client().await?;
+                let tx = client.transaction().await?;
+                let out = {
+                    let $db = &p.session(&tx);
+                    $body.await?
+                };
+                tx.commit().await?;
+                Ok(out)
+            }
+        }
+    };
+}
+
+/// Runs `$body`, a future over `$db: &impl Db`, on a read connection.
+macro_rules! read_only {
+    ($store:expr, |$db:ident| $body:expr) => {
+        match &$store.engine {
+            Engine::Sqlite(s) => s.read(|$db| sqlite::drive($body)).await,
+            Engine::Postgres(p) => {
+                let client = p.client().await?;
+                let $db = &p.session(&client);
+                $body.await
+            }
+        }
+    };
+}
+
+impl Store {
+    pub fn backend(&self) -> Backend {
+        match &self.engine {
+            Engine::Sqlite(_) => Backend::Sqlite,
+            Engine::Postgres(_) => Backend::Postgres,
+        }
+    }
 
     /// Applies every pending migration, in order, each in its own transaction; returns the
     /// schema version afterwards. Refuses a schema newer than this binary.
-    async fn migrate(&self) -> Result<i64, StoreError>;
+    pub async fn migrate(&self) -> Result<i64, StoreError> {
+        match &self.engine {
+            Engine::Sqlite(s) => s.migrate().await,
+            Engine::Postgres(p) => p.migrate().await,
+        }
+    }
 
     /// Checks that the schema is exactly the version this binary knows.
-    async fn check_schema(&self) -> Result<i64, StoreError>;
+    pub async fn check_schema(&self) -> Result<i64, StoreError> {
+        let (found, supported) = match &self.engine {
+            Engine::Sqlite(s) => (s.schema_version().await?, sqlite::SCHEMA_VERSION),
+            Engine::Postgres(p) => (p.schema_version().await?, postgres::SCHEMA_VERSION),
+        };
+        match found.cmp(&supported) {
+            std::cmp::Ordering::Greater => Err(StoreError::SchemaTooNew { found, supported }),
+            std::cmp::Ordering::Less => Err(StoreError::SchemaBehind { found, supported }),
+            std::cmp::Ordering::Equal => Ok(found),
+        }
+    }
 
-    async fn ping(&self) -> Result<(), StoreError>;
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.engine {
+            Engine::Sqlite(s) => s.ping().await,
+            Engine::Postgres(p) => p.ping().await,
+        }
+    }
 
     // Connect sessions.
 
-    async fn create_session(&self, session: &ConnectSession) -> Result<(), StoreError>;
-    async fn get_session(&self, id: &SessionId) -> Result<Option<ConnectSession>, StoreError>;
+    pub async fn create_session(&self, session: &ConnectSession) -> Result<(), StoreError> {
+        let session = session.clone();
+        in_transaction!(self, |db| rules::create_session(db, &session))
+    }
+
+    pub async fn get_session(&self, id: &SessionId) -> Result<Option<ConnectSession>, StoreError> {
+        read_only!(self, |db| reads::get_session(db, id))
+    }
+
     /// Atomically marks the session whose `state_hash` this is as used, if it is unused and
     /// unexpired now. A second call with the same hash answers `AlreadyUsed`.
-    async fn consume_session(&self, state_hash: &str) -> Result<SessionLookup, StoreError>;
+    pub async fn consume_session(&self, state_hash: &str) -> Result<SessionLookup, StoreError> {
+        let state_hash = state_hash.to_owned();
+        in_transaction!(self, |db| rules::consume_session(db, &state_hash))
+    }
 
     // The ledger.
 
-    /// Records a successful authorization (invariants 1, 3, 8). See `AuthorizationTarget` for
-    /// where it lands. A `Reconnect` whose new `bot_id` belongs to another live connection is a
+    /// Records a successful authorization (invariants 1, 3, 8). A plain connect lands on the
+    /// live connection of its `bot_id`, or creates one; a reconnect always lands on its
+    /// connection. A `Reconnect` whose new `bot_id` belongs to another live connection is a
     /// `Conflict`, and nothing is stored.
-    async fn record_authorization(
+    pub async fn record_authorization(
         &self,
         auth: NewAuthorization,
-    ) -> Result<AuthorizationOutcome, StoreError>;
+    ) -> Result<AuthorizationOutcome, StoreError> {
+        in_transaction!(self, |db| rules::record_authorization(db, &auth))
+    }
 
     /// Records many authorizations in one transaction, each exactly as `record_authorization`
     /// records it (same sealing, rows and events); returns their connections in order. For bulk
     /// imports such as the benchmark's seeder. The batch must concern distinct bots and distinct
-    /// reconnect targets (the PostgreSQL backend pipelines them); one that does not is a
-    /// `Conflict`, as is any authorization `record_authorization` would refuse, and then
-    /// nothing of the batch is stored.
-    async fn import_authorizations(
+    /// reconnect targets (PostgreSQL pipelines them); one that does not is a `Conflict`, as is
+    /// any authorization `record_authorization` would refuse, and then nothing of the batch is
+    /// stored.
+    pub async fn import_authorizations(
         &self,
         batch: Vec<NewAuthorization>,
-    ) -> Result<Vec<ConnectionId>, StoreError>;
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        check_distinct(&batch)?;
+        in_transaction!(self, |db| rules::import_authorizations(db, &batch))
+    }
 
-    async fn get_connection(&self, id: &ConnectionId) -> Result<Option<Connection>, StoreError>;
-    async fn list_connections(
+    pub async fn get_connection(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<Option<Connection>, StoreError> {
+        read_only!(self, |db| reads::get_connection(db, id))
+    }
+
+    pub async fn list_connections(
         &self,
         filter: &ConnectionFilter,
-    ) -> Result<Vec<Connection>, StoreError>;
+    ) -> Result<Vec<Connection>, StoreError> {
+        read_only!(self, |db| reads::list_connections(db, filter))
+    }
 
     /// The connection and its current grant with tokens opened; read-only (the hot path of
     /// token reads: one indexed read, no write).
-    async fn current_grant(
+    pub async fn current_grant(
         &self,
         id: &ConnectionId,
-    ) -> Result<Option<(Connection, Option<OpenGrant>)>, StoreError>;
+    ) -> Result<Option<(Connection, Option<OpenGrant>)>, StoreError> {
+        read_only!(self, |db| reads::current_grant(db, id))
+    }
 
     /// One grant with its tokens opened, current or not.
-    async fn get_grant(
+    pub async fn get_grant(
         &self,
         id: &ConnectionId,
         grant: &GrantId,
-    ) -> Result<Option<OpenGrant>, StoreError>;
+    ) -> Result<Option<OpenGrant>, StoreError> {
+        read_only!(self, |db| reads::get_grant(db, id, grant))
+    }
 
     /// Every grant of the connection, oldest first.
-    async fn list_grants(&self, id: &ConnectionId) -> Result<Vec<GrantRecord>, StoreError>;
+    pub async fn list_grants(&self, id: &ConnectionId) -> Result<Vec<GrantRecord>, StoreError> {
+        read_only!(self, |db| reads::list_grants(db, id))
+    }
 
     /// Every event of the connection, oldest first.
-    async fn list_events(&self, id: &ConnectionId) -> Result<Vec<Event>, StoreError>;
+    pub async fn list_events(&self, id: &ConnectionId) -> Result<Vec<Event>, StoreError> {
+        read_only!(self, |db| reads::list_events(db, id))
+    }
 
     /// Takes the connection's refresh lease for `lease` (invariant 4), if the current grant is
     /// `if_grant` (when given) and no unexpired lease is held. On success, bumps the fence,
     /// records the attempt (`refresh_started` event) before the caller calls the provider, and
     /// returns the current grant with its refresh token, read under the lock.
-    async fn begin_refresh(
+    pub async fn begin_refresh(
         &self,
         id: &ConnectionId,
         if_grant: Option<&GrantId>,
-        holder: &str,
+        holder: &LeaseHolder,
         lease: Duration,
-    ) -> Result<LeaseOutcome, StoreError>;
+    ) -> Result<LeaseOutcome, StoreError> {
+        let (id, if_grant, holder) = (id.clone(), if_grant.cloned(), holder.clone());
+        in_transaction!(self, |db| rules::begin_refresh(
+            db,
+            &id,
+            if_grant.as_ref(),
+            &holder,
+            lease
+        ))
+    }
 
     /// Records a successful refresh of `parent` (invariants 1 and 3): the new grant is always
     /// stored; it becomes current only if `parent` is still current. Releases the lease if
     /// `fence` is still the connection's fence, and closes the attempt.
-    async fn record_refresh(
+    pub async fn record_refresh(
         &self,
         id: &ConnectionId,
         parent: &GrantId,
-        fence: i64,
+        fence: Fence,
         attempt: &AttemptId,
         pair: MintedPair,
-    ) -> Result<RefreshRecorded, StoreError>;
+    ) -> Result<RefreshRecorded, StoreError> {
+        let (id, parent, attempt) = (id.clone(), parent.clone(), attempt.clone());
+        in_transaction!(self, |db| rules::record_refresh(
+            db, &id, &parent, fence, &attempt, &pair
+        ))
+    }
 
     /// Records a failed refresh of `parent` (invariant 5). A stale holder (fence moved on)
     /// changes nothing. If `parent` is no longer current, answers `AlreadyRotated`. If the
     /// failure is an auth failure and `parent` is current, the connection becomes
     /// `needs_reauth` with a diagnosis that names the grant, when it was obtained, and any
     /// interrupted earlier attempt with the same refresh token. Otherwise only an event.
-    async fn record_refresh_failure(
+    pub async fn record_refresh_failure(
         &self,
         id: &ConnectionId,
         parent: &GrantId,
-        fence: i64,
+        fence: Fence,
         attempt: &AttemptId,
         failure: &RefreshFailure,
-    ) -> Result<FailureOutcome, StoreError>;
+    ) -> Result<FailureOutcome, StoreError> {
+        let (id, parent, attempt, failure) =
+            (id.clone(), parent.clone(), attempt.clone(), failure.clone());
+        in_transaction!(self, |db| rules::record_refresh_failure(
+            db, &id, &parent, fence, &attempt, &failure
+        ))
+    }
 
     /// Marks the connection `needs_reauth` because `grant` was found dead (for example a 401
     /// after a refresh), if `grant` is still current. Returns the connection afterwards.
-    async fn mark_needs_reauth(
+    pub async fn mark_needs_reauth(
         &self,
         id: &ConnectionId,
         grant: &GrantId,
-        diagnosis: serde_json::Value,
-    ) -> Result<Connection, StoreError>;
+        diagnosis: Diagnosis,
+    ) -> Result<Connection, StoreError> {
+        let (id, grant) = (id.clone(), grant.clone());
+        in_transaction!(self, |db| rules::mark_needs_reauth(
+            db, &id, &grant, &diagnosis
+        ))
+    }
 
     /// Marks the connection `revoked` and its live grants revoked; keeps the history.
-    async fn mark_revoked(&self, id: &ConnectionId, reason: &str)
-        -> Result<Connection, StoreError>;
+    pub async fn mark_revoked(
+        &self,
+        id: &ConnectionId,
+        reason: &str,
+    ) -> Result<Connection, StoreError> {
+        let (id, reason) = (id.clone(), reason.to_owned());
+        in_transaction!(self, |db| rules::mark_revoked(db, &id, &reason))
+    }
 
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one
     /// transaction, and says how many remain. Safe to run while serving.
-    async fn rotate_keys(&self, batch: u32) -> Result<RotateProgress, StoreError>;
+    pub async fn rotate_keys(&self, batch: u32) -> Result<RotateProgress, StoreError> {
+        in_transaction!(self, |db| rules::rotate_keys(db, batch))
+    }
 }
 
 /// Refuses a batch for `import_authorizations` that names one bot, or one reconnect target,
@@ -258,11 +449,9 @@ pub async fn open(
     url: &DatabaseUrl,
     keys: Arc<KeyRing>,
     clock: Clock,
-) -> Result<Arc<dyn Store>, StoreError> {
+) -> Result<Store, StoreError> {
     Ok(match url {
-        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path, keys, clock).await?),
-        DatabaseUrl::Postgres(url) => {
-            Arc::new(postgres::PgStore::connect(url, None, keys, clock).await?)
-        }
+        DatabaseUrl::Sqlite(path) => SqliteStore::open(path, keys, clock).await?.into(),
+        DatabaseUrl::Postgres(url) => PgStore::connect(url, None, keys, clock).await?.into(),
     })
 }

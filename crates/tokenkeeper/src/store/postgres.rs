@@ -8,29 +8,20 @@
 //! The schema lives in the first schema of the session's `search_path`: the URL may name one
 //! (`?options=-csearch_path%3Dtk`), or `PgStore::connect` may be given one, which it creates.
 
-mod ledger;
-mod rows;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use bytes::BytesMut;
+use chrono::{DateTime, SubsecRound, Utc};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 
-use self::rows::{
-    connection_at, event_at, find_connection, find_grant, grant_at, micros, open_grant, query,
-    query_opt, CONNECTION_COLUMNS, CONNECTION_WIDTH, EVENT_COLUMNS, GRANT_COLUMNS,
-};
-use super::{RefreshRecorded, SessionLookup, Store, StoreError};
+use super::db::{Cell, Db, Decode, Param, Row, Rows};
+use super::StoreError;
 use crate::clock::Clock;
-use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
-use crate::ledger::{
-    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, Event, FailureOutcome,
-    GrantRecord, LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshFailure,
-    RotateProgress,
-};
+use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
 /// The migrations this binary knows, in order. Each is applied in its own transaction.
@@ -157,57 +148,20 @@ impl PgStore {
         Ok(PgStore { pool, keys, clock })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
     }
-}
 
-/// Runs `$body` (an expression using `tx`) in one transaction on a pooled connection and
-/// commits it; an error drops the transaction, which rolls it back.
-macro_rules! in_transaction {
-    ($self:ident, |$tx:ident| $body:expr) => {{
-        let mut client = $self.client().await?;
-        let $tx = client.transaction().await?;
-        let out = $body.await?;
-        $tx.commit().await?;
-        Ok::<_, StoreError>(out)
-    }};
-}
-
-async fn schema_version(client: &impl deadpool_postgres::GenericClient) -> Result<i64, StoreError> {
-    let exists: bool = query_opt(
-        client,
-        "SELECT to_regclass('schema_migrations') IS NOT NULL",
-        &[],
-    )
-    .await?
-    .map(|r| r.try_get(0))
-    .transpose()?
-    .unwrap_or(false);
-    if !exists {
-        return Ok(0);
-    }
-    Ok(query_opt(
-        client,
-        "SELECT coalesce(max(version), 0)::bigint FROM schema_migrations",
-        &[],
-    )
-    .await?
-    .map(|r| r.try_get(0))
-    .transpose()?
-    .unwrap_or(0))
-}
-
-/// Authorizations of one import in flight at once on its connection.
-const IMPORT_PIPELINE: usize = 64;
-
-#[async_trait]
-impl Store for PgStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
+    /// A session for the shared sequences on `client`: a transaction, or a pooled connection.
+    pub(super) fn session<'a, C: GenericClient>(&'a self, client: &'a C) -> PgDb<'a, C> {
+        PgDb {
+            client,
+            keys: &self.keys,
+            clock: &self.clock,
+        }
     }
 
-    async fn migrate(&self) -> Result<i64, StoreError> {
+    pub(super) async fn migrate(&self) -> Result<i64, StoreError> {
         // One migration per transaction, each under an advisory lock (per schema) and re-reading
         // the version, so two processes migrating at once apply each migration exactly once.
         loop {
@@ -232,335 +186,152 @@ impl Store for PgStore {
             tx.batch_execute(sql).await?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                &[version, &micros(self.clock.now())],
+                &[version, &self.session(&tx).now()],
             )
             .await?;
             tx.commit().await?;
         }
     }
 
-    async fn check_schema(&self) -> Result<i64, StoreError> {
-        let found = schema_version(&self.client().await?).await?;
-        match found.cmp(&SCHEMA_VERSION) {
-            std::cmp::Ordering::Greater => Err(StoreError::SchemaTooNew {
-                found,
-                supported: SCHEMA_VERSION,
-            }),
-            std::cmp::Ordering::Less => Err(StoreError::SchemaBehind {
-                found,
-                supported: SCHEMA_VERSION,
-            }),
-            std::cmp::Ordering::Equal => Ok(found),
-        }
+    pub(super) async fn schema_version(&self) -> Result<i64, StoreError> {
+        schema_version(&self.client().await?).await
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
         self.client().await?.simple_query("SELECT 1").await?;
         Ok(())
     }
+}
 
-    async fn create_session(&self, s: &ConnectSession) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        rows::exec(
-            &client,
-            "INSERT INTO connect_sessions (id, provider, state_hash, end_user_id, return_to, connection_id, \
-                 created_at, expires_at, used_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[
-                &s.id.as_str(),
-                &s.provider.as_str(),
-                &s.state_hash,
-                &s.end_user_id,
-                &s.return_to,
-                &s.connection_id.as_ref().map(ConnectionId::as_str),
-                &micros(s.created_at),
-                &micros(s.expires_at),
-                &s.used_at.map(micros),
-            ],
-        )
-        .await?;
-        Ok(())
+async fn schema_version(client: &impl GenericClient) -> Result<i64, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(0);
     }
-
-    async fn get_session(&self, id: &SessionId) -> Result<Option<ConnectSession>, StoreError> {
-        let client = self.client().await?;
-        query_opt(
-            &client,
-            &format!(
-                "SELECT {} FROM connect_sessions WHERE id = $1",
-                ledger::SESSION_COLUMNS
-            ),
-            &[&id.as_str()],
+    Ok(client
+        .query_one(
+            "SELECT coalesce(max(version), 0)::bigint FROM schema_migrations",
+            &[],
         )
         .await?
-        .map(|r| ledger::session_at(&r))
-        .transpose()
-    }
+        .try_get(0)?)
+}
 
-    async fn consume_session(&self, state_hash: &str) -> Result<SessionLookup, StoreError> {
-        in_transaction!(self, |tx| ledger::consume_session(
-            &tx,
-            &self.clock,
-            state_hash
-        ))
-    }
+/// A PostgreSQL session for the shared sequences, on a transaction or a pooled connection.
+/// Statements are prepared once per pooled connection (`prepare_cached`).
+pub(crate) struct PgDb<'a, C> {
+    client: &'a C,
+    keys: &'a KeyRing,
+    clock: &'a Clock,
+}
 
-    async fn record_authorization(
+impl ToSql for Param<'_> {
+    fn to_sql(
         &self,
-        auth: NewAuthorization,
-    ) -> Result<AuthorizationOutcome, StoreError> {
-        in_transaction!(self, |tx| ledger::record_authorization(
-            &tx,
-            &self.keys,
-            &self.clock,
-            &auth
-        ))
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.to_sql_checked(ty, out)
     }
 
-    async fn import_authorizations(
+    /// Any column type: each variant checks its own value against it in `to_sql_checked`.
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn to_sql_checked(
         &self,
-        batch: Vec<NewAuthorization>,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        use futures::stream::{FuturesOrdered, StreamExt};
-        super::check_distinct(&batch)?;
-        // The authorizations concern distinct bots and connections, so their statements may
-        // interleave; tokio-postgres then pipelines them over the one connection instead of
-        // waiting a round trip per statement, which is what makes a large import fast.
-        // (A plain loop over `FuturesOrdered`: a `map` closure over borrowed futures trips
-        // async-trait's `Send` check.)
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let mut ids = Vec::with_capacity(batch.len());
-        let mut inflight = FuturesOrdered::new();
-        for auth in &batch {
-            inflight.push_back(ledger::record_authorization(
-                &tx,
-                &self.keys,
-                &self.clock,
-                auth,
-            ));
-            if inflight.len() >= IMPORT_PIPELINE {
-                if let Some(outcome) = inflight.next().await {
-                    ids.push(outcome?.connection.id);
-                }
-            }
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match *self {
+            Param::Text(s) => s.to_sql_checked(ty, out),
+            Param::OptText(s) => s.to_sql_checked(ty, out),
+            Param::Int(n) => n.to_sql_checked(ty, out),
+            Param::Bool(b) => b.to_sql_checked(ty, out),
+            Param::Time(t) => t.trunc_subsecs(6).to_sql_checked(ty, out),
+            Param::OptTime(t) => t.map(|t| t.trunc_subsecs(6)).to_sql_checked(ty, out),
+            Param::Bytes(b) => b.to_sql_checked(ty, out),
+            Param::OptBytes(b) => b.to_sql_checked(ty, out),
+            Param::Json(v) => v.to_sql_checked(ty, out),
+            Param::OptJson(v) => v.to_sql_checked(ty, out),
         }
-        while let Some(outcome) = inflight.next().await {
-            ids.push(outcome?.connection.id);
-        }
-        drop(inflight);
-        tx.commit().await?;
-        Ok(ids)
     }
+}
 
-    async fn get_connection(&self, id: &ConnectionId) -> Result<Option<Connection>, StoreError> {
-        let client = self.client().await?;
-        Ok(find_connection(&client, id).await?.map(|r| r.connection))
-    }
+struct PgRow<'r>(&'r tokio_postgres::Row);
 
-    async fn list_connections(
-        &self,
-        filter: &ConnectionFilter,
-    ) -> Result<Vec<Connection>, StoreError> {
-        let mut clauses = Vec::new();
-        let mut values: Vec<String> = Vec::new();
-        let mut push = |clause: &str, value: String| {
-            values.push(value);
-            clauses.push(format!("{clause} ${}", values.len()));
-        };
-        if let Some(p) = filter.provider {
-            push("c.provider =", p.as_str().to_owned());
-        }
-        if let Some(u) = &filter.end_user_id {
-            push("c.end_user_id =", u.clone());
-        }
-        if let Some(s) = filter.status {
-            push("c.status =", s.as_str().to_owned());
-        }
-        if let Some(after) = &filter.after {
-            push("c.id >", after.as_str().to_owned());
-        }
-        let limit = i64::from(match filter.limit {
-            0 => 100,
-            n => n.min(1000),
-        });
-        let filter_sql = if clauses.is_empty() {
-            String::new()
+impl Row for PgRow<'_> {
+    fn cell(&self, i: usize) -> Result<Cell, StoreError> {
+        let row = self.0;
+        let ty = row.columns()[i].type_();
+        let cell = if *ty == Type::TEXT || *ty == Type::VARCHAR {
+            row.try_get::<_, Option<String>>(i)?.map(Cell::Text)
+        } else if *ty == Type::INT8 {
+            row.try_get::<_, Option<i64>>(i)?.map(Cell::Int)
+        } else if *ty == Type::BOOL {
+            row.try_get::<_, Option<bool>>(i)?.map(Cell::Bool)
+        } else if *ty == Type::TIMESTAMPTZ {
+            row.try_get::<_, Option<DateTime<Utc>>>(i)?.map(Cell::Time)
+        } else if *ty == Type::BYTEA {
+            row.try_get::<_, Option<Vec<u8>>>(i)?.map(Cell::Bytes)
+        } else if *ty == Type::JSONB || *ty == Type::JSON {
+            row.try_get::<_, Option<serde_json::Value>>(i)?
+                .map(Cell::Json)
         } else {
-            format!("WHERE {}", clauses.join(" AND "))
+            return Err(StoreError::Database(format!(
+                "column {i} has type {ty}, which no column of ours has"
+            )));
         };
-        let sql = format!(
-            "SELECT {CONNECTION_COLUMNS} FROM connections c {filter_sql} ORDER BY c.id LIMIT ${}",
-            values.len() + 1
-        );
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
-            .iter()
-            .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        params.push(&limit);
-        let client = self.client().await?;
-        query(&client, &sql, &params)
+        Ok(cell.unwrap_or(Cell::Null))
+    }
+}
+
+fn bind<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
+impl<C: GenericClient> Db for PgDb<'_, C> {
+    fn keys(&self) -> &KeyRing {
+        self.keys
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now().trunc_subsecs(6)
+    }
+
+    async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        let stmt = self.client.prepare_cached(sql).await?;
+        Ok(self.client.execute(&stmt, &bind(params)).await?)
+    }
+
+    async fn query<T>(&self, sql: &str, params: &[Param<'_>], decode: Decode<T>) -> Rows<T> {
+        let stmt = self.client.prepare_cached(sql).await?;
+        self.client
+            .query(&stmt, &bind(params))
             .await?
             .iter()
-            .map(|r| connection_at(r, 0).map(|c| c.connection))
+            .map(|row| decode(&PgRow(row)))
             .collect()
     }
 
-    async fn current_grant(
-        &self,
-        id: &ConnectionId,
-    ) -> Result<Option<(Connection, Option<OpenGrant>)>, StoreError> {
-        let client = self.client().await?;
-        let Some(row) = query_opt(
-            &client,
-            &format!(
-                "SELECT {CONNECTION_COLUMNS}, {GRANT_COLUMNS} FROM connections c \
-                 LEFT JOIN grants g ON g.id = c.current_grant_id WHERE c.id = $1"
-            ),
-            &[&id.as_str()],
+    fn locks_rows(&self) -> bool {
+        true
+    }
+
+    /// A transaction-scoped advisory lock, per schema, so that test schemas sharing one server
+    /// do not serialize on each other.
+    async fn lock_bot(&self, provider: Provider, bot: &str) -> Result<(), StoreError> {
+        let key = format!("{}|{bot}", provider.as_str());
+        self.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('tokenkeeper/bot|' || coalesce(current_schema(), '') || '|' || $1, 0))",
+            &[Param::Text(&key)],
         )
-        .await?
-        else {
-            return Ok(None);
-        };
-        drop(client);
-        let connection = connection_at(&row, 0)?.connection;
-        let grant = match row.try_get::<_, Option<String>>(CONNECTION_WIDTH)? {
-            Some(_) => Some(open_grant(&self.keys, grant_at(&row, CONNECTION_WIDTH)?)?),
-            None => None,
-        };
-        Ok(Some((connection, grant)))
-    }
-
-    async fn get_grant(
-        &self,
-        id: &ConnectionId,
-        grant: &GrantId,
-    ) -> Result<Option<OpenGrant>, StoreError> {
-        let client = self.client().await?;
-        find_grant(&client, id, grant)
-            .await?
-            .map(|g| open_grant(&self.keys, g))
-            .transpose()
-    }
-
-    async fn list_grants(&self, id: &ConnectionId) -> Result<Vec<GrantRecord>, StoreError> {
-        let client = self.client().await?;
-        query(
-            &client,
-            &format!(
-                "SELECT {GRANT_COLUMNS} FROM grants g WHERE g.connection_id = $1 ORDER BY g.seq"
-            ),
-            &[&id.as_str()],
-        )
-        .await?
-        .iter()
-        .map(|r| grant_at(r, 0).map(|g| g.record))
-        .collect()
-    }
-
-    async fn list_events(&self, id: &ConnectionId) -> Result<Vec<Event>, StoreError> {
-        let client = self.client().await?;
-        query(
-            &client,
-            &format!("SELECT {EVENT_COLUMNS} FROM events WHERE connection_id = $1 ORDER BY seq"),
-            &[&id.as_str()],
-        )
-        .await?
-        .iter()
-        .map(event_at)
-        .collect()
-    }
-
-    async fn begin_refresh(
-        &self,
-        id: &ConnectionId,
-        if_grant: Option<&GrantId>,
-        holder: &str,
-        lease: Duration,
-    ) -> Result<LeaseOutcome, StoreError> {
-        in_transaction!(self, |tx| ledger::begin_refresh(
-            &tx,
-            &self.keys,
-            &self.clock,
-            id,
-            if_grant,
-            holder,
-            lease
-        ))
-    }
-
-    async fn record_refresh(
-        &self,
-        id: &ConnectionId,
-        parent: &GrantId,
-        fence: i64,
-        attempt: &AttemptId,
-        pair: MintedPair,
-    ) -> Result<RefreshRecorded, StoreError> {
-        in_transaction!(self, |tx| ledger::record_refresh(
-            &tx,
-            &self.keys,
-            &self.clock,
-            id,
-            parent,
-            fence,
-            attempt,
-            &pair
-        ))
-    }
-
-    async fn record_refresh_failure(
-        &self,
-        id: &ConnectionId,
-        parent: &GrantId,
-        fence: i64,
-        attempt: &AttemptId,
-        failure: &RefreshFailure,
-    ) -> Result<FailureOutcome, StoreError> {
-        in_transaction!(self, |tx| ledger::record_refresh_failure(
-            &tx,
-            &self.clock,
-            id,
-            parent,
-            fence,
-            attempt,
-            failure
-        ))
-    }
-
-    async fn mark_needs_reauth(
-        &self,
-        id: &ConnectionId,
-        grant: &GrantId,
-        diagnosis: serde_json::Value,
-    ) -> Result<Connection, StoreError> {
-        let row: rows::ConnectionRow = in_transaction!(self, |tx| ledger::mark_needs_reauth(
-            &tx,
-            &self.clock,
-            id,
-            grant,
-            &diagnosis
-        ))?;
-        Ok(row.connection)
-    }
-
-    async fn mark_revoked(
-        &self,
-        id: &ConnectionId,
-        reason: &str,
-    ) -> Result<Connection, StoreError> {
-        let row: rows::ConnectionRow = in_transaction!(self, |tx| ledger::mark_revoked(
-            &tx,
-            &self.clock,
-            id,
-            reason
-        ))?;
-        Ok(row.connection)
-    }
-
-    async fn rotate_keys(&self, batch: u32) -> Result<RotateProgress, StoreError> {
-        in_transaction!(self, |tx| ledger::rotate_keys(&tx, &self.keys, batch))
+        .await?;
+        Ok(())
     }
 }
 

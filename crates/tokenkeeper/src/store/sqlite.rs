@@ -11,29 +11,19 @@
 //! rusqlite is blocking: writes (which may wait for another process's lock) run on tokio's blocking
 //! pool; reads, one indexed lookup that never waits for a writer in WAL mode, run inline.
 
-mod ledger;
-mod rows;
-
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
-use rusqlite::{params, ErrorCode, OptionalExtension, TransactionBehavior};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use futures::FutureExt;
+use rusqlite::types::ToSqlOutput;
+use rusqlite::{params, ErrorCode, TransactionBehavior};
 
-use self::rows::{
-    connection_at, event_at, find_connection, find_grant, grant_at, open_grant, ts,
-    CONNECTION_COLUMNS, CONNECTION_WIDTH, EVENT_COLUMNS, GRANT_COLUMNS,
-};
-use super::{RefreshRecorded, SessionLookup, Store, StoreError};
+use super::db::{Cell, Db, Decode, Param, Row, Rows};
+use super::StoreError;
 use crate::clock::Clock;
-use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
-use crate::ledger::{
-    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, Event, FailureOutcome,
-    GrantRecord, LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshFailure,
-    RotateProgress,
-};
+use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
 /// The migrations this binary knows, in order. Each is applied in its own transaction.
@@ -129,21 +119,18 @@ impl SqliteStore {
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer and commits it; any error
-    /// rolls everything back. `now` is read after the write lock is held, so lease times are
-    /// ordered like the commits.
-    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// rolls everything back. The transaction holds the database's write lock from its start,
+    /// so everything `f` reads is the latest commit of any process.
+    pub(super) async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&rusqlite::Transaction<'_>, &KeyRing, DateTime<Utc>) -> Result<T, StoreError>
-            + Send
-            + 'static,
+        F: FnOnce(&SqliteDb<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let mut conn = self.inner.writer.clone().lock_owned().await;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let now = inner.clock.now().trunc_subsecs(6);
-            let out = f(&tx, &inner.keys, now)?;
+            let out = f(&inner.session(&tx))?;
             tx.commit()?;
             Ok(out)
         })
@@ -158,10 +145,9 @@ impl SqliteStore {
     /// always cached, and the thread hand-off cost more than the read itself (about a quarter
     /// of a token read's CPU in the benchmarks). Writes, which may wait on another process's
     /// lock, still run on the blocking pool.
-    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    pub(super) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        T: Send + 'static,
-        F: FnOnce(&rusqlite::Connection, &KeyRing) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&SqliteDb<'_>) -> Result<T, StoreError>,
     {
         let permit = self
             .inner
@@ -179,7 +165,7 @@ impl SqliteStore {
             Some(conn) => conn,
             None => open_connection(&inner.path, false)?,
         };
-        let out = f(&conn, &inner.keys);
+        let out = f(&inner.session(&conn));
         inner
             .readers
             .lock()
@@ -190,30 +176,24 @@ impl SqliteStore {
     }
 }
 
-fn schema_version(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
-    let has_table: bool = conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations')")?
-        .query_row([], |r| r.get(0))?;
-    if !has_table {
-        return Ok(0);
+impl Inner {
+    fn session<'a>(&'a self, conn: &'a rusqlite::Connection) -> SqliteDb<'a> {
+        SqliteDb {
+            conn,
+            keys: &self.keys,
+            clock: &self.clock,
+        }
     }
-    Ok(conn
-        .prepare_cached("SELECT coalesce(max(version), 0) FROM schema_migrations")?
-        .query_row([], |r| r.get(0))?)
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn migrate(&self) -> Result<i64, StoreError> {
+impl SqliteStore {
+    pub(super) async fn migrate(&self) -> Result<i64, StoreError> {
         // One migration per transaction, each re-reading the version under the write lock, so
         // two processes migrating at once apply each migration exactly once.
         loop {
             let applied = self
-                .write(|tx, _, now| {
+                .write(|db| {
+                    let tx = db.conn;
                     tx.execute_batch(
                         "CREATE TABLE IF NOT EXISTS schema_migrations (\
                              version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT",
@@ -231,7 +211,7 @@ impl Store for SqliteStore {
                     tx.execute_batch(sql)?;
                     tx.execute(
                         "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
-                        params![version, ts(now)],
+                        params![version, ts(db.now())],
                     )?;
                     Ok(Some(*version))
                 })
@@ -242,292 +222,148 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn check_schema(&self) -> Result<i64, StoreError> {
-        let found = self.read(|conn, _| schema_version(conn)).await?;
-        match found.cmp(&SCHEMA_VERSION) {
-            std::cmp::Ordering::Greater => Err(StoreError::SchemaTooNew {
-                found,
-                supported: SCHEMA_VERSION,
-            }),
-            std::cmp::Ordering::Less => Err(StoreError::SchemaBehind {
-                found,
-                supported: SCHEMA_VERSION,
-            }),
-            std::cmp::Ordering::Equal => Ok(found),
-        }
+    pub(super) async fn schema_version(&self) -> Result<i64, StoreError> {
+        self.read(|db| schema_version(db.conn)).await
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|conn, _| {
-            Ok(conn
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|db| {
+            Ok(db
+                .conn
                 .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
                 .map(drop)?)
         })
         .await
     }
+}
 
-    async fn create_session(&self, session: &ConnectSession) -> Result<(), StoreError> {
-        let s = session.clone();
-        self.write(move |tx, _, _| {
-            tx.prepare_cached(
-                "INSERT INTO connect_sessions (id, provider, state_hash, end_user_id, return_to, connection_id, \
-                     created_at, expires_at, used_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                s.id.as_str(),
-                s.provider.as_str(),
-                s.state_hash,
-                s.end_user_id,
-                s.return_to,
-                s.connection_id.as_ref().map(ConnectionId::as_str),
-                ts(s.created_at),
-                ts(s.expires_at),
-                s.used_at.map(ts),
-            ])?;
-            Ok(())
-        })
-        .await
+fn schema_version(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
+    let has_table: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations')")?
+        .query_row([], |r| r.get(0))?;
+    if !has_table {
+        return Ok(0);
     }
+    Ok(conn
+        .prepare_cached("SELECT coalesce(max(version), 0) FROM schema_migrations")?
+        .query_row([], |r| r.get(0))?)
+}
 
-    async fn get_session(&self, id: &SessionId) -> Result<Option<ConnectSession>, StoreError> {
-        let id = id.clone();
-        self.read(move |conn, _| {
-            Ok(conn
-                .prepare_cached(&format!(
-                    "SELECT {} FROM connect_sessions WHERE id = ?1",
-                    ledger::SESSION_COLUMNS
-                ))?
-                .query_row([id.as_str()], ledger::session_at)
-                .optional()?)
-        })
-        .await
-    }
+/// Runs a sequence written against `Db` to completion. SQLite's `Db` never waits (rusqlite is
+/// synchronous, and a write transaction already holds the lock), so the sequence finishes in
+/// its first poll; a sequence that waited would be a bug, and fails loudly.
+pub(super) fn drive<T>(sequence: impl std::future::Future<Output = T>) -> T {
+    sequence
+        .now_or_never()
+        .expect("a sequence on SQLite never waits")
+}
 
-    async fn consume_session(&self, state_hash: &str) -> Result<SessionLookup, StoreError> {
-        let state_hash = state_hash.to_owned();
-        self.write(move |tx, _, now| ledger::consume_session(tx, now, &state_hash))
-            .await
-    }
+/// Timestamps are stored as fixed-width RFC 3339 in UTC with microseconds, so that SQL string
+/// comparison is time comparison. Microseconds match PostgreSQL's precision.
+pub(super) fn ts(t: DateTime<Utc>) -> String {
+    t.trunc_subsecs(6)
+        .to_rfc3339_opts(SecondsFormat::Micros, true)
+}
 
-    async fn record_authorization(
-        &self,
-        auth: NewAuthorization,
-    ) -> Result<AuthorizationOutcome, StoreError> {
-        self.write(move |tx, keys, now| ledger::record_authorization(tx, keys, now, &auth))
-            .await
-    }
+/// A SQLite session for the shared sequences: the writer's transaction, or a read connection.
+pub(crate) struct SqliteDb<'a> {
+    conn: &'a rusqlite::Connection,
+    keys: &'a KeyRing,
+    clock: &'a Clock,
+}
 
-    async fn import_authorizations(
-        &self,
-        batch: Vec<NewAuthorization>,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        super::check_distinct(&batch)?;
-        self.write(move |tx, keys, now| {
-            batch
-                .iter()
-                .map(|auth| {
-                    ledger::record_authorization(tx, keys, now, auth).map(|o| o.connection.id)
-                })
-                .collect()
-        })
-        .await
-    }
-
-    async fn get_connection(&self, id: &ConnectionId) -> Result<Option<Connection>, StoreError> {
-        let id = id.clone();
-        self.read(move |conn, _| Ok(find_connection(conn, &id)?.map(|r| r.connection)))
-            .await
-    }
-
-    async fn list_connections(
-        &self,
-        filter: &ConnectionFilter,
-    ) -> Result<Vec<Connection>, StoreError> {
-        let filter = filter.clone();
-        self.read(move |conn, _| {
-            let mut clauses = Vec::new();
-            let mut values: Vec<rusqlite::types::Value> = Vec::new();
-            let mut push = |clause: &str, value: String| {
-                values.push(value.into());
-                clauses.push(format!("{clause} ?{}", values.len()));
-            };
-            if let Some(p) = filter.provider {
-                push("c.provider =", p.as_str().to_owned());
-            }
-            if let Some(u) = &filter.end_user_id {
-                push("c.end_user_id =", u.clone());
-            }
-            if let Some(s) = filter.status {
-                push("c.status =", s.as_str().to_owned());
-            }
-            if let Some(after) = &filter.after {
-                push("c.id >", after.as_str().to_owned());
-            }
-            let limit = match filter.limit {
-                0 => 100,
-                n => n.min(1000),
-            };
-            values.push(i64::from(limit).into());
-            let filter_sql = if clauses.is_empty() {
-                String::new()
-            } else {
-                format!("WHERE {}", clauses.join(" AND "))
-            };
-            let sql = format!(
-                "SELECT {CONNECTION_COLUMNS} FROM connections c {filter_sql} ORDER BY c.id LIMIT ?{}",
-                values.len()
+impl SqliteDb<'_> {
+    fn prepare(&self, sql: &str) -> Result<rusqlite::CachedStatement<'_>, StoreError> {
+        let stmt = self.conn.prepare_cached(sql)?;
+        // Shared statements number their `$n` in order of first appearance (see `db.rs`);
+        // SQLite numbers named parameters that way, so any other order would bind wrongly.
+        #[cfg(debug_assertions)]
+        for i in 1..=stmt.parameter_count() {
+            assert_eq!(
+                stmt.parameter_name(i),
+                Some(format!("${i}").as_str()),
+                "placeholders out of order in: {sql}"
             );
-            let rows = conn
-                .prepare_cached(&sql)?
-                .query_map(rusqlite::params_from_iter(values), |row| connection_at(row, 0))?
-                .map(|r| r.map(|r| r.connection))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+        }
+        Ok(stmt)
+    }
+}
+
+impl rusqlite::ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        use rusqlite::types::Value;
+        Ok(match *self {
+            Param::Text(s) => s.into(),
+            Param::OptText(s) => s.map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
+            Param::Int(n) => n.into(),
+            Param::Bool(b) => b.into(),
+            Param::Time(t) => ToSqlOutput::Owned(Value::Text(ts(t))),
+            Param::OptTime(t) => ToSqlOutput::Owned(t.map_or(Value::Null, |t| Value::Text(ts(t)))),
+            Param::Bytes(b) => b.into(),
+            Param::OptBytes(b) => b.map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
+            Param::Json(v) => ToSqlOutput::Owned(Value::Text(v.to_string())),
+            Param::OptJson(v) => {
+                ToSqlOutput::Owned(v.map_or(Value::Null, |v| Value::Text(v.to_string())))
+            }
         })
-        .await
     }
+}
 
-    async fn current_grant(
-        &self,
-        id: &ConnectionId,
-    ) -> Result<Option<(Connection, Option<OpenGrant>)>, StoreError> {
-        let id = id.clone();
-        self.read(move |conn, keys| {
-            let found = conn
-                .prepare_cached(&format!(
-                    "SELECT {CONNECTION_COLUMNS}, {GRANT_COLUMNS} FROM connections c \
-                     LEFT JOIN grants g ON g.id = c.current_grant_id WHERE c.id = ?1"
-                ))?
-                .query_row([id.as_str()], |row| {
-                    let connection = connection_at(row, 0)?.connection;
-                    let grant = match row.get::<_, Option<String>>(CONNECTION_WIDTH)? {
-                        Some(_) => Some(grant_at(row, CONNECTION_WIDTH)?),
-                        None => None,
-                    };
-                    Ok((connection, grant))
-                })
-                .optional()?;
-            let Some((connection, grant)) = found else {
-                return Ok(None);
-            };
-            let grant = grant.map(|g| open_grant(keys, g)).transpose()?;
-            Ok(Some((connection, grant)))
+struct SqliteRow<'r, 's>(&'r rusqlite::Row<'s>);
+
+impl Row for SqliteRow<'_, '_> {
+    fn cell(&self, i: usize) -> Result<Cell, StoreError> {
+        use rusqlite::types::ValueRef;
+        Ok(match self.0.get_ref(i)? {
+            ValueRef::Null => Cell::Null,
+            ValueRef::Integer(n) => Cell::Int(n),
+            ValueRef::Text(t) => Cell::Text(
+                std::str::from_utf8(t)
+                    .map_err(|e| StoreError::Database(format!("column {i}: {e}")))?
+                    .to_owned(),
+            ),
+            ValueRef::Blob(b) => Cell::Bytes(b.to_vec()),
+            ValueRef::Real(_) => {
+                return Err(StoreError::Database(format!(
+                    "column {i} holds a real number, which no column of ours does"
+                )))
+            }
         })
-        .await
+    }
+}
+
+impl Db for SqliteDb<'_> {
+    fn keys(&self) -> &KeyRing {
+        self.keys
     }
 
-    async fn get_grant(
-        &self,
-        id: &ConnectionId,
-        grant: &GrantId,
-    ) -> Result<Option<OpenGrant>, StoreError> {
-        let (id, grant) = (id.clone(), grant.clone());
-        self.read(move |conn, keys| {
-            find_grant(conn, &id, &grant)?
-                .map(|g| open_grant(keys, g))
-                .transpose()
-        })
-        .await
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now().trunc_subsecs(6)
     }
 
-    async fn list_grants(&self, id: &ConnectionId) -> Result<Vec<GrantRecord>, StoreError> {
-        let id = id.clone();
-        self.read(move |conn, _| {
-            Ok(conn
-                .prepare_cached(&format!(
-                    "SELECT {GRANT_COLUMNS} FROM grants g WHERE g.connection_id = ?1 ORDER BY g.seq"
-                ))?
-                .query_map([id.as_str()], |row| grant_at(row, 0).map(|g| g.record))?
-                .collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
+    async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        let changed = self
+            .prepare(sql)?
+            .execute(rusqlite::params_from_iter(params))?;
+        Ok(changed as u64)
     }
 
-    async fn list_events(&self, id: &ConnectionId) -> Result<Vec<Event>, StoreError> {
-        let id = id.clone();
-        self.read(move |conn, _| {
-            Ok(conn
-                .prepare_cached(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE connection_id = ?1 ORDER BY seq"
-                ))?
-                .query_map([id.as_str()], event_at)?
-                .collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
+    async fn query<T>(&self, sql: &str, params: &[Param<'_>], decode: Decode<T>) -> Rows<T> {
+        let mut stmt = self.prepare(sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(decode(&SqliteRow(row))?);
+        }
+        Ok(out)
     }
 
-    async fn begin_refresh(
-        &self,
-        id: &ConnectionId,
-        if_grant: Option<&GrantId>,
-        holder: &str,
-        lease: Duration,
-    ) -> Result<LeaseOutcome, StoreError> {
-        let (id, if_grant, holder) = (id.clone(), if_grant.cloned(), holder.to_owned());
-        self.write(move |tx, keys, now| {
-            ledger::begin_refresh(tx, keys, now, &id, if_grant.as_ref(), &holder, lease)
-        })
-        .await
+    fn locks_rows(&self) -> bool {
+        false
     }
 
-    async fn record_refresh(
-        &self,
-        id: &ConnectionId,
-        parent: &GrantId,
-        fence: i64,
-        attempt: &AttemptId,
-        pair: MintedPair,
-    ) -> Result<RefreshRecorded, StoreError> {
-        let (id, parent, attempt) = (id.clone(), parent.clone(), attempt.clone());
-        self.write(move |tx, keys, now| {
-            ledger::record_refresh(tx, keys, now, &id, &parent, fence, &attempt, &pair)
-        })
-        .await
-    }
-
-    async fn record_refresh_failure(
-        &self,
-        id: &ConnectionId,
-        parent: &GrantId,
-        fence: i64,
-        attempt: &AttemptId,
-        failure: &RefreshFailure,
-    ) -> Result<FailureOutcome, StoreError> {
-        let (id, parent, attempt, failure) =
-            (id.clone(), parent.clone(), attempt.clone(), failure.clone());
-        self.write(move |tx, _, now| {
-            ledger::record_refresh_failure(tx, now, &id, &parent, fence, &attempt, &failure)
-        })
-        .await
-    }
-
-    async fn mark_needs_reauth(
-        &self,
-        id: &ConnectionId,
-        grant: &GrantId,
-        diagnosis: serde_json::Value,
-    ) -> Result<Connection, StoreError> {
-        let (id, grant) = (id.clone(), grant.clone());
-        self.write(move |tx, _, now| ledger::mark_needs_reauth(tx, now, &id, &grant, &diagnosis))
-            .await
-            .map(|r| r.connection)
-    }
-
-    async fn mark_revoked(
-        &self,
-        id: &ConnectionId,
-        reason: &str,
-    ) -> Result<Connection, StoreError> {
-        let (id, reason) = (id.clone(), reason.to_owned());
-        self.write(move |tx, _, now| ledger::mark_revoked(tx, now, &id, &reason))
-            .await
-            .map(|r| r.connection)
-    }
-
-    async fn rotate_keys(&self, batch: u32) -> Result<RotateProgress, StoreError> {
-        self.write(move |tx, keys, _| ledger::rotate_keys(tx, keys, batch))
-            .await
+    async fn lock_bot(&self, _provider: Provider, _bot: &str) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 
@@ -542,6 +378,7 @@ impl std::fmt::Debug for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sql;
 
     #[test]
     fn timestamps_sort_as_text() {
@@ -553,5 +390,26 @@ mod tests {
             .to_utc();
         assert!(ts(a) < ts(b));
         assert_eq!(ts(b), "2026-06-08T10:00:00.000000Z");
+    }
+
+    /// Every shared statement prepares on a migrated SQLite database with its placeholders in
+    /// order (a wrong order would bind values to the wrong columns).
+    #[tokio::test]
+    async fn every_shared_statement_prepares_with_ordered_placeholders() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(KeyRing::parse(&KeyRing::generate_entry()).unwrap());
+        let store = SqliteStore::open(&dir.path().join("t.db"), keys, Clock::System)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+            .read(|db| {
+                for statement in sql::ALL {
+                    db.prepare(statement)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
     }
 }

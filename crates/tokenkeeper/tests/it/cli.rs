@@ -198,9 +198,10 @@ async fn keys_generate_and_rotate_reseal_every_grant_under_the_new_key() {
     assert_ne!(old, new);
     let db = dir.path().join("rotate.db");
     let old_ring = Arc::new(KeyRing::parse(&old).unwrap());
-    let store = SqliteStore::open(&db, old_ring, Clock::System)
+    let store: Store = SqliteStore::open(&db, old_ring, Clock::System)
         .await
-        .unwrap();
+        .unwrap()
+        .into();
     store.migrate().await.unwrap();
     let mut ids = Vec::new();
     for n in 0..7 {
@@ -237,9 +238,11 @@ async fn keys_generate_and_rotate_reseal_every_grant_under_the_new_key() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("7 grants re-sealed"));
 
     // The new key alone now opens every grant; the old key alone opens none.
-    let new_only = SqliteStore::open(&db, Arc::new(KeyRing::parse(&new).unwrap()), Clock::System)
-        .await
-        .unwrap();
+    let new_only: Store =
+        SqliteStore::open(&db, Arc::new(KeyRing::parse(&new).unwrap()), Clock::System)
+            .await
+            .unwrap()
+            .into();
     for (n, (connection, grant)) in ids.iter().enumerate() {
         let open = new_only
             .get_grant(connection, grant)
@@ -251,9 +254,11 @@ async fn keys_generate_and_rotate_reseal_every_grant_under_the_new_key() {
             format!("ntn_rotate_access_{n}")
         );
     }
-    let old_only = SqliteStore::open(&db, Arc::new(KeyRing::parse(&old).unwrap()), Clock::System)
-        .await
-        .unwrap();
+    let old_only: Store =
+        SqliteStore::open(&db, Arc::new(KeyRing::parse(&old).unwrap()), Clock::System)
+            .await
+            .unwrap()
+            .into();
     let (connection, grant) = &ids[0];
     assert!(matches!(
         old_only.get_grant(connection, grant).await,

@@ -14,8 +14,8 @@ use proptest::test_runner::{Config, TestRunner};
 use tokenkeeper::clock::Clock;
 use tokenkeeper::ids::{AttemptId, ConnectionId, GrantId, RefreshToken};
 use tokenkeeper::ledger::{
-    AuthorizationKind, ConnectionStatus, FailureOutcome, LeaseOutcome, MintedPair, RefreshCommit,
-    RefreshFailure,
+    AuthorizationKind, ConnectionStatus, Diagnosis, DiagnosisReason, FailureOutcome, Fence,
+    LeaseHolder, LeaseOutcome, MintedPair, RefreshCommit, RefreshFailure,
 };
 use tokenkeeper::store::{Store, StoreError};
 
@@ -93,7 +93,7 @@ struct ModelConn {
     status: ConnectionStatus,
     current: GrantId,
     grants: Vec<ModelGrant>,
-    fence: i64,
+    fence: Fence,
     /// `Some` while a lease is held (it may have expired).
     lease_until: Option<DateTime<Utc>>,
 }
@@ -115,16 +115,16 @@ impl ModelConn {
 struct Pending {
     conn: ConnectionId,
     parent: GrantId,
-    fence: i64,
+    fence: Fence,
     attempt: AttemptId,
 }
 
 #[derive(Debug)]
 struct ModelAttempt {
     grant: GrantId,
-    fence: i64,
+    fence: Fence,
     finished: bool,
-    holder: String,
+    holder: LeaseHolder,
 }
 
 #[derive(Default)]
@@ -194,7 +194,7 @@ fn model_reauthorize(
     recovered
 }
 
-async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
+async fn step(store: &Store, clock: &Clock, model: &mut Model, op: &Op) {
     match op.clone() {
         Op::Authorize { bot, same_pair } => {
             let bot = format!("bot-{bot}");
@@ -218,7 +218,7 @@ async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
                         status: ConnectionStatus::Active,
                         current: out.grant_id.clone(),
                         grants: vec![model_grant(out.grant_id.clone(), &pair)],
-                        fence: 0,
+                        fence: Fence(0),
                         lease_until: None,
                     });
                 }
@@ -285,7 +285,7 @@ async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
             }
             let i = conn % model.conns.len();
             let now = clock.now();
-            let holder = format!("holder-{}", model.attempts.len());
+            let holder = LeaseHolder::new(format!("holder-{}", model.attempts.len()));
             let m = &model.conns[i];
             let id = m.id.clone();
             let outcome = store
@@ -316,7 +316,7 @@ async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
                 panic!("expected the lease, got {outcome:?}");
             };
             let current = m.current().clone();
-            assert_eq!(fence, m.fence + 1);
+            assert_eq!(fence, m.fence.next());
             assert_eq!(
                 grant.record.id, current.id,
                 "the refresh reads the current grant"
@@ -431,7 +431,7 @@ async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
                         m.status = ConnectionStatus::NeedsReauth;
                         match &outcome {
                             FailureOutcome::NeedsReauth { diagnosis } => {
-                                assert_eq!(diagnosis["grant_id"], serde_json::json!(p.parent));
+                                assert_eq!(diagnosis.grant_id.as_ref(), Some(&p.parent));
                                 outcome.clone()
                             }
                             other => panic!("expected NeedsReauth, got {other:?}"),
@@ -454,7 +454,7 @@ async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
                 .mark_needs_reauth(
                     &m.id,
                     &m.current,
-                    serde_json::json!({ "reason": "unauthorized" }),
+                    Diagnosis::new(DiagnosisReason::TokenRejected, "unauthorized"),
                 )
                 .await
                 .unwrap();
@@ -484,7 +484,7 @@ async fn step(store: &dyn Store, clock: &Clock, model: &mut Model, op: &Op) {
 }
 
 /// The store, read back in full, equals the model.
-async fn agrees(store: &dyn Store, model: &Model) {
+async fn agrees(store: &Store, model: &Model) {
     for m in &model.conns {
         let conn = store.get_connection(&m.id).await.unwrap().unwrap();
         assert_eq!(conn.status, m.status);
@@ -559,8 +559,8 @@ async fn run(backend: Backend, ops: Vec<Op>) {
     let db = TestDb::new(backend, key_ring().0, clock.clone()).await;
     let mut model = Model::default();
     for (n, op) in ops.iter().enumerate() {
-        step(&*db.store, &clock, &mut model, op).await;
-        agrees(&*db.store, &model).await;
+        step(&db.store, &clock, &mut model, op).await;
+        agrees(&db.store, &model).await;
         let _ = n;
     }
 }

@@ -7,8 +7,9 @@ use chrono::SecondsFormat;
 use serde_json::json;
 use tokenkeeper::ids::{BotId, ConnectionId, GrantId, RefreshToken, SessionId};
 use tokenkeeper::ledger::{
-    AuthorizationKind, ConnectSession, ConnectionFilter, ConnectionStatus, EventKind,
-    FailureOutcome, GrantOrigin, LeaseOutcome, Provider, RefreshCommit, RefreshFailure,
+    AuthorizationKind, ConnectSession, ConnectionFilter, ConnectionStatus, Diagnosis,
+    DiagnosisReason, EventKind, FailureOutcome, Fence, GrantOrigin, LeaseHolder, LeaseOutcome,
+    Provider, RefreshCommit, RefreshFailure,
 };
 use tokenkeeper::seal::{KeyRing, SealError};
 use tokenkeeper::store::{SessionLookup, Store, StoreError};
@@ -22,7 +23,7 @@ async fn fresh(backend: Backend) -> TestDb {
     TestDb::new(backend, key_ring().0, manual_clock()).await
 }
 
-async fn kinds(store: &dyn Store, id: &ConnectionId) -> Vec<EventKind> {
+async fn kinds(store: &Store, id: &ConnectionId) -> Vec<EventKind> {
     store
         .list_events(id)
         .await
@@ -34,17 +35,21 @@ async fn kinds(store: &dyn Store, id: &ConnectionId) -> Vec<EventKind> {
 
 /// Takes the lease or fails the test.
 async fn acquire(
-    store: &dyn Store,
+    store: &Store,
     id: &ConnectionId,
     holder: &str,
     lease: Duration,
 ) -> (
-    i64,
+    Fence,
     tokenkeeper::ids::AttemptId,
     GrantId,
     Option<tokenkeeper::ledger::InterruptedAttempt>,
 ) {
-    match store.begin_refresh(id, None, holder, lease).await.unwrap() {
+    match store
+        .begin_refresh(id, None, &LeaseHolder::new(holder), lease)
+        .await
+        .unwrap()
+    {
         LeaseOutcome::Acquired {
             fence,
             attempt_id,
@@ -167,7 +172,7 @@ async fn first_authorization_creates_a_connection_with_one_open_grant(backend: B
     );
     s.ping().await.unwrap();
     assert_eq!(
-        s.backend(),
+        s.backend().as_str(),
         match backend {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
@@ -403,7 +408,9 @@ async fn a_revoked_connections_bot_connects_anew_and_a_reconnect_reactivates_it(
     let grants = s.list_grants(&id).await.unwrap();
     assert_eq!(grants[0].revoked_at, Some(db.clock.now()));
     assert!(matches!(
-        s.begin_refresh(&id, None, "h", LEASE).await.unwrap(),
+        s.begin_refresh(&id, None, &LeaseHolder::new("h"), LEASE)
+            .await
+            .unwrap(),
         LeaseOutcome::NotRefreshable {
             status: ConnectionStatus::Revoked,
             ..
@@ -460,7 +467,7 @@ async fn a_refresh_of_the_current_grant_becomes_current(backend: Backend) {
         .unwrap();
     let id = a.connection.id.clone();
     let (fence, attempt, parent, interrupted) = acquire(s, &id, "h1", LEASE).await;
-    assert_eq!(fence, 1);
+    assert_eq!(fence, Fence(1));
     assert_eq!(parent, a.grant_id);
     assert!(interrupted.is_none());
     db.clock.advance(chrono::Duration::seconds(1));
@@ -492,7 +499,7 @@ async fn a_refresh_of_the_current_grant_becomes_current(backend: Backend) {
     );
     // The lease was released: the next refresh starts at once, from the new grant.
     let (fence2, _, parent2, _) = acquire(s, &id, "h2", LEASE).await;
-    assert_eq!(fence2, 2);
+    assert_eq!(fence2, Fence(2));
     assert_eq!(parent2, rec.grant_id);
 }
 
@@ -555,12 +562,21 @@ async fn leases_exclude_expire_and_name_the_interrupted_attempt(backend: Backend
     let id = a.connection.id.clone();
     let started = db.clock.now();
     let (f1, attempt1, _, _) = acquire(s, &id, "h1", LEASE).await;
-    match s.begin_refresh(&id, None, "h2", LEASE).await.unwrap() {
+    match s
+        .begin_refresh(&id, None, &LeaseHolder::new("h2"), LEASE)
+        .await
+        .unwrap()
+    {
         LeaseOutcome::Busy { until } => assert_eq!(until, started + chrono::Duration::seconds(30)),
         other => panic!("expected Busy, got {other:?}"),
     }
     match s
-        .begin_refresh(&id, Some(&GrantId::generate()), "h2", LEASE)
+        .begin_refresh(
+            &id,
+            Some(&GrantId::generate()),
+            &LeaseHolder::new("h2"),
+            LEASE,
+        )
         .await
         .unwrap()
     {
@@ -569,18 +585,18 @@ async fn leases_exclude_expire_and_name_the_interrupted_attempt(backend: Backend
     }
     db.clock.advance(chrono::Duration::seconds(29));
     assert!(matches!(
-        s.begin_refresh(&id, Some(&a.grant_id), "h2", LEASE)
+        s.begin_refresh(&id, Some(&a.grant_id), &LeaseHolder::new("h2"), LEASE)
             .await
             .unwrap(),
         LeaseOutcome::Busy { .. }
     ));
     db.clock.advance(chrono::Duration::seconds(2));
     let (f2, _, parent, interrupted) = acquire(s, &id, "h2", LEASE).await;
-    assert_eq!(f2, f1 + 1, "every lease bumps the fence");
+    assert_eq!(f2, f1.next(), "every lease bumps the fence");
     assert_eq!(parent, a.grant_id);
     let interrupted = interrupted.expect("h1 never reported back");
     assert_eq!(interrupted.attempt_id, attempt1);
-    assert_eq!(interrupted.holder, "h1");
+    assert_eq!(interrupted.holder, LeaseHolder::new("h1"));
     assert_eq!(interrupted.started_at, started);
     assert_eq!(interrupted.grant_id, a.grant_id);
 }
@@ -595,7 +611,7 @@ async fn begin_refresh_refuses_what_cannot_be_refreshed(backend: Backend) {
         .await
         .unwrap();
     match s
-        .begin_refresh(&a.connection.id, None, "h", LEASE)
+        .begin_refresh(&a.connection.id, None, &LeaseHolder::new("h"), LEASE)
         .await
         .unwrap()
     {
@@ -606,7 +622,12 @@ async fn begin_refresh_refuses_what_cannot_be_refreshed(backend: Backend) {
         other => panic!("expected NotRefreshable, got {other:?}"),
     }
     let err = s
-        .begin_refresh(&ConnectionId::generate(), None, "h", LEASE)
+        .begin_refresh(
+            &ConnectionId::generate(),
+            None,
+            &LeaseHolder::new("h"),
+            LEASE,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::UnknownConnection(_)), "{err:?}");
@@ -633,7 +654,9 @@ async fn a_fenced_failure_changes_nothing(backend: Backend) {
     assert!(conn.diagnosis.is_none());
     assert!(
         matches!(
-            s.begin_refresh(&id, None, "h3", LEASE).await.unwrap(),
+            s.begin_refresh(&id, None, &LeaseHolder::new("h3"), LEASE)
+                .await
+                .unwrap(),
             LeaseOutcome::Busy { .. }
         ),
         "h2's lease (fence {f2}) is untouched"
@@ -665,7 +688,9 @@ async fn a_fenced_success_is_still_recorded_and_leaves_the_new_lease_alone(backe
         .unwrap();
     assert_eq!(r1.commit, RefreshCommit::Current);
     assert!(matches!(
-        s.begin_refresh(&id, None, "h3", LEASE).await.unwrap(),
+        s.begin_refresh(&id, None, &LeaseHolder::new("h3"), LEASE)
+            .await
+            .unwrap(),
         LeaseOutcome::Busy { .. }
     ));
     let pair2 = minted("bot-a", "h2", &db.clock);
@@ -712,6 +737,8 @@ async fn invalid_grant_on_the_current_grant_needs_reauth_with_a_diagnosis(backen
     let FailureOutcome::NeedsReauth { diagnosis } = outcome else {
         panic!("expected NeedsReauth, got {outcome:?}");
     };
+    let typed = diagnosis;
+    let diagnosis = json!(typed);
     assert_eq!(diagnosis["reason"], "refresh_rejected");
     assert_eq!(diagnosis["code"], "invalid_grant");
     assert_eq!(diagnosis["grant_id"], json!(a.grant_id));
@@ -734,14 +761,16 @@ async fn invalid_grant_on_the_current_grant_needs_reauth_with_a_diagnosis(backen
 
     let conn = s.get_connection(&id).await.unwrap().unwrap();
     assert_eq!(conn.status, ConnectionStatus::NeedsReauth);
-    assert_eq!(conn.diagnosis.as_ref(), Some(&diagnosis));
+    assert_eq!(conn.diagnosis.as_ref(), Some(&typed));
     let k = kinds(s, &id).await;
     assert_eq!(
         &k[k.len() - 2..],
         [EventKind::RefreshFailed, EventKind::NeedsReauth]
     );
     assert!(matches!(
-        s.begin_refresh(&id, None, "h3", LEASE).await.unwrap(),
+        s.begin_refresh(&id, None, &LeaseHolder::new("h3"), LEASE)
+            .await
+            .unwrap(),
         LeaseOutcome::NotRefreshable {
             status: ConnectionStatus::NeedsReauth,
             ..
@@ -769,6 +798,7 @@ async fn invalid_grant_on_the_current_grant_needs_reauth_with_a_diagnosis(backen
     else {
         panic!("expected NeedsReauth");
     };
+    let diagnosis = json!(diagnosis);
     assert!(diagnosis["interrupted_attempt"].is_null());
     assert_eq!(diagnosis["grant_id"], json!(back.grant_id));
 }
@@ -853,7 +883,10 @@ async fn mark_needs_reauth_applies_only_to_the_current_grant(backend: Backend) {
         .record_refresh(&id, &parent, f, &attempt, minted("bot-a", "b", &db.clock))
         .await
         .unwrap();
-    let diagnosis = json!({ "reason": "unauthorized", "grant_id": a.grant_id });
+    let diagnosis = Diagnosis {
+        grant_id: Some(a.grant_id.clone()),
+        ..Diagnosis::new(DiagnosisReason::TokenRejected, "unauthorized")
+    };
     let unchanged = s
         .mark_needs_reauth(&id, &a.grant_id, diagnosis.clone())
         .await
@@ -865,16 +898,19 @@ async fn mark_needs_reauth_applies_only_to_the_current_grant(backend: Backend) {
     );
     assert!(!kinds(s, &id).await.contains(&EventKind::NeedsReauth));
 
-    let diagnosis = json!({ "reason": "unauthorized", "grant_id": rec.grant_id });
+    let diagnosis = Diagnosis {
+        grant_id: Some(rec.grant_id.clone()),
+        ..Diagnosis::new(DiagnosisReason::TokenRejected, "unauthorized")
+    };
     let marked = s
         .mark_needs_reauth(&id, &rec.grant_id, diagnosis.clone())
         .await
         .unwrap();
     assert_eq!(marked.status, ConnectionStatus::NeedsReauth);
-    assert_eq!(marked.diagnosis, Some(diagnosis));
+    assert_eq!(marked.diagnosis.as_ref(), Some(&diagnosis));
     assert_eq!(kinds(s, &id).await.last(), Some(&EventKind::NeedsReauth));
     let err = s
-        .mark_needs_reauth(&ConnectionId::generate(), &rec.grant_id, json!({}))
+        .mark_needs_reauth(&ConnectionId::generate(), &rec.grant_id, diagnosis)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::UnknownConnection(_)));

@@ -11,7 +11,9 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokenkeeper::clock::Clock;
 use tokenkeeper::ids::{ConnectionId, GrantId};
-use tokenkeeper::ledger::{AuthorizationKind, EventKind, GrantOrigin, LeaseOutcome, RefreshCommit};
+use tokenkeeper::ledger::{
+    AuthorizationKind, EventKind, GrantOrigin, LeaseHolder, LeaseOutcome, RefreshCommit,
+};
 use tokenkeeper::seal::KeyRing;
 use tokenkeeper::store::{self, DatabaseUrl, Store};
 
@@ -35,7 +37,7 @@ struct Committed {
 
 /// A burst of refreshes and re-authorizations of one connection, as a busy broker would make:
 /// some leases are shorter than the "provider call", so others take over and fences move.
-async fn burst(store: Arc<dyn Store>, id: ConnectionId, tag: String) -> Vec<Committed> {
+async fn burst(store: Store, id: ConnectionId, tag: String) -> Vec<Committed> {
     let clock = Clock::System;
     let mut committed = Vec::new();
     for round in 0..ROUNDS {
@@ -72,7 +74,12 @@ async fn burst(store: Arc<dyn Store>, id: ConnectionId, tag: String) -> Vec<Comm
             continue;
         }
         match store
-            .begin_refresh(&id, None, &format!("{tag}-{round}"), lease)
+            .begin_refresh(
+                &id,
+                None,
+                &LeaseHolder::new(format!("{tag}-{round}")),
+                lease,
+            )
             .await
             .unwrap()
         {
@@ -143,7 +150,7 @@ async fn tasks_and_processes_writing_one_connection_lose_nothing_and_keep_invari
         })
         .collect();
     let tasks: Vec<_> = (0..TASKS)
-        .map(|n| tokio::spawn(burst(db.store.clone(), id.clone(), format!("task{n}"))))
+        .map(|n| tokio::spawn(burst((*db.store).clone(), id.clone(), format!("task{n}"))))
         .collect();
 
     let mut committed = Vec::new();
@@ -254,7 +261,12 @@ async fn tasks_and_processes_writing_one_connection_lose_nothing_and_keep_invari
         grant,
         ..
     } = s
-        .begin_refresh(&id, None, "after", Duration::from_secs(10))
+        .begin_refresh(
+            &id,
+            None,
+            &LeaseHolder::new("after"),
+            Duration::from_secs(10),
+        )
         .await
         .unwrap()
     else {

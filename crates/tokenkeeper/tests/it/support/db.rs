@@ -39,7 +39,7 @@ fn with_query(url: &str, pair: &str) -> String {
 }
 
 pub struct TestDb {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<Store>,
     /// A `TOKENKEEPER_DATABASE_URL` that another process can open: `sqlite:///…` or a
     /// PostgreSQL URL whose `options` put the test's schema first on the search_path.
     pub url: String,
@@ -74,7 +74,7 @@ impl TestDb {
                     .await
                     .expect("SQLite opens a temp file");
                 TestDb {
-                    store: Arc::new(store),
+                    store: Arc::new(store.into()),
                     url: format!("sqlite://{}", path.display()),
                     backend,
                     keys,
@@ -91,7 +91,7 @@ impl TestDb {
                     .await
                     .expect("PostgreSQL accepts a fresh schema");
                 TestDb {
-                    store: Arc::new(store),
+                    store: Arc::new(store.into()),
                     url: with_query(&base, &format!("options=-csearch_path%3D{schema}")),
                     backend,
                     keys,
@@ -105,11 +105,13 @@ impl TestDb {
     }
 
     /// Another store on the same database, opened from `url` the way the binary opens it.
-    pub async fn open_another(&self, keys: Arc<KeyRing>, clock: Clock) -> Arc<dyn Store> {
+    pub async fn open_another(&self, keys: Arc<KeyRing>, clock: Clock) -> Arc<Store> {
         let url = DatabaseUrl::parse(&self.url).expect("the test URL parses");
-        store::open(&url, keys, clock)
-            .await
-            .expect("the database opens again")
+        Arc::new(
+            store::open(&url, keys, clock)
+                .await
+                .expect("the database opens again"),
+        )
     }
 
     /// Runs raw SQL (for tests that tamper with rows); returns the rows it changed.

@@ -32,9 +32,10 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::api::auth::Scope;
-use crate::api::error::ApiError;
-use crate::api::SharedState;
+use super::auth::Scope;
+use super::connect::needs_reauth;
+use super::error::{ApiError, ErrorCode};
+use super::SharedState;
 use crate::ids::ConnectionId;
 use crate::ledger::{ConnectionStatus, OpenGrant};
 use crate::refresh::RefreshError;
@@ -79,7 +80,7 @@ fn proxy_error(e: ApiError) -> Response {
     let mut response = e.into_response();
     response
         .headers_mut()
-        .insert(ERROR_HEADER, HeaderValue::from_static(code));
+        .insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
     response
 }
 
@@ -202,33 +203,16 @@ async fn current_grant(state: &SharedState, id: &ConnectionId) -> Result<OpenGra
     match connection.status {
         ConnectionStatus::Active => {}
         ConnectionStatus::NeedsReauth => {
-            return Err(needs_reauth(state, id, connection.diagnosis.unwrap_or_default()).await);
+            return Err(needs_reauth(state, id, connection.diagnosis).await);
         }
         ConnectionStatus::Revoked => {
             return Err(ApiError::new(
-                StatusCode::GONE,
-                "connection_revoked",
+                ErrorCode::ConnectionRevoked,
                 "the connection was revoked",
             ));
         }
     }
     grant.ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))
-}
-
-async fn needs_reauth(
-    state: &SharedState,
-    id: &ConnectionId,
-    diagnosis: serde_json::Value,
-) -> ApiError {
-    let link = crate::api::connect_reconnect_url(state, id).await;
-    ApiError::new(
-        StatusCode::FAILED_DEPENDENCY,
-        "needs_reauth",
-        "the user must reconnect this connection; send them to reconnect_url",
-    )
-    .with("connection_id", id.as_str())
-    .with("reconnect_url", link)
-    .with("diagnosis", diagnosis)
 }
 
 /// The part of the request path after `/v1/proxy/{id}`, raw (still percent-encoded), so that it
@@ -267,7 +251,7 @@ fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
 }
 
 async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<Response, ApiError> {
-    let id = crate::api::parse_connection_id(&id)?;
+    let id = super::connections::parse_id(&id)?;
     let (parts, body) = req.into_parts();
     let mut budget = Budget::from_headers(&parts.headers)?;
     // Answered from the database alone: a connection that needs a reconnect, or was revoked,
@@ -315,8 +299,7 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
                 }
                 tracing::warn!(connection = %id, "Notion unreachable: {}", describe(&e));
                 return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unreachable",
+                    ErrorCode::UpstreamUnreachable,
                     format!("Notion could not be reached: {}", describe(&e)),
                 ));
             }
@@ -332,7 +315,7 @@ async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<R
                         continue;
                     }
                     Err(RefreshError::NeedsReauth { diagnosis }) => {
-                        return Err(needs_reauth(&state, &id, diagnosis).await)
+                        return Err(needs_reauth(&state, &id, diagnosis.map(|d| *d)).await)
                     }
                     Err(other) => return Err(other.into()),
                 }

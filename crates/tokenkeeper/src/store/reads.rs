@@ -1,0 +1,138 @@
+//! The store's reads, written once for both backends. None of them locks or writes.
+
+use super::db::{Db, Param};
+use super::sealed::open_grant;
+use super::{sql, StoreError};
+use crate::ids::{ConnectionId, GrantId, SessionId};
+use crate::ledger::{ConnectSession, Connection, ConnectionFilter, Event, GrantRecord, OpenGrant};
+
+pub(crate) async fn get_connection(
+    db: &impl Db,
+    id: &ConnectionId,
+) -> Result<Option<Connection>, StoreError> {
+    Ok(db
+        .query_opt(
+            sql::CONNECTION_BY_ID,
+            &[Param::Text(id.as_str())],
+            sql::connection,
+        )
+        .await?
+        .map(|row| row.connection))
+}
+
+/// Connections matching `filter`, by id, at most `filter.limit` (1 to 1000; 0 means 100).
+pub(crate) async fn list_connections(
+    db: &impl Db,
+    filter: &ConnectionFilter,
+) -> Result<Vec<Connection>, StoreError> {
+    let mut clauses = Vec::new();
+    let mut params: Vec<Param<'_>> = Vec::new();
+    let mut push = |clause: &str, value| {
+        params.push(value);
+        clauses.push(format!("{clause} ${}", params.len()));
+    };
+    if let Some(p) = filter.provider {
+        push("c.provider =", Param::Text(p.as_str()));
+    }
+    if let Some(u) = &filter.end_user_id {
+        push("c.end_user_id =", Param::Text(u));
+    }
+    if let Some(s) = filter.status {
+        push("c.status =", Param::Text(s.as_str()));
+    }
+    if let Some(after) = &filter.after {
+        push("c.id >", Param::Text(after.as_str()));
+    }
+    let limit = match filter.limit {
+        0 => 100,
+        n => n.min(1000),
+    };
+    params.push(Param::Int(i64::from(limit)));
+    let filter_sql = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {} FROM connections c {filter_sql} ORDER BY c.id LIMIT ${}",
+        sql::CONNECTION_COLUMNS,
+        params.len()
+    );
+    Ok(db
+        .query(&sql, &params, sql::connection)
+        .await?
+        .into_iter()
+        .map(|row| row.connection)
+        .collect())
+}
+
+/// The connection and its current grant with tokens opened: one indexed read.
+pub(crate) async fn current_grant(
+    db: &impl Db,
+    id: &ConnectionId,
+) -> Result<Option<(Connection, Option<OpenGrant>)>, StoreError> {
+    let Some((row, grant)) = db
+        .query_opt(
+            sql::CURRENT_GRANT,
+            &[Param::Text(id.as_str())],
+            sql::connection_and_grant,
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let grant = grant.map(|g| open_grant(db.keys(), g)).transpose()?;
+    Ok(Some((row.connection, grant)))
+}
+
+pub(crate) async fn get_grant(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+) -> Result<Option<OpenGrant>, StoreError> {
+    db.query_opt(
+        sql::GRANT_OF_CONNECTION,
+        &[Param::Text(grant.as_str()), Param::Text(id.as_str())],
+        sql::grant,
+    )
+    .await?
+    .map(|g| open_grant(db.keys(), g))
+    .transpose()
+}
+
+pub(crate) async fn list_grants(
+    db: &impl Db,
+    id: &ConnectionId,
+) -> Result<Vec<GrantRecord>, StoreError> {
+    Ok(db
+        .query(
+            sql::GRANTS_OF_CONNECTION,
+            &[Param::Text(id.as_str())],
+            sql::grant,
+        )
+        .await?
+        .into_iter()
+        .map(|g| g.record)
+        .collect())
+}
+
+pub(crate) async fn list_events(db: &impl Db, id: &ConnectionId) -> Result<Vec<Event>, StoreError> {
+    db.query(
+        sql::EVENTS_OF_CONNECTION,
+        &[Param::Text(id.as_str())],
+        sql::event,
+    )
+    .await
+}
+
+pub(crate) async fn get_session(
+    db: &impl Db,
+    id: &SessionId,
+) -> Result<Option<ConnectSession>, StoreError> {
+    db.query_opt(
+        sql::SESSION_BY_ID,
+        &[Param::Text(id.as_str())],
+        sql::session,
+    )
+    .await
+}

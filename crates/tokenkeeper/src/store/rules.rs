@@ -1,0 +1,993 @@
+//! The ledger's rules, written once for both backends: each operation is one sequence of
+//! statements run inside one transaction (`Store` opens it), against `Db`.
+//!
+//! Every operation that writes to a connection first takes a lock that names it
+//! (`lock_connection`, or `lock_bot` then `lock_live_connection_of_bot` when the connection may
+//! not exist yet), and reads `now` after the lock. Lock order, which rules out deadlocks on
+//! PostgreSQL: at most one bot lock (the bot of the pair being recorded), then at most one
+//! connection row. Grant rows are only updated under their connection's lock, except by
+//! `rotate_keys`, which skips locked grants.
+//!
+//! The invariants these sequences keep are listed in `store/mod.rs`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use super::db::{Db, Param};
+use super::sealed::{open_grant, seal_tokens, GrantRow};
+use super::{sql, ConnectionRow, RefreshRecorded, SessionLookup, StoreError};
+use crate::ids::{AttemptId, ConnectionId, EventId, GrantId, RefreshToken};
+use crate::ledger::{
+    AttemptOutcome, AuthorizationKind, AuthorizationOutcome, AuthorizationTarget, ConnectSession,
+    Connection, ConnectionStatus, Diagnosis, DiagnosisReason, EventKind, FailureOutcome, Fence,
+    GrantOrigin, LeaseHolder, LeaseOutcome, MintedPair, NewAuthorization, Provider, RefreshCommit,
+    RefreshFailure, RotateProgress,
+};
+
+/// An audit record about to be appended.
+struct NewEvent<'a> {
+    kind: EventKind,
+    grant: Option<&'a GrantId>,
+    related: Option<&'a GrantId>,
+    provider_request_id: Option<&'a str>,
+    detail: Value,
+}
+
+impl<'a> NewEvent<'a> {
+    fn new(kind: EventKind, grant: Option<&'a GrantId>) -> Self {
+        NewEvent {
+            kind,
+            grant,
+            related: None,
+            provider_request_id: None,
+            detail: json!({}),
+        }
+    }
+
+    fn related(mut self, related: Option<&'a GrantId>) -> Self {
+        self.related = related;
+        self
+    }
+
+    fn request(mut self, id: Option<&'a str>) -> Self {
+        self.provider_request_id = id;
+        self
+    }
+
+    fn detail(mut self, detail: Value) -> Self {
+        self.detail = detail;
+        self
+    }
+}
+
+/// A grant about to be inserted.
+struct NewGrant<'a> {
+    connection: &'a ConnectionId,
+    origin: GrantOrigin,
+    parent: Option<&'a GrantId>,
+    pair: &'a MintedPair,
+    /// Set for a refresh that lost its race: kept, never current (invariant 3).
+    superseded_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> NewGrant<'a> {
+    fn new(connection: &'a ConnectionId, origin: GrantOrigin, pair: &'a MintedPair) -> Self {
+        NewGrant {
+            connection,
+            origin,
+            parent: None,
+            pair,
+            superseded_at: None,
+            revoked_at: None,
+        }
+    }
+}
+
+fn text(s: &str) -> Param<'_> {
+    Param::Text(s)
+}
+
+async fn insert_event(
+    db: &impl Db,
+    connection: &ConnectionId,
+    at: DateTime<Utc>,
+    e: NewEvent<'_>,
+) -> Result<(), StoreError> {
+    let id = EventId::generate();
+    db.execute(
+        sql::INSERT_EVENT,
+        &[
+            text(id.as_str()),
+            text(connection.as_str()),
+            text(e.kind.as_str()),
+            Param::OptText(e.grant.map(GrantId::as_str)),
+            Param::OptText(e.related.map(GrantId::as_str)),
+            Param::OptText(e.provider_request_id),
+            Param::Json(&e.detail),
+            Param::Time(at),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Seals the pair's tokens and inserts the grant; returns its id.
+async fn insert_grant(db: &impl Db, g: NewGrant<'_>) -> Result<GrantId, StoreError> {
+    let id = GrantId::generate();
+    let pair = g.pair;
+    let (access, refresh, key_id) = seal_tokens(
+        db.keys(),
+        g.connection,
+        &id,
+        &pair.access_token,
+        pair.refresh_token.as_ref(),
+    );
+    let access_fp = pair.access_token.fingerprint();
+    let refresh_fp = pair.refresh_token.as_ref().map(RefreshToken::fingerprint);
+    db.execute(
+        sql::INSERT_GRANT,
+        &[
+            text(id.as_str()),
+            text(g.connection.as_str()),
+            text(g.origin.as_str()),
+            Param::OptText(g.parent.map(GrantId::as_str)),
+            text(&pair.bot_id.0),
+            Param::Time(pair.obtained_at),
+            Param::OptTime(pair.expires_at),
+            Param::OptTime(g.superseded_at),
+            Param::OptTime(g.revoked_at),
+            Param::Bool(g.superseded_at.is_some()),
+            Param::Bytes(&access),
+            Param::OptBytes(refresh.as_deref()),
+            text(&access_fp),
+            Param::OptText(refresh_fp.as_deref()),
+            text(&key_id),
+            Param::OptText(pair.provider_request_id.as_deref()),
+            Param::Json(&pair.metadata),
+        ],
+    )
+    .await?;
+    Ok(id)
+}
+
+/// The statement to run: `locking` where reads must lock rows (`Db::locks_rows`), else
+/// `plain`, which inside SQLite's write transaction is already locked.
+fn pick(db: &impl Db, plain: &'static str, locking: &'static str) -> &'static str {
+    if db.locks_rows() {
+        locking
+    } else {
+        plain
+    }
+}
+
+/// Reads the connection `id` and locks its row until the transaction ends: the lock every
+/// write to an existing connection takes first.
+async fn lock_connection(db: &impl Db, id: &ConnectionId) -> Result<ConnectionRow, StoreError> {
+    db.query_opt(
+        pick(db, sql::CONNECTION_BY_ID, sql::CONNECTION_BY_ID_FOR_UPDATE),
+        &[text(id.as_str())],
+        sql::connection,
+    )
+    .await?
+    .ok_or_else(|| StoreError::UnknownConnection(id.clone()))
+}
+
+/// Reads the live connection of `(provider, bot_id)`, if any, and locks its row. Locking
+/// re-checks the row after waiting for its lock: if a reconnect moved that connection to
+/// another bot meanwhile, it no longer matches.
+async fn lock_live_connection_of_bot(
+    db: &impl Db,
+    provider: Provider,
+    bot: &str,
+) -> Result<Option<ConnectionRow>, StoreError> {
+    db.query_opt(
+        pick(
+            db,
+            sql::LIVE_CONNECTION_OF_BOT,
+            sql::LIVE_CONNECTION_OF_BOT_FOR_UPDATE,
+        ),
+        &[text(provider.as_str()), text(bot)],
+        sql::connection,
+    )
+    .await
+}
+
+async fn find_grant(
+    db: &impl Db,
+    connection: &ConnectionId,
+    grant: &GrantId,
+) -> Result<Option<GrantRow>, StoreError> {
+    db.query_opt(
+        sql::GRANT_OF_CONNECTION,
+        &[text(grant.as_str()), text(connection.as_str())],
+        sql::grant,
+    )
+    .await
+}
+
+/// The connection as the transaction left it.
+async fn reload(db: &impl Db, id: &ConnectionId) -> Result<Connection, StoreError> {
+    db.query_opt(sql::CONNECTION_BY_ID, &[text(id.as_str())], sql::connection)
+        .await?
+        .map(|row| row.connection)
+        .ok_or_else(|| StoreError::UnknownConnection(id.clone()))
+}
+
+async fn live_connection_of_bot(
+    db: &impl Db,
+    provider: Provider,
+    bot: &str,
+) -> Result<Option<ConnectionRow>, StoreError> {
+    db.query_opt(
+        sql::LIVE_CONNECTION_OF_BOT,
+        &[text(provider.as_str()), text(bot)],
+        sql::connection,
+    )
+    .await
+}
+
+async fn set_current_grant(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    db.execute(
+        sql::SET_CURRENT_GRANT,
+        &[text(grant.as_str()), Param::Time(now), text(id.as_str())],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn supersede(db: &impl Db, grant: &GrantId, now: DateTime<Utc>) -> Result<(), StoreError> {
+    db.execute(
+        sql::SUPERSEDE_GRANT,
+        &[Param::Time(now), text(grant.as_str())],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn set_status(
+    db: &impl Db,
+    id: &ConnectionId,
+    status: ConnectionStatus,
+    diagnosis: Option<&Diagnosis>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let diagnosis = diagnosis
+        .map(serde_json::to_value)
+        .transpose()
+        .expect("a diagnosis serializes");
+    db.execute(
+        sql::SET_STATUS,
+        &[
+            text(status.as_str()),
+            Param::OptJson(diagnosis.as_ref()),
+            Param::Time(now),
+            text(id.as_str()),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records a successful authorization (invariants 1, 3, 8); see `Store::record_authorization`.
+pub(crate) async fn record_authorization(
+    db: &impl Db,
+    auth: &NewAuthorization,
+) -> Result<AuthorizationOutcome, StoreError> {
+    let pair = &auth.pair;
+    db.lock_bot(auth.provider, &pair.bot_id.0).await?;
+    match &auth.target {
+        AuthorizationTarget::Connect { end_user_id } => {
+            match lock_live_connection_of_bot(db, auth.provider, &pair.bot_id.0).await? {
+                Some(existing) => reauthorize(db, auth.provider, existing, pair).await,
+                None => connect_new(db, auth.provider, end_user_id, pair).await,
+            }
+        }
+        AuthorizationTarget::Reconnect { connection_id } => {
+            let existing = lock_connection(db, connection_id).await?;
+            reauthorize(db, auth.provider, existing, pair).await
+        }
+    }
+}
+
+async fn connect_new(
+    db: &impl Db,
+    provider: Provider,
+    end_user_id: &str,
+    pair: &MintedPair,
+) -> Result<AuthorizationOutcome, StoreError> {
+    let now = db.now();
+    let id = ConnectionId::generate();
+    db.execute(
+        sql::INSERT_CONNECTION,
+        &[
+            text(id.as_str()),
+            text(provider.as_str()),
+            text(&pair.bot_id.0),
+            text(&pair.workspace_id),
+            Param::OptText(pair.workspace_name.as_deref()),
+            Param::OptText(pair.workspace_icon.as_deref()),
+            text(end_user_id),
+            Param::Time(now),
+        ],
+    )
+    .await?;
+    let grant = insert_grant(db, NewGrant::new(&id, GrantOrigin::Authorization, pair)).await?;
+    set_current_grant(db, &id, &grant, now).await?;
+    insert_event(
+        db,
+        &id,
+        now,
+        NewEvent::new(EventKind::Authorized, Some(&grant))
+            .request(pair.provider_request_id.as_deref())
+            .detail(json!({ "bot_id": pair.bot_id, "workspace_id": pair.workspace_id })),
+    )
+    .await?;
+    Ok(AuthorizationOutcome {
+        connection: reload(db, &id).await?,
+        kind: AuthorizationKind::Connected,
+        grant_id: grant,
+        recovered: false,
+    })
+}
+
+/// Whether a re-authorization returned the pair the connection already holds (Notion before
+/// 2026-06-08): a confirmation, not a new grant (invariant 8). The whole pair must match: a new
+/// refresh token with an old access token is still a new pair, and dropping it would lose it
+/// (invariant 1).
+fn is_confirmation(
+    db: &impl Db,
+    current: Option<&GrantRow>,
+    pair: &MintedPair,
+) -> Result<bool, StoreError> {
+    match current {
+        Some(g) if g.record.revoked_at.is_none() => {
+            let open = open_grant(db.keys(), g.clone())?;
+            Ok(open.access_token == pair.access_token && open.refresh_token == pair.refresh_token)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// An authorization of an existing connection, whose row is locked: a new current grant, or a
+/// confirmation when the provider returned exactly the pair we hold.
+async fn reauthorize(
+    db: &impl Db,
+    provider: Provider,
+    existing: ConnectionRow,
+    pair: &MintedPair,
+) -> Result<AuthorizationOutcome, StoreError> {
+    let now = db.now();
+    let conn = existing.connection;
+    let bot_changed = conn.bot_id != pair.bot_id;
+    // The connection is about to be live with `pair.bot_id` (whose lock we hold); no other
+    // live connection may have it.
+    if bot_changed || conn.status == ConnectionStatus::Revoked {
+        if let Some(other) = live_connection_of_bot(db, provider, &pair.bot_id.0).await? {
+            if other.connection.id != conn.id {
+                return Err(StoreError::Conflict(format!(
+                    "bot {} already belongs to the live connection {}",
+                    pair.bot_id, other.connection.id
+                )));
+            }
+        }
+    }
+
+    let current = match &conn.grant_id {
+        Some(g) => find_grant(db, &conn.id, g).await?,
+        None => None,
+    };
+    let confirmed = is_confirmation(db, current.as_ref(), pair)?;
+
+    if bot_changed {
+        insert_event(
+            db,
+            &conn.id,
+            now,
+            NewEvent::new(EventKind::BotChanged, None)
+                .request(pair.provider_request_id.as_deref())
+                .detail(json!({
+                    "from_bot_id": conn.bot_id,
+                    "to_bot_id": pair.bot_id,
+                    "from_workspace_id": conn.workspace_id,
+                    "to_workspace_id": pair.workspace_id,
+                })),
+        )
+        .await?;
+    }
+    db.execute(
+        sql::SET_BOT,
+        &[
+            text(&pair.bot_id.0),
+            text(&pair.workspace_id),
+            Param::OptText(pair.workspace_name.as_deref()),
+            Param::OptText(pair.workspace_icon.as_deref()),
+            Param::Time(now),
+            text(conn.id.as_str()),
+        ],
+    )
+    .await?;
+
+    let (kind, grant_id) = match current {
+        Some(current) if confirmed => {
+            insert_event(
+                db,
+                &conn.id,
+                now,
+                NewEvent::new(
+                    EventKind::ReauthorizationConfirmed,
+                    Some(&current.record.id),
+                )
+                .request(pair.provider_request_id.as_deref()),
+            )
+            .await?;
+            (AuthorizationKind::Confirmed, current.record.id)
+        }
+        previous => {
+            let grant = insert_grant(
+                db,
+                NewGrant::new(&conn.id, GrantOrigin::Reauthorization, pair),
+            )
+            .await?;
+            let previous = previous.map(|p| p.record.id);
+            if let Some(previous) = &previous {
+                supersede(db, previous, now).await?;
+            }
+            set_current_grant(db, &conn.id, &grant, now).await?;
+            insert_event(
+                db,
+                &conn.id,
+                now,
+                NewEvent::new(EventKind::Reauthorized, Some(&grant))
+                    .related(previous.as_ref())
+                    .request(pair.provider_request_id.as_deref()),
+            )
+            .await?;
+            if let Some(previous) = &previous {
+                insert_event(
+                    db,
+                    &conn.id,
+                    now,
+                    NewEvent::new(EventKind::Superseded, Some(previous))
+                        .related(Some(&grant))
+                        .detail(json!({ "by": "reauthorization" })),
+                )
+                .await?;
+            }
+            (AuthorizationKind::Reauthorized, grant)
+        }
+    };
+
+    let recovered = conn.status != ConnectionStatus::Active;
+    if recovered {
+        set_status(db, &conn.id, ConnectionStatus::Active, None, now).await?;
+        insert_event(
+            db,
+            &conn.id,
+            now,
+            NewEvent::new(EventKind::Recovered, Some(&grant_id))
+                .detail(json!({ "from_status": conn.status })),
+        )
+        .await?;
+    }
+    Ok(AuthorizationOutcome {
+        connection: reload(db, &conn.id).await?,
+        kind,
+        grant_id,
+        recovered,
+    })
+}
+
+/// Authorizations of one import in flight at once. On PostgreSQL their statements interleave
+/// on the one connection, which tokio-postgres pipelines instead of waiting a round trip per
+/// statement: that is what makes a large import fast. On SQLite each completes at once.
+const IMPORT_PIPELINE: usize = 64;
+
+/// See `Store::import_authorizations`; the batch names distinct bots and reconnect targets, so
+/// its authorizations may interleave.
+pub(crate) async fn import_authorizations(
+    db: &impl Db,
+    batch: &[NewAuthorization],
+) -> Result<Vec<ConnectionId>, StoreError> {
+    use futures::stream::{FuturesOrdered, StreamExt};
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut inflight = FuturesOrdered::new();
+    for auth in batch {
+        inflight.push_back(record_authorization(db, auth));
+        if inflight.len() >= IMPORT_PIPELINE {
+            if let Some(outcome) = inflight.next().await {
+                ids.push(outcome?.connection.id);
+            }
+        }
+    }
+    while let Some(outcome) = inflight.next().await {
+        ids.push(outcome?.connection.id);
+    }
+    Ok(ids)
+}
+
+/// Takes the connection's refresh lease; see `Store::begin_refresh`.
+pub(crate) async fn begin_refresh(
+    db: &impl Db,
+    id: &ConnectionId,
+    if_grant: Option<&GrantId>,
+    holder: &LeaseHolder,
+    lease: Duration,
+) -> Result<LeaseOutcome, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    let status = row.connection.status;
+    if status != ConnectionStatus::Active {
+        return Ok(LeaseOutcome::NotRefreshable {
+            status,
+            reason: format!("the connection is {}", status.as_str()),
+        });
+    }
+    let Some(current_id) = row.connection.grant_id.clone() else {
+        return Ok(LeaseOutcome::NotRefreshable {
+            status,
+            reason: "the connection has no current grant".into(),
+        });
+    };
+    if if_grant.is_some_and(|wanted| *wanted != current_id) {
+        return Ok(LeaseOutcome::AlreadyRotated {
+            current: current_id,
+        });
+    }
+    let current = find_grant(db, id, &current_id).await?.ok_or_else(|| {
+        StoreError::Database(format!("current grant {current_id} of {id} is missing"))
+    })?;
+    if current.refresh.is_none() {
+        return Ok(LeaseOutcome::NotRefreshable {
+            status,
+            reason: "the current grant has no refresh token".into(),
+        });
+    }
+    if let (Some(_), Some(until)) = (&row.lease_holder, row.lease_until) {
+        if until > now {
+            return Ok(LeaseOutcome::Busy { until });
+        }
+    }
+
+    let fence = row.lease_fence.next();
+    let lease = chrono::Duration::from_std(lease)
+        .map_err(|_| StoreError::Conflict("lease too long".into()))?;
+    let until = now + lease;
+    db.execute(
+        sql::TAKE_LEASE,
+        &[
+            text(holder.as_str()),
+            Param::Time(until),
+            Param::Int(fence.0),
+            text(id.as_str()),
+        ],
+    )
+    .await?;
+
+    // An unfinished attempt on this same grant means its holder vanished after it may have
+    // spent the refresh token: name it, so that an `invalid_grant` now can be explained.
+    let interrupted = db
+        .query_opt(
+            sql::UNFINISHED_ATTEMPT_OF_GRANT,
+            &[text(current_id.as_str())],
+            sql::attempt,
+        )
+        .await?;
+    db.execute(
+        sql::INTERRUPT_UNFINISHED_ATTEMPTS_OF_GRANT,
+        &[Param::Time(now), text(current_id.as_str())],
+    )
+    .await?;
+
+    let attempt = AttemptId::generate();
+    db.execute(
+        sql::INSERT_ATTEMPT,
+        &[
+            text(attempt.as_str()),
+            text(id.as_str()),
+            text(current_id.as_str()),
+            Param::Int(fence.0),
+            text(holder.as_str()),
+            Param::Time(now),
+            Param::Time(until),
+        ],
+    )
+    .await?;
+    insert_event(
+        db,
+        id,
+        now,
+        NewEvent::new(EventKind::RefreshStarted, Some(&current_id)).detail(json!({
+            "attempt_id": attempt,
+            "fence": fence,
+            "holder": holder,
+            "lease_until": crate::ledger::rfc3339_micros::format(until),
+            "interrupted_attempt": interrupted.as_ref().map(|i| &i.attempt_id),
+        })),
+    )
+    .await?;
+    Ok(LeaseOutcome::Acquired {
+        fence,
+        attempt_id: attempt,
+        grant: open_grant(db.keys(), current)?,
+        interrupted,
+    })
+}
+
+/// Releases the lease if `fence` still holds it, and closes the attempt.
+async fn release_lease_and_close(
+    db: &impl Db,
+    row: &ConnectionRow,
+    fence: Fence,
+    attempt: &AttemptId,
+    outcome: AttemptOutcome,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let id = &row.connection.id;
+    if row.lease_fence == fence {
+        db.execute(sql::RELEASE_LEASE, &[text(id.as_str())]).await?;
+    }
+    db.execute(
+        sql::CLOSE_ATTEMPT,
+        &[
+            Param::Time(now),
+            text(outcome.as_str()),
+            text(attempt.as_str()),
+            text(id.as_str()),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records a successful refresh; see `Store::record_refresh`.
+pub(crate) async fn record_refresh(
+    db: &impl Db,
+    id: &ConnectionId,
+    parent: &GrantId,
+    fence: Fence,
+    attempt: &AttemptId,
+    pair: &MintedPair,
+) -> Result<RefreshRecorded, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    if find_grant(db, id, parent).await?.is_none() {
+        return Err(StoreError::Conflict(format!(
+            "grant {parent} is not a grant of connection {id}"
+        )));
+    }
+    let current = row.connection.grant_id.clone();
+    let revoked = row.connection.status == ConnectionStatus::Revoked;
+    let grant = NewGrant {
+        parent: Some(parent),
+        ..NewGrant::new(id, GrantOrigin::Refresh, pair)
+    };
+    // Invariant 3: only a refresh of the current grant moves the pointer. The fence does not
+    // matter here: a pair the provider minted is recorded whoever holds the lease now.
+    let (grant, commit) = if !revoked && current.as_ref() == Some(parent) {
+        let grant = insert_grant(db, grant).await?;
+        supersede(db, parent, now).await?;
+        set_current_grant(db, id, &grant, now).await?;
+        insert_event(
+            db,
+            id,
+            now,
+            NewEvent::new(EventKind::Refreshed, Some(&grant))
+                .related(Some(parent))
+                .request(pair.provider_request_id.as_deref())
+                .detail(json!({ "attempt_id": attempt, "fence": fence })),
+        )
+        .await?;
+        insert_event(
+            db,
+            id,
+            now,
+            NewEvent::new(EventKind::Superseded, Some(parent))
+                .related(Some(&grant))
+                .detail(json!({ "by": "refresh" })),
+        )
+        .await?;
+        (grant, RefreshCommit::Current)
+    } else {
+        let grant = insert_grant(
+            db,
+            NewGrant {
+                superseded_at: Some(pair.obtained_at),
+                revoked_at: revoked.then_some(now),
+                ..grant
+            },
+        )
+        .await?;
+        db.execute(
+            sql::TOUCH_CONNECTION,
+            &[Param::Time(now), text(id.as_str())],
+        )
+        .await?;
+        let reason = if revoked {
+            "connection_revoked"
+        } else {
+            "parent_superseded"
+        };
+        insert_event(
+            db,
+            id,
+            now,
+            NewEvent::new(EventKind::Superseded, Some(&grant))
+                .related(current.as_ref())
+                .request(pair.provider_request_id.as_deref())
+                .detail(json!({
+                    "by": "superseded_at_birth",
+                    "reason": reason,
+                    "parent_grant_id": parent,
+                    "current_grant_id": current,
+                    "attempt_id": attempt,
+                    "fence": fence,
+                    "message": "this refresh finished after its parent grant stopped being current \
+                                (it lost the race); it is kept and never becomes current",
+                })),
+        )
+        .await?;
+        (grant, RefreshCommit::SupersededAtBirth)
+    };
+    release_lease_and_close(db, &row, fence, attempt, AttemptOutcome::Refreshed, now).await?;
+    let current = match commit {
+        RefreshCommit::Current => grant.clone(),
+        RefreshCommit::SupersededAtBirth => current.unwrap_or_else(|| grant.clone()),
+    };
+    Ok(RefreshRecorded {
+        grant_id: grant,
+        commit,
+        current,
+    })
+}
+
+/// Records a failed refresh; see `Store::record_refresh_failure`.
+pub(crate) async fn record_refresh_failure(
+    db: &impl Db,
+    id: &ConnectionId,
+    parent: &GrantId,
+    fence: Fence,
+    attempt: &AttemptId,
+    failure: &RefreshFailure,
+) -> Result<FailureOutcome, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    let fenced = row.lease_fence != fence;
+    insert_event(
+        db,
+        id,
+        now,
+        NewEvent::new(EventKind::RefreshFailed, Some(parent))
+            .request(failure.provider_request_id.as_deref())
+            .detail(json!({
+                "attempt_id": attempt,
+                "fence": fence,
+                "fenced": fenced,
+                "auth_failure": failure.auth_failure,
+                "code": failure.code,
+                "message": failure.message,
+            })),
+    )
+    .await?;
+    // A stale holder changes nothing: its lease was taken over, and whatever it learned is
+    // about a refresh token someone else is now responsible for.
+    if fenced {
+        return Ok(FailureOutcome::Fenced);
+    }
+    let outcome = if failure.outcome_unknown {
+        AttemptOutcome::Interrupted
+    } else {
+        AttemptOutcome::Failed
+    };
+    release_lease_and_close(db, &row, fence, attempt, outcome, now).await?;
+    match row.connection.grant_id {
+        Some(current) if current != *parent => {
+            return Ok(FailureOutcome::AlreadyRotated { current })
+        }
+        None => return Ok(FailureOutcome::Recorded),
+        Some(_) => {}
+    }
+    if !failure.auth_failure || row.connection.status != ConnectionStatus::Active {
+        return Ok(FailureOutcome::Recorded);
+    }
+
+    let grant = find_grant(db, id, parent).await?.ok_or_else(|| {
+        StoreError::Database(format!("current grant {parent} of {id} is missing"))
+    })?;
+    let interrupted = db
+        .query_opt(
+            sql::INTERRUPTED_ATTEMPT_OF_GRANT,
+            &[text(parent.as_str())],
+            sql::attempt,
+        )
+        .await?;
+    let diagnosis = Diagnosis {
+        code: failure.code.clone(),
+        grant_id: Some(parent.clone()),
+        grant_obtained_at: Some(grant.record.obtained_at),
+        provider_request_id: failure.provider_request_id.clone(),
+        attempt_id: Some(attempt.clone()),
+        interrupted_attempt: interrupted,
+        ..Diagnosis::new(DiagnosisReason::RefreshRejected, failure.message.clone())
+    };
+    needs_reauth(db, id, parent, &diagnosis, now).await?;
+    Ok(FailureOutcome::NeedsReauth { diagnosis })
+}
+
+/// Moves an active connection to `needs_reauth` and records why.
+async fn needs_reauth(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+    diagnosis: &Diagnosis,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    set_status(db, id, ConnectionStatus::NeedsReauth, Some(diagnosis), now).await?;
+    insert_event(
+        db,
+        id,
+        now,
+        NewEvent::new(EventKind::NeedsReauth, Some(grant))
+            .request(diagnosis.provider_request_id.as_deref())
+            .detail(serde_json::to_value(diagnosis).expect("a diagnosis serializes")),
+    )
+    .await
+}
+
+/// See `Store::mark_needs_reauth`.
+pub(crate) async fn mark_needs_reauth(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+    diagnosis: &Diagnosis,
+) -> Result<Connection, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    if row.connection.status != ConnectionStatus::Active
+        || row.connection.grant_id.as_ref() != Some(grant)
+    {
+        return Ok(row.connection);
+    }
+    needs_reauth(db, id, grant, diagnosis, now).await?;
+    reload(db, id).await
+}
+
+/// See `Store::mark_revoked`.
+pub(crate) async fn mark_revoked(
+    db: &impl Db,
+    id: &ConnectionId,
+    reason: &str,
+) -> Result<Connection, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    if row.connection.status == ConnectionStatus::Revoked {
+        return Ok(row.connection);
+    }
+    db.execute(sql::SET_REVOKED, &[Param::Time(now), text(id.as_str())])
+        .await?;
+    db.execute(
+        sql::REVOKE_GRANTS_OF_CONNECTION,
+        &[Param::Time(now), text(id.as_str())],
+    )
+    .await?;
+    insert_event(
+        db,
+        id,
+        now,
+        NewEvent::new(EventKind::Revoked, row.connection.grant_id.as_ref())
+            .detail(json!({ "reason": reason })),
+    )
+    .await?;
+    reload(db, id).await
+}
+
+/// See `Store::create_session`.
+pub(crate) async fn create_session(db: &impl Db, s: &ConnectSession) -> Result<(), StoreError> {
+    db.execute(
+        sql::INSERT_SESSION,
+        &[
+            text(s.id.as_str()),
+            text(s.provider.as_str()),
+            text(&s.state_hash),
+            text(&s.end_user_id),
+            text(&s.return_to),
+            Param::OptText(s.connection_id.as_ref().map(ConnectionId::as_str)),
+            Param::Time(s.created_at),
+            Param::Time(s.expires_at),
+            Param::OptTime(s.used_at),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// See `Store::consume_session`.
+pub(crate) async fn consume_session(
+    db: &impl Db,
+    state_hash: &str,
+) -> Result<SessionLookup, StoreError> {
+    let Some(mut session) = db
+        .query_opt(
+            pick(db, sql::SESSION_BY_STATE, sql::SESSION_BY_STATE_FOR_UPDATE),
+            &[text(state_hash)],
+            sql::session,
+        )
+        .await?
+    else {
+        return Ok(SessionLookup::Unknown);
+    };
+    let now = db.now();
+    if session.used_at.is_some() {
+        return Ok(SessionLookup::AlreadyUsed(session));
+    }
+    if session.expires_at <= now {
+        return Ok(SessionLookup::Expired(session));
+    }
+    db.execute(
+        sql::MARK_SESSION_USED,
+        &[Param::Time(now), text(session.id.as_str())],
+    )
+    .await?;
+    session.used_at = Some(now);
+    Ok(SessionLookup::Consumed(session))
+}
+
+/// See `Store::rotate_keys`.
+pub(crate) async fn rotate_keys(db: &impl Db, batch: u32) -> Result<RotateProgress, StoreError> {
+    let keys = db.keys();
+    let active = keys.active_key_id();
+    // Where rows lock, a grant that a ledger write is updating right now is skipped and left
+    // for the next batch, so rotation never waits on (or deadlocks with) the serving path.
+    let stale = db
+        .query(
+            pick(
+                db,
+                sql::GRANTS_SEALED_WITH_OTHER_KEYS,
+                sql::GRANTS_SEALED_WITH_OTHER_KEYS_SKIP_LOCKED,
+            ),
+            &[text(active), Param::Int(i64::from(batch))],
+            sql::grant,
+        )
+        .await?;
+    let mut resealed = 0;
+    for row in stale {
+        let open = open_grant(keys, row)?;
+        let (access, refresh, key_id) = seal_tokens(
+            keys,
+            &open.record.connection_id,
+            &open.record.id,
+            &open.access_token,
+            open.refresh_token.as_ref(),
+        );
+        db.execute(
+            sql::RESEAL_GRANT,
+            &[
+                Param::Bytes(&access),
+                Param::OptBytes(refresh.as_deref()),
+                text(&key_id),
+                text(open.record.id.as_str()),
+            ],
+        )
+        .await?;
+        resealed += 1;
+    }
+    let remaining = db
+        .query_opt(
+            sql::COUNT_GRANTS_SEALED_WITH_OTHER_KEYS,
+            &[text(active)],
+            sql::count,
+        )
+        .await?
+        .unwrap_or(0);
+    Ok(RotateProgress {
+        resealed,
+        remaining: remaining as u64,
+    })
+}

@@ -1,0 +1,347 @@
+//! The statements both backends run, and the decoders of their rows, written once.
+//!
+//! Placeholders are `$1, $2, …`, each introduced in increasing order (see `db.rs`). Types are
+//! each backend's own (timestamps are `timestamptz` on PostgreSQL and fixed-width RFC 3339 text
+//! on SQLite; JSON is `jsonb` or text); `Param` and `Row` convert at the edge.
+//! Statements that lock (`… FOR UPDATE`) exist only on PostgreSQL: SQLite's write transaction
+//! already holds the database's lock.
+
+use super::db::Row;
+use super::sealed::GrantRow;
+use super::{ConnectionRow, StoreError};
+use crate::ids::{AttemptId, BotId, ConnectionId, EventId, GrantId, SessionId};
+use crate::ledger::{
+    ConnectSession, Connection, ConnectionStatus, Diagnosis, Event, EventKind, Fence, GrantOrigin,
+    GrantRecord, InterruptedAttempt, LeaseHolder, Provider,
+};
+
+/// The columns `connection_at` reads, in order, for a table aliased `c`.
+macro_rules! connection_columns {
+    () => {
+        "c.id, c.provider, c.bot_id, c.workspace_id, c.workspace_name, c.workspace_icon, \
+         c.end_user_id, c.status, c.current_grant_id, c.diagnosis, c.created_at, c.updated_at, \
+         c.lease_holder, c.lease_until, c.lease_fence"
+    };
+}
+const CONNECTION_WIDTH: usize = 15;
+
+/// The columns `grant_at` reads, in order, for a table aliased `g`; the two sealed tokens last.
+macro_rules! grant_columns {
+    () => {
+        "g.id, g.connection_id, g.origin, g.parent_grant_id, g.bot_id, g.obtained_at, \
+         g.expires_at, g.superseded_at, g.revoked_at, g.stale_at_birth, g.access_fp, \
+         g.refresh_fp, g.provider_request_id, g.key_id, g.access_token, g.refresh_token"
+    };
+}
+
+macro_rules! session_columns {
+    () => {
+        "id, provider, state_hash, end_user_id, return_to, connection_id, created_at, \
+         expires_at, used_at"
+    };
+}
+
+pub(crate) const CONNECTION_COLUMNS: &str = connection_columns!();
+
+// Connections.
+
+pub(crate) const CONNECTION_BY_ID: &str = concat!(
+    "SELECT ",
+    connection_columns!(),
+    " FROM connections c WHERE c.id = $1"
+);
+pub(crate) const CONNECTION_BY_ID_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    connection_columns!(),
+    " FROM connections c WHERE c.id = $1 FOR UPDATE"
+);
+pub(crate) const LIVE_CONNECTION_OF_BOT: &str = concat!(
+    "SELECT ",
+    connection_columns!(),
+    " FROM connections c WHERE c.provider = $1 AND c.bot_id = $2 AND c.status <> 'revoked'"
+);
+pub(crate) const LIVE_CONNECTION_OF_BOT_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    connection_columns!(),
+    " FROM connections c WHERE c.provider = $1 AND c.bot_id = $2 AND c.status <> 'revoked' \
+     FOR UPDATE"
+);
+pub(crate) const INSERT_CONNECTION: &str =
+    "INSERT INTO connections (id, provider, bot_id, workspace_id, workspace_name, workspace_icon, \
+         end_user_id, status, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8)";
+pub(crate) const SET_BOT: &str =
+    "UPDATE connections SET bot_id = $1, workspace_id = $2, workspace_name = $3, \
+         workspace_icon = $4, updated_at = $5 \
+     WHERE id = $6";
+pub(crate) const SET_CURRENT_GRANT: &str =
+    "UPDATE connections SET current_grant_id = $1, updated_at = $2 WHERE id = $3";
+pub(crate) const SET_STATUS: &str =
+    "UPDATE connections SET status = $1, diagnosis = $2, updated_at = $3 WHERE id = $4";
+/// Revoked connections keep no lease: nothing may refresh them.
+pub(crate) const SET_REVOKED: &str =
+    "UPDATE connections SET status = 'revoked', diagnosis = NULL, lease_holder = NULL, \
+         lease_until = NULL, updated_at = $1 \
+     WHERE id = $2";
+pub(crate) const TOUCH_CONNECTION: &str = "UPDATE connections SET updated_at = $1 WHERE id = $2";
+pub(crate) const TAKE_LEASE: &str =
+    "UPDATE connections SET lease_holder = $1, lease_until = $2, lease_fence = $3 WHERE id = $4";
+pub(crate) const RELEASE_LEASE: &str =
+    "UPDATE connections SET lease_holder = NULL, lease_until = NULL WHERE id = $1";
+pub(crate) const CURRENT_GRANT: &str = concat!(
+    "SELECT ",
+    connection_columns!(),
+    ", ",
+    grant_columns!(),
+    " FROM connections c LEFT JOIN grants g ON g.id = c.current_grant_id WHERE c.id = $1"
+);
+
+// Grants.
+
+pub(crate) const GRANT_OF_CONNECTION: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.id = $1 AND g.connection_id = $2"
+);
+pub(crate) const GRANTS_OF_CONNECTION: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.connection_id = $1 ORDER BY g.seq"
+);
+pub(crate) const INSERT_GRANT: &str =
+    "INSERT INTO grants (id, connection_id, origin, parent_grant_id, bot_id, obtained_at, \
+         expires_at, superseded_at, revoked_at, stale_at_birth, access_token, refresh_token, \
+         access_fp, refresh_fp, key_id, provider_request_id, metadata) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+pub(crate) const SUPERSEDE_GRANT: &str =
+    "UPDATE grants SET superseded_at = $1 WHERE id = $2 AND superseded_at IS NULL";
+pub(crate) const REVOKE_GRANTS_OF_CONNECTION: &str =
+    "UPDATE grants SET revoked_at = $1 WHERE connection_id = $2 AND revoked_at IS NULL";
+pub(crate) const GRANTS_SEALED_WITH_OTHER_KEYS: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.key_id <> $1 ORDER BY g.seq LIMIT $2"
+);
+pub(crate) const GRANTS_SEALED_WITH_OTHER_KEYS_SKIP_LOCKED: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.key_id <> $1 ORDER BY g.seq LIMIT $2 FOR UPDATE SKIP LOCKED"
+);
+pub(crate) const COUNT_GRANTS_SEALED_WITH_OTHER_KEYS: &str =
+    "SELECT count(*) FROM grants WHERE key_id <> $1";
+pub(crate) const RESEAL_GRANT: &str =
+    "UPDATE grants SET access_token = $1, refresh_token = $2, key_id = $3 WHERE id = $4";
+
+// Events.
+
+pub(crate) const INSERT_EVENT: &str =
+    "INSERT INTO events (id, connection_id, kind, grant_id, related_grant_id, \
+         provider_request_id, detail, at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+pub(crate) const EVENTS_OF_CONNECTION: &str =
+    "SELECT id, connection_id, kind, grant_id, related_grant_id, provider_request_id, detail, at \
+     FROM events WHERE connection_id = $1 ORDER BY seq";
+
+// Refresh attempts.
+
+pub(crate) const INSERT_ATTEMPT: &str =
+    "INSERT INTO refresh_attempts (id, connection_id, grant_id, fence, holder, started_at, \
+         lease_until) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+/// The newest attempt on a grant that never finished.
+pub(crate) const UNFINISHED_ATTEMPT_OF_GRANT: &str =
+    "SELECT id, grant_id, started_at, holder FROM refresh_attempts \
+     WHERE grant_id = $1 AND finished_at IS NULL ORDER BY fence DESC LIMIT 1";
+pub(crate) const INTERRUPT_UNFINISHED_ATTEMPTS_OF_GRANT: &str =
+    "UPDATE refresh_attempts SET finished_at = $1, outcome = 'interrupted' \
+     WHERE grant_id = $2 AND finished_at IS NULL";
+/// The newest attempt on a grant that was closed as interrupted.
+pub(crate) const INTERRUPTED_ATTEMPT_OF_GRANT: &str =
+    "SELECT id, grant_id, started_at, holder FROM refresh_attempts \
+     WHERE grant_id = $1 AND outcome = 'interrupted' ORDER BY fence DESC LIMIT 1";
+pub(crate) const CLOSE_ATTEMPT: &str =
+    "UPDATE refresh_attempts SET finished_at = $1, outcome = $2 \
+     WHERE id = $3 AND connection_id = $4";
+
+// Connect sessions.
+
+pub(crate) const INSERT_SESSION: &str =
+    "INSERT INTO connect_sessions (id, provider, state_hash, end_user_id, return_to, \
+         connection_id, created_at, expires_at, used_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+pub(crate) const SESSION_BY_ID: &str = concat!(
+    "SELECT ",
+    session_columns!(),
+    " FROM connect_sessions WHERE id = $1"
+);
+pub(crate) const SESSION_BY_STATE: &str = concat!(
+    "SELECT ",
+    session_columns!(),
+    " FROM connect_sessions WHERE state_hash = $1"
+);
+pub(crate) const SESSION_BY_STATE_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    session_columns!(),
+    " FROM connect_sessions WHERE state_hash = $1 FOR UPDATE"
+);
+pub(crate) const MARK_SESSION_USED: &str = "UPDATE connect_sessions SET used_at = $1 WHERE id = $2";
+
+// Decoders.
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Database(format!("unexpected {what} {value:?} in the database"))
+}
+
+fn grant_id(row: &dyn Row, i: usize) -> Result<Option<GrantId>, StoreError> {
+    Ok(row.opt_text(i)?.map(GrantId::from_trusted))
+}
+
+fn connection_at(row: &dyn Row, base: usize) -> Result<ConnectionRow, StoreError> {
+    let provider = row.text(base + 1)?;
+    let status = row.text(base + 7)?;
+    let diagnosis = row
+        .opt_json(base + 9)?
+        .map(serde_json::from_value::<Diagnosis>)
+        .transpose()
+        .map_err(|e| StoreError::Database(format!("a stored diagnosis is unreadable: {e}")))?;
+    Ok(ConnectionRow {
+        connection: Connection {
+            id: ConnectionId::from_trusted(row.text(base)?),
+            provider: Provider::parse(&provider).ok_or_else(|| corrupt("provider", &provider))?,
+            bot_id: BotId(row.text(base + 2)?),
+            workspace_id: row.text(base + 3)?,
+            workspace_name: row.opt_text(base + 4)?,
+            workspace_icon: row.opt_text(base + 5)?,
+            end_user_id: row.text(base + 6)?,
+            status: ConnectionStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+            grant_id: grant_id(row, base + 8)?,
+            diagnosis,
+            created_at: row.time(base + 10)?,
+            updated_at: row.time(base + 11)?,
+        },
+        lease_holder: row.opt_text(base + 12)?.map(LeaseHolder),
+        lease_until: row.opt_time(base + 13)?,
+        lease_fence: Fence(row.int(base + 14)?),
+    })
+}
+
+fn grant_at(row: &dyn Row, base: usize) -> Result<GrantRow, StoreError> {
+    let origin = row.text(base + 2)?;
+    Ok(GrantRow {
+        record: GrantRecord {
+            id: GrantId::from_trusted(row.text(base)?),
+            connection_id: ConnectionId::from_trusted(row.text(base + 1)?),
+            origin: GrantOrigin::parse(&origin).ok_or_else(|| corrupt("grant origin", &origin))?,
+            parent_grant_id: grant_id(row, base + 3)?,
+            bot_id: BotId(row.text(base + 4)?),
+            obtained_at: row.time(base + 5)?,
+            expires_at: row.opt_time(base + 6)?,
+            superseded_at: row.opt_time(base + 7)?,
+            revoked_at: row.opt_time(base + 8)?,
+            stale_at_birth: row.bool(base + 9)?,
+            access_token_fingerprint: row.text(base + 10)?,
+            refresh_token_fingerprint: row.opt_text(base + 11)?,
+            provider_request_id: row.opt_text(base + 12)?,
+            key_id: row.text(base + 13)?,
+        },
+        access: row.bytes(base + 14)?,
+        refresh: row.opt_bytes(base + 15)?,
+    })
+}
+
+pub(crate) fn connection(row: &dyn Row) -> Result<ConnectionRow, StoreError> {
+    connection_at(row, 0)
+}
+
+pub(crate) fn grant(row: &dyn Row) -> Result<GrantRow, StoreError> {
+    grant_at(row, 0)
+}
+
+/// A row of `CURRENT_GRANT`: the connection, and its current grant when it has one.
+pub(crate) fn connection_and_grant(
+    row: &dyn Row,
+) -> Result<(ConnectionRow, Option<GrantRow>), StoreError> {
+    let connection = connection_at(row, 0)?;
+    let grant = match row.opt_text(CONNECTION_WIDTH)? {
+        Some(_) => Some(grant_at(row, CONNECTION_WIDTH)?),
+        None => None,
+    };
+    Ok((connection, grant))
+}
+
+pub(crate) fn event(row: &dyn Row) -> Result<Event, StoreError> {
+    let kind = row.text(2)?;
+    Ok(Event {
+        id: EventId::from_trusted(row.text(0)?),
+        connection_id: ConnectionId::from_trusted(row.text(1)?),
+        kind: EventKind::parse(&kind).ok_or_else(|| corrupt("event kind", &kind))?,
+        grant_id: grant_id(row, 3)?,
+        related_grant_id: grant_id(row, 4)?,
+        provider_request_id: row.opt_text(5)?,
+        detail: row.opt_json(6)?.unwrap_or(serde_json::Value::Null),
+        at: row.time(7)?,
+    })
+}
+
+pub(crate) fn attempt(row: &dyn Row) -> Result<InterruptedAttempt, StoreError> {
+    Ok(InterruptedAttempt {
+        attempt_id: AttemptId::from_trusted(row.text(0)?),
+        grant_id: GrantId::from_trusted(row.text(1)?),
+        started_at: row.time(2)?,
+        holder: LeaseHolder(row.text(3)?),
+    })
+}
+
+pub(crate) fn session(row: &dyn Row) -> Result<ConnectSession, StoreError> {
+    let provider = row.text(1)?;
+    Ok(ConnectSession {
+        id: SessionId::from_trusted(row.text(0)?),
+        provider: Provider::parse(&provider).ok_or_else(|| corrupt("provider", &provider))?,
+        state_hash: row.text(2)?,
+        end_user_id: row.text(3)?,
+        return_to: row.text(4)?,
+        connection_id: row.opt_text(5)?.map(ConnectionId::from_trusted),
+        created_at: row.time(6)?,
+        expires_at: row.time(7)?,
+        used_at: row.opt_time(8)?,
+    })
+}
+
+pub(crate) fn count(row: &dyn Row) -> Result<i64, StoreError> {
+    row.int(0)
+}
+
+/// Every shared statement, for the test that prepares each one on both backends.
+#[cfg(test)]
+pub(crate) const ALL: &[&str] = &[
+    CONNECTION_BY_ID,
+    LIVE_CONNECTION_OF_BOT,
+    INSERT_CONNECTION,
+    SET_BOT,
+    SET_CURRENT_GRANT,
+    SET_STATUS,
+    SET_REVOKED,
+    TOUCH_CONNECTION,
+    TAKE_LEASE,
+    RELEASE_LEASE,
+    CURRENT_GRANT,
+    GRANT_OF_CONNECTION,
+    GRANTS_OF_CONNECTION,
+    INSERT_GRANT,
+    SUPERSEDE_GRANT,
+    REVOKE_GRANTS_OF_CONNECTION,
+    GRANTS_SEALED_WITH_OTHER_KEYS,
+    COUNT_GRANTS_SEALED_WITH_OTHER_KEYS,
+    RESEAL_GRANT,
+    INSERT_EVENT,
+    EVENTS_OF_CONNECTION,
+    INSERT_ATTEMPT,
+    UNFINISHED_ATTEMPT_OF_GRANT,
+    INTERRUPT_UNFINISHED_ATTEMPTS_OF_GRANT,
+    INTERRUPTED_ATTEMPT_OF_GRANT,
+    CLOSE_ATTEMPT,
+    INSERT_SESSION,
+    SESSION_BY_ID,
+    SESSION_BY_STATE,
+    MARK_SESSION_USED,
+];
