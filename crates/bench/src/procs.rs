@@ -252,6 +252,7 @@ impl Broker {
         let url = format!("http://127.0.0.1:{port}");
         let env = [
             ("TOKENKEEPER_LISTEN", format!("127.0.0.1:{port}")),
+            ("TOKENKEEPER_BENCH_BASELINE_ROUTE", "true".to_owned()),
             ("TOKENKEEPER_PUBLIC_URL", url.clone()),
             ("TOKENKEEPER_DATABASE_URL", spec.database_url.clone()),
             ("TOKENKEEPER_ENCRYPTION_KEY", spec.encryption_key.clone()),

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use crate::api::{AppState, SharedState};
 use crate::clock::Clock;
-use crate::config::{Config, NotionSettings};
+use crate::config::Config;
 use crate::ids::ClientSecret;
 use crate::ledger::LeaseHolder;
-use crate::provider::notion::NotionClient;
+use crate::provider::notion::{NotionClient, NotionSettings};
 use crate::refresh::{Coordinator, CoordinatorSettings};
 use crate::store::{Backend, Store};
 
@@ -42,6 +42,8 @@ pub struct StateSettings {
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
     pub notion_version: String,
+    /// Mount the benchmarks' baseline route (`--bench-baseline-route`).
+    pub bench_baseline_route: bool,
 }
 
 /// Builds the shared state from its parts.
@@ -81,6 +83,7 @@ pub fn state(
         notion_version: settings.notion_version,
         http,
         simulator,
+        bench_baseline_route: settings.bench_baseline_route,
     })
 }
 
@@ -131,6 +134,7 @@ impl App {
                 provider_timeout: config.provider_timeout,
                 refresh_budget: config.refresh_budget,
                 notion_version: config.notion_version.clone(),
+                bench_baseline_route: config.bench_baseline_route,
             },
             clock,
             simulator.as_ref().map(|s| s.base_url()),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::api::auth::{ApiKey, ApiKeys};
 use crate::ids::ClientSecret;
+use crate::provider::notion::NotionSettings;
 use crate::seal::KeyRing;
 use crate::store::DatabaseUrl;
 
@@ -126,6 +127,11 @@ pub struct ServeArgs {
     /// retries of transient provider failures.
     #[arg(long, env = "TOKENKEEPER_REFRESH_BUDGET", default_value = "30s", value_parser = parse_duration)]
     pub refresh_budget: Duration,
+
+    /// Mounts `GET /v1/_baseline`, a constant answer behind the API-key check, which the
+    /// benchmarks compare token reads with. Not for production.
+    #[arg(long, env = "TOKENKEEPER_BENCH_BASELINE_ROUTE", hide = true)]
+    pub bench_baseline_route: bool,
 }
 
 /// Parses `500ms`, `2s`, `10m`, `1h` or a bare number of seconds.
@@ -149,15 +155,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
-/// How tokenkeeper reaches Notion.
-#[derive(Debug, Clone)]
-pub struct NotionSettings {
-    pub client_id: String,
-    pub client_secret: ClientSecret,
-    pub base_url: url::Url,
-    pub version: String,
-}
-
 /// The validated configuration of `serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -176,6 +173,7 @@ pub struct Config {
     pub session_ttl: Duration,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
+    pub bench_baseline_route: bool,
 }
 
 impl StoreArgs {
@@ -324,6 +322,7 @@ impl Config {
             session_ttl: args.session_ttl,
             provider_timeout: args.provider_timeout,
             refresh_budget: args.refresh_budget,
+            bench_baseline_route: args.bench_baseline_route,
         })
     }
 

@@ -127,10 +127,6 @@ impl Coordinator {
         })
     }
 
-    pub fn holder(&self) -> &LeaseHolder {
-        &self.settings.holder
-    }
-
     /// Refreshes the connection's token unless `if_grant` names a grant that was already
     /// replaced, in which case the current one comes back without calling the provider.
     pub async fn refresh(

@@ -59,10 +59,6 @@ impl ApiKey {
         ApiKey::new(Scope::Admin, &key).expect("a generated key is valid")
     }
 
-    pub fn scope(&self) -> Scope {
-        self.scope
-    }
-
     /// The key itself, for writing it to the file it was generated into.
     pub fn expose(&self) -> &str {
         self.secret.expose_secret()

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 
 use super::auth::Scope;
 use super::error::{ApiError, ErrorCode};
-use super::{require_admin, ApiJson, SharedState};
+use super::{require_admin, ApiJson, ConnectionPath, SharedState};
 use crate::ids::{ConnectionId, SessionId};
 use crate::ledger::{
     AuthorizationKind, AuthorizationTarget, ConnectionStatus, Diagnosis, NewAuthorization, Provider,
@@ -85,11 +85,10 @@ pub struct CreateReconnect {
 pub async fn create_reconnect_session(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ConnectionPath(id): ConnectionPath,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(scope, "creating reconnect sessions")?;
-    let id = super::connections::parse_id(&id)?;
     let connection = state
         .store
         .get_connection(&id)

@@ -1,6 +1,6 @@
 //! Connections, their tokens, refreshes and history.
 
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -8,14 +8,9 @@ use serde_json::{json, Value};
 use super::auth::Scope;
 use super::connect::needs_reauth;
 use super::error::{ApiError, ErrorCode};
-use super::{optional_json, require_admin, SharedState};
+use super::{optional_json, parse_connection_id, require_admin, ConnectionPath, SharedState};
 use crate::ids::{ConnectionId, GrantId};
 use crate::ledger::{Connection, ConnectionFilter, ConnectionStatus, OpenGrant, Provider};
-
-pub fn parse_id(s: &str) -> Result<ConnectionId, ApiError> {
-    ConnectionId::parse(s)
-        .ok_or_else(|| ApiError::invalid(format!("{s:?} is not a connection id (con_…)")))
-}
 
 async fn load(state: &SharedState, id: &ConnectionId) -> Result<Connection, ApiError> {
     state
@@ -55,7 +50,7 @@ pub async fn list(
                 })
             })
             .transpose()?,
-        after: q.after.map(|a| parse_id(&a)).transpose()?,
+        after: q.after.map(|a| parse_connection_id(&a)).transpose()?,
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
     };
     let connections = state.store.list_connections(&filter).await?;
@@ -67,9 +62,8 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<SharedState>,
-    Path(id): Path<String>,
+    ConnectionPath(id): ConnectionPath,
 ) -> Result<Json<Connection>, ApiError> {
-    let id = parse_id(&id)?;
     Ok(Json(load(&state, &id).await?))
 }
 
@@ -107,10 +101,9 @@ fn revoked(connection: &Connection) -> ApiError {
 pub async fn access_token(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ConnectionPath(id): ConnectionPath,
     Query(q): Query<TokenQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
     if q.include_refresh_token {
         require_admin(scope, "reading refresh tokens")?;
     }
@@ -142,11 +135,10 @@ pub struct RefreshBody {
 pub async fn refresh(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ConnectionPath(id): ConnectionPath,
     Query(q): Query<TokenQuery>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
     if q.include_refresh_token {
         require_admin(scope, "reading refresh tokens")?;
     }
@@ -174,10 +166,9 @@ pub async fn refresh(
 pub async fn grants(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ConnectionPath(id): ConnectionPath,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(scope, "reading the ledger")?;
-    let id = parse_id(&id)?;
     let connection = load(&state, &id).await?;
     let grants = state.store.list_grants(&id).await?;
     Ok(Json(
@@ -188,10 +179,9 @@ pub async fn grants(
 pub async fn events(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ConnectionPath(id): ConnectionPath,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(scope, "reading the audit trail")?;
-    let id = parse_id(&id)?;
     load(&state, &id).await?;
     let events = state.store.list_events(&id).await?;
     Ok(Json(json!({"connection_id": id, "data": events})))
@@ -201,10 +191,9 @@ pub async fn events(
 pub async fn revoke(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ConnectionPath(id): ConnectionPath,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(scope, "revoking connections")?;
-    let id = parse_id(&id)?;
     let (connection, grant) = state
         .store
         .current_grant(&id)
@@ -227,9 +216,4 @@ pub async fn revoke(
     Ok(Json(
         json!({"connection": connection, "upstream_revoked": upstream.is_ok()}),
     ))
-}
-
-/// A constant body behind the same middleware as every `/v1` route: the benchmarks' baseline.
-pub async fn baseline() -> Json<Value> {
-    Json(json!({"ok": true, "grant_id": "grt_00000000000000000000000000000000"}))
 }

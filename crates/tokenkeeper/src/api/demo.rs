@@ -14,9 +14,9 @@ use super::SharedState;
 use crate::ids::ConnectionId;
 use crate::ledger::Provider;
 
+/// The demo's routes, mounted only when Notion is the built-in simulator (`api::router`).
 pub fn routes() -> Router<SharedState> {
     Router::new()
-        .route("/", get(home))
         .route("/demo/connect", post(connect))
         .route("/demo/connected", get(connected))
 }
@@ -25,7 +25,8 @@ const STYLE: &str = "<style>body{font-family:system-ui,sans-serif;max-width:52em
 code{background:#f3f3f3;padding:0 .2em}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;font-size:.9em}\
 button{font-size:1em;padding:.4em 1em}</style>";
 
-async fn home(State(state): State<SharedState>) -> Response {
+/// `/`: the demo's start page with the built-in simulator, a plain page otherwise.
+pub async fn home(State(state): State<SharedState>) -> Response {
     let Some(sim) = &state.simulator else {
         return page(
             StatusCode::OK,
@@ -53,13 +54,6 @@ struct ConnectForm {
 }
 
 async fn connect(State(state): State<SharedState>, Form(form): Form<ConnectForm>) -> Response {
-    if state.simulator.is_none() {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "The demo is only available with the built-in simulator.",
-        );
-    }
     let end_user = form.end_user_id.trim();
     if end_user.is_empty() || end_user.len() > 256 {
         return page(
@@ -89,13 +83,6 @@ struct ConnectedQuery {
 }
 
 async fn connected(State(state): State<SharedState>, Query(q): Query<ConnectedQuery>) -> Response {
-    if state.simulator.is_none() {
-        return page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "The demo is only available with the built-in simulator.",
-        );
-    }
     let status = q.status.unwrap_or_default();
     let Some(id) = q.connection_id.as_deref().and_then(ConnectionId::parse) else {
         return page(

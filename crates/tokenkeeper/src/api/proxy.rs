@@ -25,7 +25,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Extension, Path, Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -35,7 +35,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::auth::Scope;
 use super::connect::needs_reauth;
 use super::error::{ApiError, ErrorCode};
-use super::SharedState;
+use super::{ConnectionPath, SharedState};
 use crate::ids::ConnectionId;
 use crate::ledger::{ConnectionStatus, OpenGrant};
 use crate::refresh::RefreshError;
@@ -84,26 +84,19 @@ fn proxy_error(e: ApiError) -> Response {
     response
 }
 
-pub async fn forward_root(
-    state: State<SharedState>,
-    scope: Extension<Scope>,
-    Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    forward(state, scope, Path((id, String::new())), req).await
-}
-
+/// `ANY /v1/proxy/{id}` and `ANY /v1/proxy/{id}/{*path}`; the path is read from the URI.
 pub async fn forward(
     State(state): State<SharedState>,
     // Both scopes may call Notion through the proxy: it never reveals a token.
     Extension(_scope): Extension<Scope>,
-    Path((id, _)): Path<(String, String)>,
+    id: Result<ConnectionPath, ApiError>,
     req: Request,
 ) -> Response {
-    match forward_inner(state, id, req).await {
-        Ok(response) => response,
-        Err(e) => proxy_error(e),
-    }
+    let result = match id {
+        Ok(ConnectionPath(id)) => forward_inner(state, id, req).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(proxy_error)
 }
 
 /// The request body: held whole when small (replayable), or a stream when large.
@@ -250,8 +243,11 @@ fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
     headers
 }
 
-async fn forward_inner(state: SharedState, id: String, req: Request) -> Result<Response, ApiError> {
-    let id = super::connections::parse_id(&id)?;
+async fn forward_inner(
+    state: SharedState,
+    id: ConnectionId,
+    req: Request,
+) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let mut budget = Budget::from_headers(&parts.headers)?;
     // Answered from the database alone: a connection that needs a reconnect, or was revoked,

@@ -13,9 +13,17 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::ProviderError;
-use crate::config::NotionSettings;
-use crate::ids::{AccessToken, BotId, RefreshToken};
+use crate::ids::{AccessToken, BotId, ClientSecret, RefreshToken};
 use crate::ledger::MintedPair;
+
+/// How tokenkeeper reaches Notion: its OAuth client registration, where, and which API version.
+#[derive(Debug, Clone)]
+pub struct NotionSettings {
+    pub client_id: String,
+    pub client_secret: ClientSecret,
+    pub base_url: url::Url,
+    pub version: String,
+}
 
 /// A client for one Notion OAuth client registration.
 #[derive(Clone)]

@@ -113,11 +113,6 @@ impl SqliteStore {
         })
     }
 
-    /// The file this store works on.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer and commits it; any error
     /// rolls everything back. The transaction holds the database's write lock from its start,
     /// so everything `f` reads is the latest commit of any process.

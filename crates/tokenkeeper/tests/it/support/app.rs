@@ -13,8 +13,8 @@ use tokenkeeper::api::auth::ApiKeys;
 use tokenkeeper::api::SharedState;
 use tokenkeeper::app::StateSettings;
 use tokenkeeper::clock::Clock;
-use tokenkeeper::config::NotionSettings;
 use tokenkeeper::ids::ClientSecret;
+use tokenkeeper::provider::notion::NotionSettings;
 use tokenkeeper::seal::KeyRing;
 
 use super::db::{Backend, TestDb};
@@ -112,6 +112,7 @@ impl TestApp {
                 provider_timeout: options.provider_timeout,
                 refresh_budget: options.refresh_budget,
                 notion_version: "2026-03-11".into(),
+                bench_baseline_route: false,
             },
             Clock::System,
             None,
