@@ -235,8 +235,11 @@ mod tests {
 
     #[test]
     fn defaults_are_post_june_2026_notion() {
-        let config = Cli::parse_from(["sim"]).sim.into_config().unwrap();
+        let args = Cli::parse_from(["sim"]).sim;
+        assert!(!args.manual_clock, "users get the system clock");
+        let config = args.into_config().unwrap();
         assert_eq!(config, SimConfig::default());
+        assert!(Cli::parse_from(["sim", "--manual-clock"]).sim.manual_clock);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::endpoint::Endpoint;
 /// [`Hold::arrived`] waits for requests before failing the test.
 /// Generous, because it only matters when a test forgot to release or waits for a request that
 /// never comes; a test that relies on it is wrong.
+/// It is a tokio timer, so under `tokio::time::pause` it passes as soon as the runtime idles.
 pub const HOLD_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The parsed target of a hold.
