@@ -244,9 +244,9 @@ fn reset(shared: &Shared, body: &Bytes) -> Result<Response<Body>, Response<Body>
     shared.stats.clear();
     shared.log.clear();
     shared.limits.clear();
-    // Time does not go back: tokens minted before a reset keep their age, and a test that
-    // advanced the clock keeps the time it set.
     shared.holds.lift_all();
+    // The clock is left alone: time does not go back, so tokens minted before a reset keep
+    // their age and a test that advanced the clock keeps the time it set.
     if request.state {
         *shared.world() = World::default();
     }
@@ -270,12 +270,12 @@ fn requests(shared: &Shared, query: Option<&str>) -> Value {
 
 fn clock(shared: &Shared) -> Value {
     let clock = &shared.clock;
-    let advanced = clock.advanced();
+    let now = clock.utc();
     json!({
         "manual": clock.is_manual(),
-        "now": clock.utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "now_ms": clock.utc().timestamp_millis(),
-        "advanced_ms": u64::try_from(advanced.as_millis()).unwrap_or(u64::MAX),
+        "now": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "now_ms": now.timestamp_millis(),
+        "advanced_ms": u64::try_from(clock.advanced().as_millis()).unwrap_or(u64::MAX),
     })
 }
 
