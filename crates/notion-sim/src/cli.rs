@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::clock::SimClock;
 use crate::config::{
     parse_duration, OwnerKind, PreviousPairPolicy, ReauthMode, RefreshReusePolicy, SimConfig,
 };
@@ -131,6 +132,11 @@ pub struct SimArgs {
         default_value_t = 10_000
     )]
     pub request_log_capacity: usize,
+
+    /// Start with a clock that stands still until `POST /_sim/clock/advance` moves it, so that
+    /// tests in other processes decide when tokens, codes and rate-limit windows expire.
+    #[arg(long, env = "NOTION_SIM_MANUAL_CLOCK")]
+    pub manual_clock: bool,
 }
 
 fn parse_latency(text: &str) -> Result<(String, Duration), String> {
@@ -175,6 +181,11 @@ impl SimArgs {
 /// The first line on stdout is exactly `notion-sim listening on http://ADDR`.
 pub async fn run_cli(args: SimArgs) -> anyhow::Result<()> {
     let listen = args.listen;
+    let clock = if args.manual_clock {
+        SimClock::manual()
+    } else {
+        SimClock::system()
+    };
     let config = args.into_config()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -186,7 +197,7 @@ pub async fn run_cli(args: SimArgs) -> anyhow::Result<()> {
         writeln!(stdout, "notion-sim listening on http://{addr}")?;
         stdout.flush()?;
     }
-    crate::serve(listener, config, shutdown_signal()).await
+    crate::serve_with_clock(listener, config, clock, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {
@@ -224,8 +235,11 @@ mod tests {
 
     #[test]
     fn defaults_are_post_june_2026_notion() {
-        let config = Cli::parse_from(["sim"]).sim.into_config().unwrap();
+        let args = Cli::parse_from(["sim"]).sim;
+        assert!(!args.manual_clock, "users get the system clock");
+        let config = args.into_config().unwrap();
         assert_eq!(config, SimConfig::default());
+        assert!(Cli::parse_from(["sim", "--manual-clock"]).sim.manual_clock);
     }
 
     #[test]

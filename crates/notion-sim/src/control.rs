@@ -1,13 +1,14 @@
 //! The control API under `/_sim`: no Notion auth, JSON in and out.
 //! Tests outside this repository use these paths and field names; keep them stable.
 
-use std::time::Instant;
+use std::time::Duration;
 
 use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::faults::FaultSpec;
+use crate::hold::HOLD_DEADLINE;
 use crate::server::{plain_json, Body, Shared};
 use crate::token::fingerprint;
 use crate::world::{NextAuthorization, World};
@@ -45,7 +46,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response<Bod
     serde_json::from_slice(source).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
 
-pub(crate) fn handle(
+pub(crate) async fn handle(
     shared: &Shared,
     method: &Method,
     path: &str,
@@ -53,6 +54,14 @@ pub(crate) fn handle(
     body: &Bytes,
 ) -> Response<Body> {
     let route = path.trim_start_matches("/_sim").trim_end_matches('/');
+    // The one answer that waits: for requests to reach a hold.
+    if method == Method::POST {
+        if let Some(id) = hold_route(route, "/wait") {
+            return wait_for_hold(shared, id, body)
+                .await
+                .unwrap_or_else(|response| response);
+        }
+    }
     let result = match (method, route) {
         (&Method::GET, "/stats") => Ok(ok(shared.stats.to_json())),
         (&Method::GET, "/config") => Ok(ok(json!(&*shared.config()))),
@@ -68,16 +77,42 @@ pub(crate) fn handle(
         }
         (&Method::POST, "/reset") => reset(shared, body),
         (&Method::GET, "/requests") => Ok(ok(requests(shared, query))),
-        (&Method::POST, route) => match route
-            .strip_prefix("/bots/")
-            .and_then(|r| r.strip_suffix("/revoke"))
-        {
-            Some(bot_id) => uninstall(shared, bot_id),
+        (&Method::GET, "/clock") => Ok(ok(clock(shared))),
+        (&Method::POST, "/clock/advance") => advance_clock(shared, body),
+        (&Method::GET, "/holds") => Ok(ok(holds(shared))),
+        (&Method::POST, "/holds") => add_hold(shared, body),
+        (&Method::DELETE, "/holds") => {
+            shared.holds.lift_all();
+            Ok(ok(json!({"holds": []})))
+        }
+        (&Method::POST, route) => {
+            if let Some(id) = hold_route(route, "/release") {
+                release_hold(shared, id, body)
+            } else if let Some(bot_id) = route
+                .strip_prefix("/bots/")
+                .and_then(|r| r.strip_suffix("/revoke"))
+            {
+                uninstall(shared, bot_id)
+            } else {
+                Err(not_found())
+            }
+        }
+        (&Method::DELETE, route) => match hold_route(route, "") {
+            Some(id) => lift_hold(shared, id),
             None => Err(not_found()),
         },
         _ => Err(not_found()),
     };
     result.unwrap_or_else(|response| response)
+}
+
+/// The id in `/holds/{id}{suffix}`; a malformed id is no route at all.
+fn hold_route(route: &str, suffix: &str) -> Option<u64> {
+    route
+        .strip_prefix("/holds/")?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
 }
 
 fn patch_config(shared: &Shared, body: &Bytes) -> Result<Response<Body>, Response<Body>> {
@@ -95,7 +130,7 @@ fn next_authorization(shared: &Shared, body: &Bytes) -> Result<Response<Body>, R
 
 fn bots(shared: &Shared) -> Value {
     let config = shared.config();
-    let now = Instant::now();
+    let now = shared.clock.moment();
     let world = shared.world();
     let bots: Vec<Value> = world
         .bots()
@@ -209,6 +244,9 @@ fn reset(shared: &Shared, body: &Bytes) -> Result<Response<Body>, Response<Body>
     shared.stats.clear();
     shared.log.clear();
     shared.limits.clear();
+    shared.holds.lift_all();
+    // The clock is left alone: time does not go back, so tokens minted before a reset keep
+    // their age and a test that advanced the clock keeps the time it set.
     if request.state {
         *shared.world() = World::default();
     }
@@ -228,4 +266,110 @@ fn requests(shared: &Shared, query: Option<&str>) -> Value {
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(usize::MAX);
     json!({"requests": shared.log.recent(limit)})
+}
+
+fn clock(shared: &Shared) -> Value {
+    let clock = &shared.clock;
+    let now = clock.utc();
+    json!({
+        "manual": clock.is_manual(),
+        "now": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "now_ms": now.timestamp_millis(),
+        "advanced_ms": u64::try_from(clock.advanced().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceRequest {
+    ms: u64,
+}
+
+fn advance_clock(shared: &Shared, body: &Bytes) -> Result<Response<Body>, Response<Body>> {
+    let request: AdvanceRequest = parse(body)?;
+    if !shared.clock.is_manual() {
+        return Err(control_json(
+            StatusCode::CONFLICT,
+            json!({
+                "error": "system_clock",
+                "message": "The simulator runs on the system clock; start it with --manual-clock to move time by hand.",
+            }),
+        ));
+    }
+    shared.clock.advance(Duration::from_millis(request.ms));
+    Ok(ok(clock(shared)))
+}
+
+fn holds(shared: &Shared) -> Value {
+    let holds: Vec<Value> = shared.holds.list().iter().map(|h| h.to_json()).collect();
+    json!({"holds": holds})
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldRequest {
+    endpoint: String,
+}
+
+fn add_hold(shared: &Shared, body: &Bytes) -> Result<Response<Body>, Response<Body>> {
+    let request: HoldRequest = parse(body)?;
+    let hold = shared.holds.add(&request.endpoint).map_err(bad_request)?;
+    Ok(ok(hold.to_json()))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReleaseRequest {
+    /// How many of the oldest held requests to release; unset: all of them.
+    #[serde(default)]
+    count: Option<usize>,
+}
+
+fn release_hold(shared: &Shared, id: u64, body: &Bytes) -> Result<Response<Body>, Response<Body>> {
+    let request: ReleaseRequest = parse(body)?;
+    let hold = shared.holds.get(id).ok_or_else(not_found)?;
+    let released = hold.release(request.count.unwrap_or(usize::MAX));
+    let mut answer = hold.to_json();
+    answer["released"] = json!(released);
+    Ok(ok(answer))
+}
+
+fn lift_hold(shared: &Shared, id: u64) -> Result<Response<Body>, Response<Body>> {
+    let hold = shared.holds.get(id).ok_or_else(not_found)?;
+    hold.lift();
+    Ok(ok(hold.to_json()))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitRequest {
+    arrived: u64,
+    /// How long to wait; unset: the hold deadline.
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// Answers once `arrived` requests in all have reached the hold, or 408 after the timeout, so
+/// a test in another process learns of an arrival without polling or sleeping.
+async fn wait_for_hold(
+    shared: &Shared,
+    id: u64,
+    body: &Bytes,
+) -> Result<Response<Body>, Response<Body>> {
+    let request: WaitRequest = parse(body)?;
+    let hold = shared.holds.get(id).ok_or_else(not_found)?;
+    let limit = request
+        .timeout_ms
+        .map_or(HOLD_DEADLINE, Duration::from_millis);
+    match hold.wait_for_arrivals(request.arrived, limit).await {
+        Ok(()) => Ok(ok(hold.to_json())),
+        Err(count) => Err(control_json(
+            StatusCode::REQUEST_TIMEOUT,
+            json!({
+                "error": "timeout",
+                "message": format!("only {count} of {} requests reached hold {id} within {limit:?}", request.arrived),
+                "arrived": count,
+            }),
+        )),
+    }
 }

@@ -422,7 +422,7 @@ pub(crate) fn authorize(shared: &Shared, call: &Call) -> Reply {
         (false, _) => return Reply::plain(consent_page(&call.config, &request)),
     };
     let mut world = shared.world();
-    let (workspace_id, user_id, queued) = world.next_identity(&call.config);
+    let (workspace_id, user_id, queued) = world.next_identity(&call.config, call.now);
     if clicked.unwrap_or(queued) == Outcome::Deny {
         return Reply::plain(redirect(
             request.target,

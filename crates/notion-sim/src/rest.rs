@@ -71,10 +71,12 @@ fn respond(shared: &Shared, call: &Call, reply: &mut Reply) -> Response<Body> {
     if let Verdict::Limited {
         reason,
         retry_after,
-    } = shared
-        .limits
-        .check(&call.config, &caller.bot_id, &caller.workspace_id, call.now)
-    {
+    } = shared.limits.check(
+        &call.config,
+        &caller.bot_id,
+        &caller.workspace_id,
+        call.now.instant,
+    ) {
         return rate_limited(reason, retry_after, rid);
     }
     if !allowed(call) {
@@ -310,7 +312,7 @@ fn create_page(shared: &Shared, call: &Call, caller: &Caller) -> Response<Body> 
         return not_found(&parent_id, rid);
     };
     let parent_id: Id = parent.id.clone();
-    let id = world.create_page(&caller.bot_id, &parent_id, title);
+    let id = world.create_page(&caller.bot_id, &parent_id, title, call.now);
     let page = world.page(&id).map(page_object).unwrap_or(Value::Null);
     json_response(StatusCode::OK, page, rid)
 }

@@ -5,12 +5,12 @@
 //! races the connection against a per-connection signal, and dropping the connection future
 //! closes the socket.
 //!
-//! Every simulated request goes through [`handle`]: count it, apply a fault, process it, spend
-//! the configured latency, log it, answer.
+//! Every simulated request goes through [`handle`]: count it, apply a fault, process it, log it,
+//! wait at a hold and spend the configured latency, answer.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -22,9 +22,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::clock::{Moment, SimClock};
 use crate::config::SimConfig;
 use crate::endpoint::Endpoint;
 use crate::faults::{FaultAction, FaultKind, FaultSpec, Faults};
+use crate::hold::{Holds, HOLD_DEADLINE};
 use crate::limits::RateLimiter;
 use crate::observe::{LoggedRequest, RequestLog, Stats};
 use crate::world::{Id, World};
@@ -45,10 +47,13 @@ pub(crate) struct Shared {
     pub log: RequestLog,
     pub faults: Faults,
     pub limits: RateLimiter,
+    pub holds: Holds,
+    /// Every time-dependent decision reads this, never `Instant::now()` or `Utc::now()`.
+    pub clock: SimClock,
 }
 
 impl Shared {
-    pub fn new(config: SimConfig) -> Shared {
+    pub fn new(config: SimConfig, clock: SimClock) -> Shared {
         Shared {
             config: Mutex::new(Arc::new(config)),
             world: Mutex::new(World::default()),
@@ -56,6 +61,8 @@ impl Shared {
             log: RequestLog::default(),
             faults: Faults::default(),
             limits: RateLimiter::default(),
+            holds: Holds::default(),
+            clock,
         }
     }
 
@@ -123,6 +130,8 @@ pub(crate) async fn run(
         });
     }
     drop(listener);
+    // Held answers would keep their connections open past the grace period below.
+    shared.holds.lift_all();
     let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
     Ok(())
 }
@@ -138,7 +147,8 @@ pub(crate) struct Call {
     pub body: Bytes,
     pub config: Arc<SimConfig>,
     pub request_id: String,
-    pub now: Instant,
+    /// The simulator's clock when processing started.
+    pub now: Moment,
 }
 
 /// A handler's answer, with what the request log records about it.
@@ -176,17 +186,17 @@ async fn handle(
         Err(_) => Bytes::new(),
     };
     if path == "/_sim" || path.starts_with("/_sim/") {
-        return control::handle(&shared, &parts.method, &path, parts.uri.query(), &body);
+        return control::handle(&shared, &parts.method, &path, parts.uri.query(), &body).await;
     }
     let config = shared.config();
     let request_id = token::uuid();
-    let now = Instant::now();
+    let now = shared.clock.moment();
     let Some((endpoint, path_id)) = Endpoint::route(&parts.method, &path) else {
         shared.log.push(
             config.request_log_capacity,
             LoggedRequest {
                 seq: 0,
-                time: log_time(),
+                time: log_time(&shared.clock),
                 endpoint: None,
                 method: parts.method.to_string(),
                 path,
@@ -205,7 +215,7 @@ async fn handle(
         );
     };
     shared.stats.count(endpoint);
-    let call = Call {
+    let mut call = Call {
         endpoint,
         path_id: path_id.map(str::to_owned),
         method: parts.method.clone(),
@@ -232,7 +242,10 @@ async fn handle(
             reply
         }
         Some(FaultAction::Delay(delay)) => {
+            // Real time, even on a manual clock: the delay models a slow network, which a client
+            // only notices on its own clock. Processing then sees the simulator's time after it.
             tokio::time::sleep(delay).await;
+            call.now = shared.clock.moment();
             process(&shared, &call).await
         }
         None => process(&shared, &call).await,
@@ -243,7 +256,7 @@ async fn handle(
         config.request_log_capacity,
         LoggedRequest {
             seq: 0,
-            time: log_time(),
+            time: log_time(&shared.clock),
             endpoint: Some(endpoint.name()),
             method: parts.method.to_string(),
             path,
@@ -254,16 +267,25 @@ async fn handle(
             grant_type: reply.grant_type,
         },
     );
-    // The latency is spent after the state changed and before the answer leaves: a slow answer
-    // on the way back, the case that makes a token broker lose a rotated refresh token.
+    // A hold and the latency are spent after the state changed and before the answer leaves: a
+    // slow answer on the way back, the case that makes a token broker lose a rotated refresh
+    // token. The hold comes first, so that a test learns of the arrival as soon as the request
+    // was processed.
+    if let Some(released) = shared.holds.catch(endpoint, reply.grant_type) {
+        // Released, lifted, or past the deadline: answer in every case.
+        let _ = tokio::time::timeout(HOLD_DEADLINE, released).await;
+    }
+    // Real time, even on a manual clock, for the reason given at the `delay` fault above.
     if let Some(latency) = config.latency_for(endpoint.name(), reply.grant_type) {
         tokio::time::sleep(latency).await;
     }
     reply.response
 }
 
-fn log_time() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+fn log_time(clock: &SimClock) -> String {
+    clock
+        .utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 async fn process(shared: &Shared, call: &Call) -> Reply {

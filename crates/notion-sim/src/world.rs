@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::clock::Moment;
 use crate::config::{PreviousPairPolicy, ReauthMode, RefreshReusePolicy, SimConfig};
 use crate::token;
 
@@ -179,15 +180,9 @@ pub(crate) struct World {
     queue: VecDeque<NextAuthorization>,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// Notion reports creation times rounded down to the minute.
-fn notion_time() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%dT%H:%M:00.000Z")
-        .to_string()
+fn notion_time(now: Moment) -> String {
+    now.utc.format("%Y-%m-%dT%H:%M:00.000Z").to_string()
 }
 
 impl World {
@@ -202,7 +197,7 @@ impl World {
     }
 
     /// Who is authorizing now: the queue's head, else the default (or a fresh) identity.
-    pub fn next_identity(&mut self, config: &SimConfig) -> (Id, Id, Outcome) {
+    pub fn next_identity(&mut self, config: &SimConfig, now: Moment) -> (Id, Id, Outcome) {
         let next = self.queue.pop_front().unwrap_or_default();
         let fresh = config.fresh_identity;
         let workspace_id: Id = match next.workspace_id {
@@ -215,7 +210,7 @@ impl World {
             None if fresh => token::uuid().into(),
             None => DEFAULT_USER.into(),
         };
-        self.ensure_workspace(&workspace_id);
+        self.ensure_workspace(&workspace_id, now);
         self.ensure_user(&user_id, &workspace_id);
         (
             workspace_id,
@@ -224,7 +219,7 @@ impl World {
         )
     }
 
-    fn ensure_workspace(&mut self, id: &Id) {
+    fn ensure_workspace(&mut self, id: &Id, now: Moment) {
         if self.workspaces.contains_key(id) {
             return;
         }
@@ -241,7 +236,7 @@ impl World {
                     parent: PageParent::Workspace,
                     title: title.to_owned(),
                     created_by: DEFAULT_USER.into(),
-                    created_time: notion_time(),
+                    created_time: notion_time(now),
                     seq: page_seq,
                     shared_with: HashSet::new(),
                 },
@@ -324,11 +319,11 @@ impl World {
         config: &SimConfig,
         bot_id: Id,
         authorize_redirect_uri: Option<String>,
-        now: Instant,
+        now: Moment,
     ) -> String {
         // Expired and used codes are swept here, so the map only holds codes that could matter.
         if self.codes.len() > 1024 {
-            self.codes.retain(|_, c| !c.used && c.expires > now);
+            self.codes.retain(|_, c| !c.used && c.expires > now.instant);
         }
         let code = token::uuid();
         self.codes.insert(
@@ -337,7 +332,7 @@ impl World {
                 client_id: config.client_id.clone(),
                 bot_id,
                 authorize_redirect_uri,
-                expires: now + config.code_ttl,
+                expires: now.instant + config.code_ttl,
                 used: false,
             },
         );
@@ -359,7 +354,7 @@ impl World {
         config: &SimConfig,
         code: &str,
         redirect_uri: Option<&str>,
-        now: Instant,
+        now: Moment,
     ) -> Result<Issued, GrantError> {
         let Some(record) = self.codes.get_mut(code) else {
             return refuse("invalid_grant", "The authorization code is invalid.");
@@ -367,7 +362,7 @@ impl World {
         if record.used {
             return refuse("invalid_grant", "The authorization code was already used.");
         }
-        if record.expires <= now {
+        if record.expires <= now.instant {
             return refuse("invalid_grant", "The authorization code has expired.");
         }
         if record.client_id != config.client_id {
@@ -440,14 +435,14 @@ impl World {
         &mut self,
         config: &SimConfig,
         refresh_token: &str,
-        now: Instant,
+        now: Moment,
     ) -> Result<Issued, GrantError> {
         let Some(record) = self.refresh.get_mut(refresh_token) else {
             return refuse("invalid_grant", "The refresh token is invalid.");
         };
         let (bot_id, grant) = (record.bot_id.clone(), record.grant);
         match record.state {
-            RefreshState::Live => record.state = RefreshState::Rotated(now),
+            RefreshState::Live => record.state = RefreshState::Rotated(now.instant),
             RefreshState::Dead => {
                 return refuse("invalid_grant", "The refresh token is invalid.");
             }
@@ -456,7 +451,7 @@ impl World {
                     return refuse("invalid_grant", "The refresh token was already used.");
                 }
                 RefreshReusePolicy::Grace
-                    if now.saturating_duration_since(used_at) <= config.refresh_grace => {}
+                    if now.instant.saturating_duration_since(used_at) <= config.refresh_grace => {}
                 RefreshReusePolicy::Grace => {
                     return refuse("invalid_grant", "The refresh token was already used.");
                 }
@@ -484,16 +479,16 @@ impl World {
         Some(self.describe(bot, access.clone(), refresh.clone()))
     }
 
-    fn mint(&mut self, bot_id: &Id, grant: u64, now: Instant) -> Issued {
+    fn mint(&mut self, bot_id: &Id, grant: u64, now: Moment) -> Issued {
         let access: Id = token::access_token().into();
         let refresh: Id = token::refresh_token().into();
-        let iat_ms = now_ms();
+        let iat_ms = now.utc.timestamp_millis();
         self.access.insert(
             access.clone(),
             AccessRecord {
                 bot_id: bot_id.clone(),
                 grant,
-                issued: now,
+                issued: now.instant,
                 iat_ms,
                 live: true,
             },
@@ -581,15 +576,15 @@ impl World {
         }
     }
 
-    fn access_is_live(config: &SimConfig, record: &AccessRecord, now: Instant) -> bool {
+    fn access_is_live(config: &SimConfig, record: &AccessRecord, now: Moment) -> bool {
         record.live
             && config
                 .access_token_ttl
-                .is_none_or(|ttl| now.saturating_duration_since(record.issued) < ttl)
+                .is_none_or(|ttl| now.instant.saturating_duration_since(record.issued) < ttl)
     }
 
     /// The bot behind a bearer token, if the token is live.
-    pub fn authenticate(&self, config: &SimConfig, token: &str, now: Instant) -> Option<Caller> {
+    pub fn authenticate(&self, config: &SimConfig, token: &str, now: Moment) -> Option<Caller> {
         let record = self.access.get(token)?;
         if !Self::access_is_live(config, record, now) {
             return None;
@@ -603,7 +598,7 @@ impl World {
     }
 
     /// Whom a token of either kind belongs to, for the request log.
-    pub fn token_owner(&self, config: &SimConfig, token: &str, now: Instant) -> Option<TokenOwner> {
+    pub fn token_owner(&self, config: &SimConfig, token: &str, now: Moment) -> Option<TokenOwner> {
         if let Some(record) = self.access.get(token) {
             let live = Self::access_is_live(config, record, now);
             let newest = self
@@ -629,7 +624,7 @@ impl World {
     }
 
     /// `POST /v1/oauth/introspect`: the `iat` (milliseconds) of a live token.
-    pub fn introspect(&self, config: &SimConfig, token: &str, now: Instant) -> Option<i64> {
+    pub fn introspect(&self, config: &SimConfig, token: &str, now: Moment) -> Option<i64> {
         if let Some(record) = self.access.get(token) {
             return Self::access_is_live(config, record, now).then_some(record.iat_ms);
         }
@@ -697,7 +692,7 @@ impl World {
         found
     }
 
-    pub fn create_page(&mut self, bot_id: &Id, parent_id: &Id, title: String) -> Id {
+    pub fn create_page(&mut self, bot_id: &Id, parent_id: &Id, title: String, now: Moment) -> Id {
         let workspace_id = self.pages[parent_id].workspace_id.clone();
         let created_by = bot_id.clone();
         let id: Id = token::uuid().into();
@@ -710,7 +705,7 @@ impl World {
                 parent: PageParent::Page(parent_id.clone()),
                 title,
                 created_by,
-                created_time: notion_time(),
+                created_time: notion_time(now),
                 seq,
                 shared_with: HashSet::from([bot_id.clone()]),
             },
@@ -750,7 +745,7 @@ impl World {
     }
 
     /// Live access tokens of a bot, counting the TTL.
-    pub fn live_access_tokens(&self, config: &SimConfig, bot: &Bot, now: Instant) -> Vec<Id> {
+    pub fn live_access_tokens(&self, config: &SimConfig, bot: &Bot, now: Moment) -> Vec<Id> {
         bot.live_access
             .iter()
             .filter(|t| {

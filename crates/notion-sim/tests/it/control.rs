@@ -214,3 +214,51 @@ async fn reset_clears_counters_and_with_state_everything() {
     assert_eq!(sim.me(&pair.access).await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(sim.control_get("/_sim/bots").await["bots"], json!([]));
 }
+
+/// A manual clock moves only when told, and everything that ages reads it: here an access
+/// token's lifetime and its `iat`.
+#[tokio::test]
+async fn a_manual_clock_is_read_and_advanced_over_the_control_api() {
+    let sim = Sim::manual(|c| c.access_token_ttl = Some(std::time::Duration::from_secs(1))).await;
+    let pair = sim.connect().await;
+    let clock = sim.control_get("/_sim/clock").await;
+    assert_eq!(clock["manual"], true);
+    assert_eq!(clock["advanced_ms"], 0);
+    let start = clock["now_ms"].as_i64().unwrap();
+    assert!(clock["now"].is_string());
+    assert_eq!(
+        sim.introspect(&pair.access).await.body["iat"],
+        start,
+        "minted at the simulator's now"
+    );
+
+    let clock = sim
+        .control_post("/_sim/clock/advance", json!({"ms": 999}))
+        .await;
+    assert_eq!(clock["advanced_ms"], 999);
+    assert_eq!(clock["now_ms"], start + 999);
+    assert_eq!(sim.me(&pair.access).await.status, StatusCode::OK);
+    sim.control_post("/_sim/clock/advance", json!({"ms": 1}))
+        .await;
+    assert_eq!(sim.me(&pair.access).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(sim.clock().advanced(), std::time::Duration::from_secs(1));
+
+    // A reset leaves time alone: tokens keep their age.
+    sim.control_post("/_sim/reset", json!({})).await;
+    assert_eq!(sim.control_get("/_sim/clock").await["advanced_ms"], 1000);
+}
+
+#[tokio::test]
+async fn the_system_clock_cannot_be_advanced() {
+    let sim = Sim::start().await;
+    assert_eq!(sim.control_get("/_sim/clock").await["manual"], false);
+    let answer = sim
+        .send(
+            sim.http
+                .post(sim.url("/_sim/clock/advance"))
+                .json(&json!({"ms": 1000})),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::CONFLICT, "{}", answer.text);
+    assert_eq!(answer.body["error"], "system_clock");
+}

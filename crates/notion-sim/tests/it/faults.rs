@@ -127,10 +127,21 @@ async fn a_non_json_fault_sends_plain_text_or_html() {
     assert!(answer.text.starts_with("<html>"));
 }
 
+/// A `delay` is real time by design (it models a slow network), so this test measures real
+/// time, and only in ways a loaded machine cannot break: the answer takes at least the delay (a
+/// lower bound), and "nothing changed during the delay" is checked against a delay far longer
+/// than the check, right after the request was seen to arrive.
 #[tokio::test]
 async fn a_delay_fault_stalls_then_processes_normally() {
     let sim = Sim::start().await;
     let pair = sim.connect().await;
+    let live = |bot: serde_json::Value| {
+        bot["live_access_token_fingerprints"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = live(sim.bot(&pair.bot_id).await);
     sim.control_post(
         "/_sim/faults",
         json!({"endpoint": "oauth.token", "kind": "delay", "delay_ms": 300, "count": 1}),
@@ -140,35 +151,42 @@ async fn a_delay_fault_stalls_then_processes_normally() {
     let answer = sim.refresh(&pair.refresh).await;
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        live(sim.bot(&pair.bot_id).await),
+        before + 1,
+        "processed after the delay"
+    );
+
     // The delay comes before processing: while it lasts, nothing has changed.
     let next = crate::Pair::from_response(&answer.body);
     sim.control_post(
         "/_sim/faults",
-        json!({"endpoint": "oauth.token", "kind": "delay", "delay_ms": 1500, "count": 1}),
+        json!({"endpoint": "oauth.token", "kind": "delay", "delay_ms": 60_000, "count": 1}),
     )
     .await;
-    let live = |bot: serde_json::Value| {
-        bot["live_access_token_fingerprints"]
-            .as_array()
-            .unwrap()
-            .len()
-    };
     let before = live(sim.bot(&next.bot_id).await);
-    let request = sim
-        .http
-        .post(sim.url("/v1/oauth/token"))
-        .basic_auth("tokenkeeper-dev", Some("dev-secret-not-for-production"))
-        .json(&json!({"grant_type": "refresh_token", "refresh_token": next.refresh}))
-        .send();
-    let pending = tokio::spawn(request);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let counted = sim.count("oauth.token").await;
+    let pending = tokio::spawn(
+        sim.http
+            .post(sim.url("/v1/oauth/token"))
+            .basic_auth("tokenkeeper-dev", Some("dev-secret-not-for-production"))
+            .json(&json!({"grant_type": "refresh_token", "refresh_token": next.refresh}))
+            .send(),
+    );
+    // Counted means arrived: the request is in its delay now, not on its way.
+    sim.until_counted("oauth.token", counted + 1).await;
     assert_eq!(
         live(sim.bot(&next.bot_id).await),
         before,
         "not processed during the delay"
     );
-    assert_eq!(pending.await.unwrap().unwrap().status(), StatusCode::OK);
-    assert_eq!(live(sim.bot(&next.bot_id).await), before + 1);
+    assert_eq!(
+        sim.introspect(&next.refresh).await.body["active"],
+        true,
+        "the refresh token is not rotated yet"
+    );
+    assert!(!pending.is_finished(), "no answer during the delay");
+    pending.abort();
 }
 
 #[tokio::test]

@@ -37,7 +37,7 @@ async fn reusing_a_refresh_token_is_rejected_by_default() {
 
 #[tokio::test]
 async fn reuse_within_the_grace_window_is_accepted_then_rejected() {
-    let sim = Sim::with(|c| {
+    let sim = Sim::manual(|c| {
         c.refresh_reuse = RefreshReusePolicy::Grace;
         c.refresh_grace = Duration::from_millis(1000);
     })
@@ -50,7 +50,7 @@ async fn reuse_within_the_grace_window_is_accepted_then_rejected() {
         "a reuse within grace mints a pair"
     );
     assert_eq!(sim.me(&again.access).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sim.clock().advance(Duration::from_millis(1100));
     assert_oauth_error(&sim.refresh(&first.refresh).await, 400, "invalid_grant");
 }
 
@@ -197,10 +197,10 @@ async fn a_code_issued_before_an_uninstall_cannot_be_exchanged() {
 
 #[tokio::test]
 async fn access_tokens_expire_after_the_configured_ttl() {
-    let sim = Sim::with(|c| c.access_token_ttl = Some(Duration::from_millis(1000))).await;
+    let sim = Sim::manual(|c| c.access_token_ttl = Some(Duration::from_millis(1000))).await;
     let pair = sim.connect().await;
     assert_eq!(sim.me(&pair.access).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sim.clock().advance(Duration::from_millis(1100));
     assert_notion_error(&sim.me(&pair.access).await, 401, "unauthorized");
     assert_eq!(sim.introspect(&pair.access).await.body["active"], false);
     // The refresh token outlives it.
@@ -210,12 +210,13 @@ async fn access_tokens_expire_after_the_configured_ttl() {
 
 #[tokio::test]
 async fn access_tokens_never_expire_by_default() {
-    let sim = Sim::start().await;
+    let sim = Sim::manual(|_| {}).await;
     let pair = sim.connect().await;
     // A TTL set later applies to existing tokens; clearing it brings them back.
+    sim.clock().advance(Duration::from_secs(365 * 24 * 3600));
+    assert_eq!(sim.me(&pair.access).await.status, StatusCode::OK);
     sim.server
         .update_config(|c| c.access_token_ttl = Some(Duration::from_millis(1)));
-    tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(sim.me(&pair.access).await.status, StatusCode::UNAUTHORIZED);
     sim.server.update_config(|c| c.access_token_ttl = None);
     assert_eq!(sim.me(&pair.access).await.status, StatusCode::OK);
@@ -223,51 +224,68 @@ async fn access_tokens_never_expire_by_default() {
 
 /// The latency is spent after the refresh happened: a client that gives up early has lost its
 /// refresh token.
+///
+/// Latency is real time by design (it models a slow network, whatever the simulator's clock),
+/// so this test uses real time too, without a bound that a loaded machine could miss: it waits
+/// until the refresh was processed, sees that the answer has not come, and gives up then.
 #[tokio::test]
 async fn latency_is_spent_after_processing() {
     let sim = Sim::with(|c| {
-        c.latency.insert(
-            "oauth.token:refresh_token".into(),
-            Duration::from_millis(1500),
-        );
+        c.latency
+            .insert("oauth.token:refresh_token".into(), Duration::from_secs(60));
         c.latency
             .insert("oauth.token".into(), Duration::from_millis(0));
     })
     .await;
     let pair = sim.connect().await;
 
-    let started = Instant::now();
-    let hurried = sim
-        .http
-        .post(sim.url("/v1/oauth/token"))
-        .basic_auth("tokenkeeper-dev", Some("dev-secret-not-for-production"))
-        .timeout(Duration::from_millis(200))
-        .json(&json!({"grant_type": "refresh_token", "refresh_token": pair.refresh}))
-        .send()
-        .await;
-    assert!(
-        hurried.is_err(),
-        "the answer is slower than the client's timeout"
+    let hurried = tokio::spawn(
+        sim.http
+            .post(sim.url("/v1/oauth/token"))
+            .basic_auth("tokenkeeper-dev", Some("dev-secret-not-for-production"))
+            .json(&json!({"grant_type": "refresh_token", "refresh_token": pair.refresh}))
+            .send(),
     );
-    assert!(started.elapsed() < Duration::from_millis(1200));
-
-    // The refresh happened anyway: the old refresh token is spent.
-    assert_oauth_error(&sim.refresh(&pair.refresh).await, 400, "invalid_grant");
-    let bot = sim.bot(&pair.bot_id).await;
-    assert_eq!(
+    let live = |bot: serde_json::Value| {
         bot["live_access_token_fingerprints"]
             .as_array()
             .unwrap()
-            .len(),
-        2
+            .len()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live(sim.bot(&pair.bot_id).await) < 2 {
+        assert!(Instant::now() < deadline, "the refresh was never processed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        !hurried.is_finished(),
+        "the refresh was processed and its answer is still on the way"
     );
+    hurried.abort();
+    assert_eq!(live(sim.bot(&pair.bot_id).await), 2);
 
-    // Grant-specific latency does not apply to the code grant.
-    let started = Instant::now();
-    sim.connect().await;
-    assert!(started.elapsed() < Duration::from_millis(1200));
+    // Grant-specific latency does not apply to the code grant: its answer comes long before
+    // the refresh's 60 s could pass.
+    let code = sim.authorize().await;
+    let answer = sim
+        .http
+        .post(sim.url("/v1/oauth/token"))
+        .basic_auth("tokenkeeper-dev", Some("dev-secret-not-for-production"))
+        .timeout(Duration::from_secs(30))
+        .json(&json!({"grant_type": "authorization_code", "code": code, "redirect_uri": crate::REDIRECT}))
+        .send()
+        .await
+        .expect("the code grant answers without the refresh latency");
+    assert_eq!(answer.status(), StatusCode::OK);
+
+    // The refresh happened anyway: the old refresh token is spent. (Without the latency now,
+    // which the refusal would otherwise wait out too.)
+    sim.server.update_config(|config| config.latency.clear());
+    assert_oauth_error(&sim.refresh(&pair.refresh).await, 400, "invalid_grant");
 }
 
+/// Real time, as latency is: the claim is that the answer took at least the latency, a lower
+/// bound that a slow machine can only exceed.
 #[tokio::test]
 async fn endpoint_latency_slows_rest_answers() {
     let sim = Sim::with(|c| {

@@ -24,7 +24,7 @@ fn assert_rate_limited(answer: &Answer, reason: &str, max_retry_after: u64) {
 
 #[tokio::test]
 async fn the_connection_budget_answers_429_then_recovers_in_the_next_window() {
-    let sim = Sim::with(|c| {
+    let sim = Sim::manual(|c| {
         c.rate_limit_per_connection = 3;
         c.rate_limit_window = Duration::from_millis(2000);
     })
@@ -44,7 +44,15 @@ async fn the_connection_budget_answers_429_then_recovers_in_the_next_window() {
     for _ in 0..5 {
         assert_eq!(sim.introspect(&pair.access).await.status, StatusCode::OK);
     }
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // The window is fixed: a moment before it ends the budget is still spent, and then it is
+    // whole again.
+    sim.clock().advance(Duration::from_millis(1999));
+    assert_rate_limited(
+        &sim.me(&pair.access).await,
+        "public_api_request_rate_limit",
+        1,
+    );
+    sim.clock().advance(Duration::from_millis(1));
     assert_eq!(sim.me(&pair.access).await.status, StatusCode::OK);
 }
 

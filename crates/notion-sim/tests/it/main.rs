@@ -4,12 +4,15 @@
 mod control;
 mod faults;
 mod fidelity;
+mod holds;
 mod lifecycle;
 mod limits;
 mod oauth;
 mod rest;
 
-use notion_sim::{SimConfig, SimServer};
+use std::time::Duration;
+
+use notion_sim::{SimClock, SimConfig, SimServer};
 use reqwest::{header::HeaderMap, Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -61,18 +64,33 @@ impl Sim {
     }
 
     pub async fn with(f: impl FnOnce(&mut SimConfig)) -> Sim {
+        Sim::with_clock(SimClock::system(), f).await
+    }
+
+    /// A simulator whose time stands still until the test moves it with `sim.clock().advance`.
+    pub async fn manual(f: impl FnOnce(&mut SimConfig)) -> Sim {
+        Sim::with_clock(SimClock::manual(), f).await
+    }
+
+    async fn with_clock(clock: SimClock, f: impl FnOnce(&mut SimConfig)) -> Sim {
         let mut config = SimConfig {
             auto_approve: true,
             rate_limit_per_connection: 0,
             ..SimConfig::default()
         };
         f(&mut config);
-        let server = SimServer::start(config).await.expect("sim starts");
+        let server = SimServer::start_with_clock(config, clock)
+            .await
+            .expect("sim starts");
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap();
         Sim { server, http }
+    }
+
+    pub fn clock(&self) -> SimClock {
+        self.server.clock()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -185,6 +203,28 @@ impl Sim {
         let answer = self.send(self.http.post(self.url(path)).json(&body)).await;
         assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.text);
         answer.body
+    }
+
+    /// How many requests reached `endpoint`, by `GET /_sim/stats`.
+    pub async fn count(&self, endpoint: &str) -> u64 {
+        let stats = self.control_get("/_sim/stats").await;
+        stats["requests"][endpoint]
+            .as_u64()
+            .expect("a counted endpoint")
+    }
+
+    /// Waits until `n` requests in all have reached `endpoint`: the sim counts a request before
+    /// any fault or processing, so this tells that a request arrived without guessing how long
+    /// the trip takes. Polling, because a `delay` fault stalls before any hold could see it.
+    pub async fn until_counted(&self, endpoint: &str, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.count(endpoint).await < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} requests never reached {endpoint}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     pub async fn introspect(&self, token: &str) -> Answer {

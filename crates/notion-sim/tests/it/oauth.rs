@@ -150,13 +150,12 @@ async fn codes_are_single_use() {
 
 #[tokio::test]
 async fn codes_expire() {
-    let sim = Sim::with(|c| c.code_ttl = Duration::from_millis(100)).await;
+    let sim = Sim::manual(|c| c.code_ttl = Duration::from_millis(100)).await;
     let code = sim.authorize().await;
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    sim.clock().advance(Duration::from_millis(250));
     assert_oauth_error(&sim.exchange(&code).await, 400, "invalid_grant");
-    // A longer lifetime, so that a slow machine cannot expire the next code in flight.
-    sim.server
-        .update_config(|c| c.code_ttl = Duration::from_secs(60));
+    // The clock stands still, so the same short lifetime holds a fresh code however slow the
+    // machine is.
     let fresh = sim.authorize().await;
     assert_eq!(sim.exchange(&fresh).await.status, StatusCode::OK);
 }

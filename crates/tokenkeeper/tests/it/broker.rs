@@ -146,13 +146,8 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-1").await;
     let first = app.current_grant(&id).await;
-    // The sim rotates at once but answers the refresh only after 1.5 s.
-    app.sim.update_config(|c| {
-        c.latency.insert(
-            "oauth.token:refresh_token".into(),
-            Duration::from_millis(1500),
-        );
-    });
+    // The sim rotates at once but answers the refresh only when the test releases it.
+    let held = app.sim.hold("oauth.token:refresh_token");
     let in_flight = {
         let (http, url, id, first) = (app.http.clone(), app.url.clone(), id.clone(), first.clone());
         tokio::spawn(async move {
@@ -166,7 +161,8 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The refresh has reached Notion and rotated; its answer is in flight.
+    held.arrived(1).await;
     let (again, status) = app.connect("user-1").await;
     assert_eq!(
         (again.as_str(), status.as_str()),
@@ -174,7 +170,9 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
     );
     let reauthorized = app.current_grant(&id).await;
     assert_ne!(reauthorized, first);
+    assert!(!in_flight.is_finished(), "the refresh is still in flight");
 
+    held.release_all();
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -197,7 +195,6 @@ async fn a_reauthorization_during_a_refresh_wins_and_the_refresh_is_superseded_a
     assert!(late["superseded_at"].is_string());
     assert_eq!(app.connection(&id).await["grant_id"], reauthorized.as_str());
 
-    app.sim.update_config(|c| c.latency.clear());
     let (status, body) = app.refresh(&id, &reauthorized).await;
     assert_eq!(status, 200, "the next refresh succeeds: {body}");
     let next = current_of(&app.grants(&id).await, body["grant_id"].as_str().unwrap());

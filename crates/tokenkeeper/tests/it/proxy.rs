@@ -11,6 +11,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
+use notion_sim::SimClock;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -88,28 +89,40 @@ async fn assert_untouched(app: &TestApp, id: &str, grant: &str) {
 }
 
 async fn concurrent_401s_cause_exactly_one_refresh_and_every_request_succeeds(backend: Backend) {
-    let app = TestApp::start(backend).await;
+    let app = TestApp::with(
+        backend,
+        Options {
+            sim_clock: SimClock::manual(),
+            ..Options::default()
+        },
+    )
+    .await;
     let (id, _) = app.connect("user-1").await;
     let before = grant_of(&app, &id).await;
-    // The token dies 1 s after it was minted; the refreshed one then lives 1 s, ample for the
-    // retries. Every answer takes 200 ms and the requests start over 150 ms, so some 401s for
-    // the old grant arrive after the refresh was committed: without `if_grant`, each of those
-    // would refresh again.
-    app.sim.update_config(|c| {
-        c.access_token_ttl = Some(Duration::from_secs(1));
-        c.latency
-            .insert("users.me".into(), Duration::from_millis(200));
-    });
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The token dies 1 s after it was minted on the sim's clock, which then stands still: the
+    // refreshed token outlives the test.
+    app.sim
+        .update_config(|c| c.access_token_ttl = Some(Duration::from_secs(1)));
+    app.sim.clock().advance(Duration::from_secs(1));
 
-    let calls = (0..50u64).map(|i| {
-        let request = proxy(&app, &id, Method::GET, "/v1/users/me");
-        async move {
-            tokio::time::sleep(Duration::from_millis(i * 3)).await;
-            sent(request).await
-        }
+    // Notion holds all fifty 401s. Half are let go together and race into one refresh; the
+    // other half only once that refresh was committed (its callers' retries have arrived), so
+    // those 401s for the old grant surely arrive after the commit: without `if_grant`, each of
+    // them would refresh again. The hold replaces a latency and staggered starts, which made
+    // the same overlap likely but not certain.
+    let notion = app.sim.hold("users.me");
+    let calls = (0..50).map(|_| sent(proxy(&app, &id, Method::GET, "/v1/users/me")));
+    let (results, ()) = tokio::join!(futures::future::join_all(calls), async {
+        notion.arrived(50).await;
+        assert_eq!(notion.release(25), 25);
+        notion.arrived(75).await;
+        assert_ne!(
+            grant_of(&app, &id).await,
+            before,
+            "the refresh committed while the other 25 401s are still on their way"
+        );
+        notion.release_all();
     });
-    let results = futures::future::join_all(calls).await;
 
     let after = grant_of(&app, &id).await;
     assert_ne!(after, before, "the connection moved to a refreshed grant");

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use notion_sim::{SimConfig, SimServer};
+use notion_sim::{SimClock, SimConfig, SimServer};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -24,6 +24,9 @@ pub const TOKENS_KEY: &str = "tokens-key-for-tests-0123456789";
 
 pub struct Options {
     pub sim: SimConfig,
+    /// The simulator's clock; `SimClock::manual()` lets a test expire tokens with
+    /// `app.sim.clock().advance(…)` instead of sleeping.
+    pub sim_clock: SimClock,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
     /// Notion's base URL, when a test plays Notion with a server of its own instead of the
@@ -39,6 +42,7 @@ impl Default for Options {
                 rate_limit_per_connection: 0,
                 ..SimConfig::default()
             },
+            sim_clock: SimClock::system(),
             provider_timeout: Duration::from_secs(5),
             refresh_budget: Duration::from_secs(20),
             notion_base_url: None,
@@ -83,7 +87,7 @@ impl TestApp {
         let keys = Arc::new(KeyRing::parse(&key_ring).unwrap());
         let db = TestDb::new(backend, keys, Clock::System).await;
         db.store.migrate().await.expect("migrations apply");
-        let sim = SimServer::start(options.sim.clone())
+        let sim = SimServer::start_with_clock(options.sim.clone(), options.sim_clock.clone())
             .await
             .expect("the simulator starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
