@@ -305,12 +305,12 @@ pub fn wrote(before: &Counters, after: &Counters) -> bool {
 /// back, unknown to any simulator (token reads never call Notion).
 fn fake_authorization(i: usize) -> NewAuthorization {
     let workspace = uuid::Uuid::new_v4().to_string();
-    NewAuthorization {
-        provider: Provider::Notion,
-        target: AuthorizationTarget::Connect {
+    NewAuthorization::new(
+        Provider::Notion,
+        AuthorizationTarget::Connect {
             end_user_id: format!("bench-user-{i}"),
         },
-        pair: MintedPair {
+        MintedPair {
             access_token: AccessToken::new(format!("ntn_{}", tokenkeeper::ids::random_token(30))),
             refresh_token: Some(RefreshToken::new(format!(
                 "nrt_{}",
@@ -325,7 +325,7 @@ fn fake_authorization(i: usize) -> NewAuthorization {
             obtained_at: chrono::Utc::now(),
             expires_at: None,
         },
-    }
+    )
 }
 
 /// Seeds `n` connections with tokenkeeper's own store code, `batch` per transaction and up to

@@ -9,6 +9,7 @@ use crate::api::{AppState, SharedState};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ids::ClientSecret;
+use crate::journal::Journal;
 use crate::ledger::LeaseHolder;
 use crate::provider::notion::{NotionClient, NotionSettings};
 use crate::refresh::{Coordinator, CoordinatorSettings};
@@ -46,6 +47,29 @@ pub struct StateSettings {
     pub bench_baseline_route: bool,
 }
 
+/// Opens this process's spill journal in `dir`, commits what earlier processes left there
+/// (when the database answers; otherwise the replayer does it when it is back), and starts the
+/// replayer that commits whatever is spilled from now on.
+pub async fn start_journal(dir: &std::path::Path, store: &Store) -> anyhow::Result<Arc<Journal>> {
+    let journal = Arc::new(
+        Journal::open(dir, Arc::new(store.keys().clone()))
+            .map_err(|e| anyhow::anyhow!("the spill journal in {}: {e}", dir.display()))?,
+    );
+    match journal.replay(store).await {
+        Ok(report) if report.committed > 0 || report.damaged > 0 => tracing::warn!(
+            committed = report.committed,
+            damaged = report.damaged,
+            "committed pairs that an earlier process left in the spill journal"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!("the spill journal will be replayed when the database answers: {e}")
+        }
+    }
+    tokio::spawn(journal.clone().run_replayer(store.clone()));
+    Ok(journal)
+}
+
 /// Builds the shared state from its parts.
 pub fn state(
     store: Arc<Store>,
@@ -53,6 +77,7 @@ pub fn state(
     settings: StateSettings,
     clock: Clock,
     simulator: Option<String>,
+    journal: Arc<Journal>,
 ) -> SharedState {
     let client = NotionClient::new(notion, settings.provider_timeout);
     let coordinator = Coordinator::new(
@@ -63,6 +88,7 @@ pub fn state(
             provider_timeout: settings.provider_timeout,
             budget: settings.refresh_budget,
         },
+        journal,
     );
     let http = reqwest::Client::builder()
         // The proxy hands Notion's answers back as they are, redirects included.
@@ -93,6 +119,7 @@ impl App {
         let store =
             crate::store::open(&config.database_url, config.keys.clone(), clock.clone()).await?;
         let schema_version = store.migrate().await?;
+        let journal = start_journal(&config.spill_dir, &store).await?;
         // Open the pool's connections now, not inside the first burst of traffic: a refresh
         // stampede right after start would otherwise pay for connection setup in its slowest
         // callers. Pings run concurrently so that each takes its own connection.
@@ -138,6 +165,7 @@ impl App {
             },
             clock,
             simulator.as_ref().map(|s| s.base_url()),
+            journal,
         );
         Ok(App {
             state,

@@ -128,6 +128,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENKEEPER_REFRESH_BUDGET", default_value = "30s", value_parser = parse_duration)]
     pub refresh_budget: Duration,
 
+    /// Where a refreshed pair waits, fsynced and sealed, when the database cannot take it (an
+    /// outage); it is committed as soon as the database answers again, or at the next start.
+    /// Must be on durable local disk. Default: `<database file>.spill` with SQLite,
+    /// `tokenkeeper-spill` in the working directory with PostgreSQL.
+    #[arg(long, env = "TOKENKEEPER_SPILL_DIR")]
+    pub spill_dir: Option<PathBuf>,
+
     /// Mounts `GET /v1/_baseline`, a constant answer behind the API-key check, which the
     /// benchmarks compare token reads with. Not for production.
     #[arg(long, env = "TOKENKEEPER_BENCH_BASELINE_ROUTE", hide = true)]
@@ -173,6 +180,7 @@ pub struct Config {
     pub session_ttl: Duration,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
+    pub spill_dir: PathBuf,
     pub bench_baseline_route: bool,
 }
 
@@ -308,6 +316,11 @@ impl Config {
         }
         let (keys, created_key_file) = args.store.key_ring(true)?;
         let (api_keys, created_api_key_file) = Self::api_keys(args, &database_url)?;
+        let spill_dir = match (&args.spill_dir, &database_url) {
+            (Some(dir), _) => dir.clone(),
+            (None, DatabaseUrl::Sqlite(db)) => sibling(db, "spill"),
+            (None, DatabaseUrl::Postgres(_)) => PathBuf::from("tokenkeeper-spill"),
+        };
         Ok(Config {
             listen,
             public_url,
@@ -322,6 +335,7 @@ impl Config {
             session_ttl: args.session_ttl,
             provider_timeout: args.provider_timeout,
             refresh_budget: args.refresh_budget,
+            spill_dir,
             bench_baseline_route: args.bench_baseline_route,
         })
     }

@@ -244,6 +244,21 @@ pub struct NewAuthorization {
     pub provider: Provider,
     pub target: AuthorizationTarget,
     pub pair: MintedPair,
+    /// The id the pair's grant gets, chosen before the first attempt to record it, so that a
+    /// retried or replayed recording (after a lost answer, or from the spill journal) finds
+    /// the grant it already wrote instead of writing a second one.
+    pub grant_id: GrantId,
+}
+
+impl NewAuthorization {
+    pub fn new(provider: Provider, target: AuthorizationTarget, pair: MintedPair) -> Self {
+        NewAuthorization {
+            provider,
+            target,
+            pair,
+            grant_id: GrantId::generate(),
+        }
+    }
 }
 
 /// What recording an authorization did.

@@ -21,9 +21,10 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::time::Instant;
 
 use crate::ids::{AttemptId, ConnectionId, GrantId};
+use crate::journal::Journal;
 use crate::ledger::{
-    ConnectionStatus, Diagnosis, FailureOutcome, Fence, LeaseHolder, LeaseOutcome, MintedPair,
-    OpenGrant, RefreshFailure,
+    ConnectionStatus, Diagnosis, FailureOutcome, Fence, GrantOrigin, GrantRecord, LeaseHolder,
+    LeaseOutcome, MintedPair, OpenGrant, RefreshFailure,
 };
 use crate::provider::notion::NotionClient;
 use crate::provider::ProviderError;
@@ -105,6 +106,8 @@ pub struct Coordinator {
     provider: NotionClient,
     settings: CoordinatorSettings,
     flights: Mutex<HashMap<(ConnectionId, GrantId), Flight>>,
+    /// Where a minted pair waits when the database cannot take it (invariant 1).
+    journal: Arc<Journal>,
 }
 
 /// The first retry of a transient failure waits this long; later ones double it.
@@ -112,18 +115,23 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Waiters re-read the current grant at most this far apart: a waiting process learns of
 /// another process's refresh within this long (one cheap indexed read per poll per process).
 const MAX_POLL: Duration = Duration::from_millis(5);
+/// How long a minted pair's commit is retried before the pair goes to the spill journal and
+/// the callers get their token. Short: the callers are waiting, and the journal is durable.
+const SPILL_AFTER: Duration = Duration::from_secs(2);
 
 impl Coordinator {
     pub fn new(
         store: Arc<Store>,
         provider: NotionClient,
         settings: CoordinatorSettings,
+        journal: Arc<Journal>,
     ) -> Arc<Self> {
         Arc::new(Coordinator {
             store,
             provider,
             settings,
             flights: Mutex::new(HashMap::new()),
+            journal,
         })
     }
 
@@ -144,7 +152,7 @@ impl Coordinator {
                 .get(&(id.clone(), wanted.clone()))
                 .cloned();
             if let Some(flight) = joined {
-                let grant = flight.await?;
+                let grant = self.wait_for(flight).await?;
                 return Ok(Refreshed {
                     grant,
                     refreshed: true,
@@ -193,11 +201,24 @@ impl Coordinator {
                 })
                 .clone()
         };
-        let grant = flight.await?;
+        let grant = self.wait_for(flight).await?;
         Ok(Refreshed {
             grant,
             refreshed: true,
         })
+    }
+
+    /// A caller's wait for a flight, bounded (invariant 10): the flight itself goes on to its
+    /// commit, or to the spill journal, whatever the caller does.
+    async fn wait_for(&self, flight: Flight) -> Result<OpenGrant, RefreshError> {
+        let deadline = self.settings.budget + self.settings.lease();
+        tokio::time::timeout(deadline, flight)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RefreshError::Store(Arc::new(StoreError::Unavailable(
+                    "the refresh is still being committed; its pair is kept".into(),
+                ))))
+            })
     }
 
     /// One flight: replace grant `target` of connection `id`, or learn who already did.
@@ -254,8 +275,7 @@ impl Coordinator {
             let parent = grant.record.id.clone();
             match self.provider.refresh(&refresh_token).await {
                 Ok(pair) => {
-                    let recorded = self.commit(id, &parent, fence, &attempt_id, pair).await?;
-                    return self.read_grant(id, &recorded).await;
+                    return self.commit(id, &grant, fence, &attempt_id, pair).await;
                 }
                 Err(error) => {
                     let failure = RefreshFailure {
@@ -312,36 +332,97 @@ impl Coordinator {
         }
     }
 
-    /// Commits a minted pair. The pair exists only in memory until this succeeds, so a failing
-    /// database is retried for as long as our lease lasts (invariant 1).
+    /// Commits a minted pair and answers the grant the callers get (invariant 1). The pair
+    /// exists only in this process's memory until it is committed or spilled: the commit is
+    /// retried for `SPILL_AFTER`, then the pair is written to the spill journal (after which
+    /// the journal's replayer commits it when the database is back) and the callers get it. If
+    /// even the journal cannot be written, the commit is retried for as long as the process
+    /// lives: the pair is never dropped.
     async fn commit(
+        &self,
+        id: &ConnectionId,
+        parent: &OpenGrant,
+        fence: Fence,
+        attempt: &AttemptId,
+        pair: MintedPair,
+    ) -> Result<OpenGrant, RefreshError> {
+        let grant = GrantId::generate();
+        let parent_id = &parent.record.id;
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self
+                .store
+                .record_refresh(id, parent_id, fence, attempt, &grant, pair.clone())
+                .await
+            {
+                Ok(recorded) => return self.read_grant(id, &recorded.current).await,
+                Err(e) if started.elapsed() >= SPILL_AFTER => {
+                    match self
+                        .spill(id, parent_id, fence, attempt, &grant, &pair)
+                        .await
+                    {
+                        Ok(()) => {
+                            tracing::warn!(
+                                connection = %id,
+                                grant = %grant,
+                                "the database cannot take a refreshed pair ({e}); it is kept in \
+                                 the spill journal and will be committed when the database is back"
+                            );
+                            return Ok(unrecorded_grant(
+                                id,
+                                parent,
+                                &grant,
+                                pair,
+                                self.journal_key_id(),
+                            ));
+                        }
+                        Err(journal) => {
+                            tracing::error!(
+                                connection = %id,
+                                "a refreshed pair can be neither committed ({e}) nor spilled \
+                                 ({journal}); it is kept in memory and retried"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(connection = %id, "could not commit a refreshed pair yet, retrying: {e}");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Writes a pair to the spill journal, on the blocking pool (it waits for an fsync).
+    async fn spill(
         &self,
         id: &ConnectionId,
         parent: &GrantId,
         fence: Fence,
         attempt: &AttemptId,
-        pair: MintedPair,
-    ) -> Result<GrantId, RefreshError> {
-        let give_up = Instant::now() + self.settings.lease();
-        let mut wait = Duration::from_millis(50);
-        loop {
-            match self
-                .store
-                .record_refresh(id, parent, fence, attempt, pair.clone())
-                .await
-            {
-                Ok(recorded) => return Ok(recorded.current),
-                Err(e) if Instant::now() + wait < give_up => {
-                    tracing::error!(connection = %id, "could not commit a refreshed pair yet, retrying: {e}");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    tracing::error!(connection = %id, "a refreshed pair could not be committed: {e}");
-                    return Err(e.into());
-                }
-            }
-        }
+        grant: &GrantId,
+        pair: &MintedPair,
+    ) -> Result<(), String> {
+        let journal = self.journal.clone();
+        let (id, parent, attempt, grant, pair) = (
+            id.clone(),
+            parent.clone(),
+            attempt.clone(),
+            grant.clone(),
+            pair.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            journal.spill_refresh(&id, &parent, fence, &attempt, &grant, &pair)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    fn journal_key_id(&self) -> String {
+        self.store.keys().active_key_id().to_owned()
     }
 
     /// The current grant, if it is no longer `target` (someone else finished the refresh).
@@ -382,5 +463,35 @@ fn check_status(
             diagnosis: diagnosis.map(Box::new),
         }),
         ConnectionStatus::Revoked => Err(RefreshError::Revoked),
+    }
+}
+
+/// The grant a spilled pair will become, as callers see it before the database has it.
+fn unrecorded_grant(
+    id: &ConnectionId,
+    parent: &OpenGrant,
+    grant: &GrantId,
+    pair: MintedPair,
+    key_id: String,
+) -> OpenGrant {
+    OpenGrant {
+        record: GrantRecord {
+            id: grant.clone(),
+            connection_id: id.clone(),
+            origin: GrantOrigin::Refresh,
+            parent_grant_id: Some(parent.record.id.clone()),
+            bot_id: pair.bot_id.clone(),
+            obtained_at: pair.obtained_at,
+            expires_at: pair.expires_at,
+            superseded_at: None,
+            revoked_at: None,
+            stale_at_birth: false,
+            access_token_fingerprint: pair.access_token.fingerprint(),
+            refresh_token_fingerprint: pair.refresh_token.as_ref().map(|r| r.fingerprint()),
+            provider_request_id: pair.provider_request_id.clone(),
+            key_id,
+        },
+        access_token: pair.access_token,
+        refresh_token: pair.refresh_token,
     }
 }

@@ -346,11 +346,7 @@ pub async fn callback(
     };
     let outcome = match state
         .store
-        .record_authorization(NewAuthorization {
-            provider: session.provider,
-            target,
-            pair,
-        })
+        .record_authorization(NewAuthorization::new(session.provider, target, pair))
         .await
     {
         Ok(o) => o,

@@ -6,8 +6,6 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use std::sync::Arc;
-
 use crate::ids::ConnectionId;
 use crate::refresh::RefreshError;
 use crate::store::StoreError;
@@ -169,12 +167,19 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        ApiError::from(&e)
+    }
+}
+
+impl From<&StoreError> for ApiError {
+    fn from(e: &StoreError) -> Self {
         match e {
-            StoreError::UnknownConnection(id) => ApiError::unknown_connection(&id),
-            StoreError::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
-            StoreError::Timeout => ApiError::new(
+            StoreError::UnknownConnection(id) => ApiError::unknown_connection(id),
+            StoreError::Conflict(m) => ApiError::new(ErrorCode::Conflict, m.clone()),
+            // Retryable, and said so: the store logs the outage once, not per request.
+            StoreError::Timeout | StoreError::Unavailable(_) => ApiError::new(
                 ErrorCode::DatabaseUnavailable,
-                "the database did not answer in time",
+                "the database cannot be reached right now; try again shortly",
             )
             .retry_after(1),
             other => ApiError::internal(other),
@@ -207,13 +212,7 @@ impl From<RefreshError> for ApiError {
             RefreshError::ProviderRejected { code, .. } => {
                 ApiError::new(ErrorCode::ProviderRejected, message).with("provider_code", code)
             }
-            RefreshError::Store(e) => match Arc::try_unwrap(e) {
-                Ok(e) => e.into(),
-                Err(shared) => match &*shared {
-                    StoreError::Timeout => StoreError::Timeout.into(),
-                    other => ApiError::internal(other),
-                },
-            },
+            RefreshError::Store(e) => ApiError::from(&*e),
             RefreshError::Task(m) => ApiError::internal(m),
         }
     }

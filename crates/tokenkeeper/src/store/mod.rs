@@ -27,9 +27,9 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock;
 use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
-    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, Diagnosis, Event,
-    FailureOutcome, Fence, GrantRecord, LeaseHolder, LeaseOutcome, MintedPair, NewAuthorization,
-    OpenGrant, RefreshCommit, RefreshFailure, RotateProgress,
+    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, ConnectionStatus,
+    Diagnosis, Event, FailureOutcome, Fence, GrantRecord, LeaseHolder, LeaseOutcome, MintedPair,
+    NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, RotateProgress,
 };
 use crate::seal::{KeyRing, SealError};
 
@@ -59,8 +59,13 @@ pub enum StoreError {
     SchemaBehind { found: i64, supported: i64 },
     #[error("a sealed token could not be opened: {0}")]
     Seal(#[from] SealError),
+    /// A lock was not granted in time (PostgreSQL's `lock_timeout` or a cancelled statement).
     #[error("the database did not answer in time")]
     Timeout,
+    /// The database cannot be reached, or cannot be written, right now: an outage. Callers are
+    /// told at once (503 `database_unavailable`), and the store watches for its end.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("database error: {0}")]
     Database(String),
 }
@@ -114,6 +119,12 @@ pub struct RefreshRecorded {
     pub commit: RefreshCommit,
     /// The connection's current grant after the commit (the new one, or the one that won).
     pub current: GrantId,
+    /// Whether the commit brought the connection back from `needs_reauth`: a refresh of the
+    /// current grant succeeded after another holder judged that grant dead.
+    pub recovered: bool,
+    /// The connection's status after the commit (`revoked`: the new pair must never be handed
+    /// out).
+    pub status: ConnectionStatus,
 }
 
 /// The ledger on one of its two databases. Every operation is written once (`rules.rs` for
@@ -122,7 +133,22 @@ pub struct RefreshRecorded {
 #[derive(Debug, Clone)]
 pub struct Store {
     engine: Engine,
+    health: Arc<Health>,
 }
+
+/// Whether the database answers. An outage is noticed by the first operation that meets it and
+/// logged once; a prober then tries an empty write transaction every `PROBE_EVERY` and logs
+/// once more when it succeeds, waking whoever waits for the database (the spill journal).
+/// Operations during an outage are not held back: each tries and fails within the backends'
+/// deadlines, so service resumes by itself the moment the database does.
+#[derive(Debug)]
+struct Health {
+    /// `true` while the database answers (as far as we know).
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+/// How often an outage is probed for its end.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 enum Engine {
@@ -132,17 +158,13 @@ enum Engine {
 
 impl From<SqliteStore> for Store {
     fn from(s: SqliteStore) -> Self {
-        Store {
-            engine: Engine::Sqlite(s),
-        }
+        Store::new(Engine::Sqlite(s))
     }
 }
 
 impl From<PgStore> for Store {
     fn from(p: PgStore) -> Self {
-        Store {
-            engine: Engine::Postgres(p),
-        }
+        Store::new(Engine::Postgres(p))
     }
 }
 
@@ -150,38 +172,115 @@ impl From<PgStore> for Store {
 /// error rolls it back. SQLite runs it on its one writer (the owned values it uses are moved
 /// into a blocking task); PostgreSQL on a pooled connection.
 macro_rules! in_transaction {
-    ($store:expr, |$db:ident| $body:expr) => {
-        match &$store.engine {
+    ($store:expr, |$db:ident| $body:expr) => {{
+        let result = match &$store.engine {
             Engine::Sqlite(s) => s.write(move |$db| sqlite::drive($body)).await,
             Engine::Postgres(p) => {
-                let mut client = p.client().await?;
-                let tx = client.transaction().await?;
-                let out = {
-                    let $db = &p.session(&tx);
-                    $body.await?
-                };
-                tx.commit().await?;
-                Ok(out)
+                async {
+                    let mut client = p.client().await?;
+                    let tx = client.transaction().await?;
+                    let out = {
+                        let $db = &p.session(&tx);
+                        $body.await?
+                    };
+                    tx.commit().await?;
+                    Ok(out)
+                }
+                .await
             }
-        }
-    };
+        };
+        $store.observe(result)
+    }};
 }
 
 /// Runs `$body`, a future over `$db: &impl Db`, on a read connection.
 macro_rules! read_only {
-    ($store:expr, |$db:ident| $body:expr) => {
-        match &$store.engine {
+    ($store:expr, |$db:ident| $body:expr) => {{
+        let result = match &$store.engine {
             Engine::Sqlite(s) => s.read(|$db| sqlite::drive($body)).await,
             Engine::Postgres(p) => {
-                let client = p.client().await?;
-                let $db = &p.session(&client);
-                $body.await
+                async {
+                    let client = p.client().await?;
+                    let $db = &p.session(&client);
+                    $body.await
+                }
+                .await
             }
-        }
-    };
+        };
+        $store.observe(result)
+    }};
 }
 
 impl Store {
+    fn new(engine: Engine) -> Self {
+        Store {
+            engine,
+            health: Arc::new(Health {
+                up: tokio::sync::watch::channel(true).0,
+            }),
+        }
+    }
+
+    /// Notes an outage that `result` reveals: the first one is logged, and a prober is started
+    /// that logs its end.
+    fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Unavailable(reason)) = &result {
+            let started = self
+                .health
+                .up
+                .send_if_modified(|up| std::mem::replace(up, false));
+            if started {
+                tracing::error!(
+                    backend = %self.backend(),
+                    "the database is unavailable ({reason}); calls that need it answer 503 \
+                     database_unavailable until it is back"
+                );
+                let store = self.clone();
+                tokio::spawn(async move { store.probe_until_up().await });
+            }
+        }
+        result
+    }
+
+    async fn probe_until_up(&self) {
+        let since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            let probe = match &self.engine {
+                Engine::Sqlite(s) => s.write(|_| Ok(())).await,
+                Engine::Postgres(p) => p.ping().await,
+            };
+            if probe.is_ok() {
+                tracing::warn!(
+                    backend = %self.backend(),
+                    outage_ms = since.elapsed().as_millis() as u64,
+                    "the database is back"
+                );
+                self.health.up.send_replace(true);
+                return;
+            }
+        }
+    }
+
+    /// The key ring this store seals with.
+    pub fn keys(&self) -> &KeyRing {
+        match &self.engine {
+            Engine::Sqlite(s) => s.keys(),
+            Engine::Postgres(p) => p.keys(),
+        }
+    }
+
+    /// Whether the database answered the last time it was asked (false during an outage).
+    pub fn is_up(&self) -> bool {
+        *self.health.up.borrow()
+    }
+
+    /// Waits until the database answers again (at once when it does).
+    pub async fn wait_until_up(&self) {
+        let mut up = self.health.up.subscribe();
+        let _ = up.wait_for(|up| *up).await;
+    }
+
     pub fn backend(&self) -> Backend {
         match &self.engine {
             Engine::Sqlite(_) => Backend::Sqlite,
@@ -326,20 +425,25 @@ impl Store {
         ))
     }
 
-    /// Records a successful refresh of `parent` (invariants 1 and 3): the new grant is always
-    /// stored; it becomes current only if `parent` is still current. Releases the lease if
-    /// `fence` is still the connection's fence, and closes the attempt.
+    /// Records a successful refresh of `parent` as grant `grant` (invariants 1 and 3): the
+    /// new grant is always stored; it becomes current only if `parent` is still current, and
+    /// then a connection in `needs_reauth` is recovered (the refresh proves it alive). Releases
+    /// the lease if `fence` is still the connection's fence, and closes the attempt. Recording
+    /// the same `grant` again (a retry whose answer was lost, a replay) changes nothing and
+    /// answers what the first recording did.
     pub async fn record_refresh(
         &self,
         id: &ConnectionId,
         parent: &GrantId,
         fence: Fence,
         attempt: &AttemptId,
+        grant: &GrantId,
         pair: MintedPair,
     ) -> Result<RefreshRecorded, StoreError> {
-        let (id, parent, attempt) = (id.clone(), parent.clone(), attempt.clone());
+        let (id, parent, attempt, grant) =
+            (id.clone(), parent.clone(), attempt.clone(), grant.clone());
         in_transaction!(self, |db| rules::record_refresh(
-            db, &id, &parent, fence, &attempt, &pair
+            db, &id, &parent, fence, &attempt, &grant, &pair
         ))
     }
 

@@ -34,8 +34,11 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 /// Pooled connections per process.
 const POOL_SIZE: usize = 16;
 
-/// How long a caller waits for a pooled connection, or for a new one to be made.
-const POOL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a caller waits for a new connection to be made, and for a pooled one to be free:
+/// beyond this the database counts as unavailable, and the caller hears so at once
+/// (invariant 10: no call waits on a dead pool for more than a couple of seconds).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -49,6 +52,18 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::QUERY_CANCELED => {
                 StoreError::Timeout
             }
+            // No answer from the server at all (a closed or refused connection), or the server
+            // says it is going away or cannot take us now: an outage, not a bug.
+            None => StoreError::Unavailable(e.to_string()),
+            Some(c)
+                if c.code().starts_with("08")
+                    || *c == SqlState::ADMIN_SHUTDOWN
+                    || *c == SqlState::CRASH_SHUTDOWN
+                    || *c == SqlState::CANNOT_CONNECT_NOW
+                    || *c == SqlState::TOO_MANY_CONNECTIONS =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
             _ => StoreError::Database(match e.as_db_error() {
                 Some(db) => format!("{}: {}", db.code().code(), db.message()),
                 None => e.to_string(),
@@ -60,9 +75,11 @@ impl From<tokio_postgres::Error> for StoreError {
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
-            deadpool_postgres::PoolError::Timeout(_) => StoreError::Timeout,
+            deadpool_postgres::PoolError::Timeout(_) => {
+                StoreError::Unavailable("no database connection within the pool's deadline".into())
+            }
             deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => StoreError::Database(other.to_string()),
+            other => StoreError::Unavailable(other.to_string()),
         }
     }
 }
@@ -101,7 +118,7 @@ impl PgStore {
             .parse()
             .map_err(|e| StoreError::Database(format!("not a valid PostgreSQL URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(POOL_TIMEOUT);
+            config.connect_timeout(CONNECT_TIMEOUT);
         }
         if let Some(schema) = schema {
             if !valid_schema(schema) {
@@ -136,8 +153,8 @@ impl PgStore {
         );
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
-            .wait_timeout(Some(POOL_TIMEOUT))
-            .create_timeout(Some(POOL_TIMEOUT))
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| {
@@ -146,6 +163,10 @@ impl PgStore {
         // Fail at start, with the driver's reason, rather than on the first request.
         drop(pool.get().await?);
         Ok(PgStore { pool, keys, clock })
+    }
+
+    pub(super) fn keys(&self) -> &KeyRing {
+        &self.keys
     }
 
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

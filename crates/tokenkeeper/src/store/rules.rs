@@ -64,6 +64,7 @@ impl<'a> NewEvent<'a> {
 
 /// A grant about to be inserted.
 struct NewGrant<'a> {
+    id: &'a GrantId,
     connection: &'a ConnectionId,
     origin: GrantOrigin,
     parent: Option<&'a GrantId>,
@@ -74,8 +75,14 @@ struct NewGrant<'a> {
 }
 
 impl<'a> NewGrant<'a> {
-    fn new(connection: &'a ConnectionId, origin: GrantOrigin, pair: &'a MintedPair) -> Self {
+    fn new(
+        id: &'a GrantId,
+        connection: &'a ConnectionId,
+        origin: GrantOrigin,
+        pair: &'a MintedPair,
+    ) -> Self {
         NewGrant {
+            id,
             connection,
             origin,
             parent: None,
@@ -114,14 +121,14 @@ async fn insert_event(
     Ok(())
 }
 
-/// Seals the pair's tokens and inserts the grant; returns its id.
-async fn insert_grant(db: &impl Db, g: NewGrant<'_>) -> Result<GrantId, StoreError> {
-    let id = GrantId::generate();
+/// Seals the pair's tokens and inserts the grant.
+async fn insert_grant(db: &impl Db, g: NewGrant<'_>) -> Result<(), StoreError> {
+    let id = g.id;
     let pair = g.pair;
     let (access, refresh, key_id) = seal_tokens(
         db.keys(),
         g.connection,
-        &id,
+        id,
         &pair.access_token,
         pair.refresh_token.as_ref(),
     );
@@ -150,7 +157,13 @@ async fn insert_grant(db: &impl Db, g: NewGrant<'_>) -> Result<GrantId, StoreErr
         ],
     )
     .await?;
-    Ok(id)
+    Ok(())
+}
+
+/// A grant by id, whatever its connection: how a retried recording finds what it wrote.
+async fn grant_by_id(db: &impl Db, grant: &GrantId) -> Result<Option<GrantRow>, StoreError> {
+    db.query_opt(sql::GRANT_BY_ID, &[text(grant.as_str())], sql::grant)
+        .await
 }
 
 /// The statement to run: `locking` where reads must lock rows (`Db::locks_rows`), else
@@ -283,26 +296,39 @@ pub(crate) async fn record_authorization(
 ) -> Result<AuthorizationOutcome, StoreError> {
     let pair = &auth.pair;
     db.lock_bot(auth.provider, &pair.bot_id.0).await?;
+    if let Some(done) = grant_by_id(db, &auth.grant_id).await? {
+        // Already recorded, by an earlier try whose answer was lost or by the spill journal.
+        let connection = lock_connection(db, &done.record.connection_id).await?;
+        return Ok(AuthorizationOutcome {
+            connection: connection.connection,
+            kind: match done.record.origin {
+                GrantOrigin::Authorization => AuthorizationKind::Connected,
+                _ => AuthorizationKind::Reauthorized,
+            },
+            grant_id: done.record.id,
+            recovered: false,
+        });
+    }
     match &auth.target {
         AuthorizationTarget::Connect { end_user_id } => {
             match lock_live_connection_of_bot(db, auth.provider, &pair.bot_id.0).await? {
-                Some(existing) => reauthorize(db, auth.provider, existing, pair).await,
-                None => connect_new(db, auth.provider, end_user_id, pair).await,
+                Some(existing) => reauthorize(db, auth, existing).await,
+                None => connect_new(db, auth, end_user_id).await,
             }
         }
         AuthorizationTarget::Reconnect { connection_id } => {
             let existing = lock_connection(db, connection_id).await?;
-            reauthorize(db, auth.provider, existing, pair).await
+            reauthorize(db, auth, existing).await
         }
     }
 }
 
 async fn connect_new(
     db: &impl Db,
-    provider: Provider,
+    auth: &NewAuthorization,
     end_user_id: &str,
-    pair: &MintedPair,
 ) -> Result<AuthorizationOutcome, StoreError> {
+    let (provider, pair, grant) = (auth.provider, &auth.pair, &auth.grant_id);
     let now = db.now();
     let id = ConnectionId::generate();
     db.execute(
@@ -319,13 +345,17 @@ async fn connect_new(
         ],
     )
     .await?;
-    let grant = insert_grant(db, NewGrant::new(&id, GrantOrigin::Authorization, pair)).await?;
-    set_current_grant(db, &id, &grant, now).await?;
+    insert_grant(
+        db,
+        NewGrant::new(grant, &id, GrantOrigin::Authorization, pair),
+    )
+    .await?;
+    set_current_grant(db, &id, grant, now).await?;
     insert_event(
         db,
         &id,
         now,
-        NewEvent::new(EventKind::Authorized, Some(&grant))
+        NewEvent::new(EventKind::Authorized, Some(grant))
             .request(pair.provider_request_id.as_deref())
             .detail(json!({ "bot_id": pair.bot_id, "workspace_id": pair.workspace_id })),
     )
@@ -333,7 +363,7 @@ async fn connect_new(
     Ok(AuthorizationOutcome {
         connection: reload(db, &id).await?,
         kind: AuthorizationKind::Connected,
-        grant_id: grant,
+        grant_id: grant.clone(),
         recovered: false,
     })
 }
@@ -360,10 +390,10 @@ fn is_confirmation(
 /// confirmation when the provider returned exactly the pair we hold.
 async fn reauthorize(
     db: &impl Db,
-    provider: Provider,
+    auth: &NewAuthorization,
     existing: ConnectionRow,
-    pair: &MintedPair,
 ) -> Result<AuthorizationOutcome, StoreError> {
+    let (provider, pair) = (auth.provider, &auth.pair);
     let now = db.now();
     let conn = existing.connection;
     let bot_changed = conn.bot_id != pair.bot_id;
@@ -431,9 +461,10 @@ async fn reauthorize(
             (AuthorizationKind::Confirmed, current.record.id)
         }
         previous => {
-            let grant = insert_grant(
+            let grant = auth.grant_id.clone();
+            insert_grant(
                 db,
-                NewGrant::new(&conn.id, GrantOrigin::Reauthorization, pair),
+                NewGrant::new(&grant, &conn.id, GrantOrigin::Reauthorization, pair),
             )
             .await?;
             let previous = previous.map(|p| p.record.id);
@@ -654,32 +685,48 @@ pub(crate) async fn record_refresh(
     parent: &GrantId,
     fence: Fence,
     attempt: &AttemptId,
+    grant: &GrantId,
     pair: &MintedPair,
 ) -> Result<RefreshRecorded, StoreError> {
     let row = lock_connection(db, id).await?;
     let now = db.now();
+    let current = row.connection.grant_id.clone();
+    if let Some(done) = grant_by_id(db, grant).await? {
+        // Already recorded, by an earlier try whose answer was lost or by the spill journal.
+        return Ok(RefreshRecorded {
+            grant_id: done.record.id,
+            commit: if done.record.stale_at_birth {
+                RefreshCommit::SupersededAtBirth
+            } else {
+                RefreshCommit::Current
+            },
+            current: current.unwrap_or_else(|| grant.clone()),
+            recovered: false,
+            status: row.connection.status,
+        });
+    }
     if find_grant(db, id, parent).await?.is_none() {
         return Err(StoreError::Conflict(format!(
             "grant {parent} is not a grant of connection {id}"
         )));
     }
-    let current = row.connection.grant_id.clone();
     let revoked = row.connection.status == ConnectionStatus::Revoked;
-    let grant = NewGrant {
+    let new = NewGrant {
         parent: Some(parent),
-        ..NewGrant::new(id, GrantOrigin::Refresh, pair)
+        ..NewGrant::new(grant, id, GrantOrigin::Refresh, pair)
     };
     // Invariant 3: only a refresh of the current grant moves the pointer. The fence does not
-    // matter here: a pair the provider minted is recorded whoever holds the lease now.
-    let (grant, commit) = if !revoked && current.as_ref() == Some(parent) {
-        let grant = insert_grant(db, grant).await?;
+    // matter here: a pair the provider minted is recorded whoever holds the lease now, even
+    // after the lease ended (a commit delayed by an outage, or replayed from the spill journal).
+    let (commit, recovered) = if !revoked && current.as_ref() == Some(parent) {
+        insert_grant(db, new).await?;
         supersede(db, parent, now).await?;
-        set_current_grant(db, id, &grant, now).await?;
+        set_current_grant(db, id, grant, now).await?;
         insert_event(
             db,
             id,
             now,
-            NewEvent::new(EventKind::Refreshed, Some(&grant))
+            NewEvent::new(EventKind::Refreshed, Some(grant))
                 .related(Some(parent))
                 .request(pair.provider_request_id.as_deref())
                 .detail(json!({ "attempt_id": attempt, "fence": fence })),
@@ -690,18 +737,35 @@ pub(crate) async fn record_refresh(
             id,
             now,
             NewEvent::new(EventKind::Superseded, Some(parent))
-                .related(Some(&grant))
+                .related(Some(grant))
                 .detail(json!({ "by": "refresh" })),
         )
         .await?;
-        (grant, RefreshCommit::Current)
+        // A refresh of the current grant that succeeded proves the connection alive, even if
+        // another holder meanwhile judged it dead from the refresh token this one spent.
+        let recovered = row.connection.status == ConnectionStatus::NeedsReauth;
+        if recovered {
+            set_status(db, id, ConnectionStatus::Active, None, now).await?;
+            insert_event(
+                db,
+                id,
+                now,
+                NewEvent::new(EventKind::Recovered, Some(grant)).detail(json!({
+                    "from_status": ConnectionStatus::NeedsReauth,
+                    "by": "late_refresh",
+                    "attempt_id": attempt,
+                })),
+            )
+            .await?;
+        }
+        (RefreshCommit::Current, recovered)
     } else {
-        let grant = insert_grant(
+        insert_grant(
             db,
             NewGrant {
                 superseded_at: Some(pair.obtained_at),
                 revoked_at: revoked.then_some(now),
-                ..grant
+                ..new
             },
         )
         .await?;
@@ -719,7 +783,7 @@ pub(crate) async fn record_refresh(
             db,
             id,
             now,
-            NewEvent::new(EventKind::Superseded, Some(&grant))
+            NewEvent::new(EventKind::Superseded, Some(grant))
                 .related(current.as_ref())
                 .request(pair.provider_request_id.as_deref())
                 .detail(json!({
@@ -734,7 +798,7 @@ pub(crate) async fn record_refresh(
                 })),
         )
         .await?;
-        (grant, RefreshCommit::SupersededAtBirth)
+        (RefreshCommit::SupersededAtBirth, false)
     };
     release_lease_and_close(db, &row, fence, attempt, AttemptOutcome::Refreshed, now).await?;
     let current = match commit {
@@ -742,9 +806,15 @@ pub(crate) async fn record_refresh(
         RefreshCommit::SupersededAtBirth => current.unwrap_or_else(|| grant.clone()),
     };
     Ok(RefreshRecorded {
-        grant_id: grant,
+        grant_id: grant.clone(),
         commit,
         current,
+        recovered,
+        status: if recovered {
+            ConnectionStatus::Active
+        } else {
+            row.connection.status
+        },
     })
 }
 

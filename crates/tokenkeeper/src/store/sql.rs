@@ -103,6 +103,11 @@ pub(crate) const GRANT_OF_CONNECTION: &str = concat!(
     grant_columns!(),
     " FROM grants g WHERE g.id = $1 AND g.connection_id = $2"
 );
+pub(crate) const GRANT_BY_ID: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.id = $1"
+);
 pub(crate) const GRANTS_OF_CONNECTION: &str = concat!(
     "SELECT ",
     grant_columns!(),
@@ -326,6 +331,7 @@ pub(crate) const ALL: &[&str] = &[
     RELEASE_LEASE,
     CURRENT_GRANT,
     GRANT_OF_CONNECTION,
+    GRANT_BY_ID,
     GRANTS_OF_CONNECTION,
     INSERT_GRANT,
     SUPERSEDE_GRANT,

@@ -32,8 +32,9 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0
 /// The schema version this binary runs against.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
-/// How long a statement waits for another process's write lock before answering `Timeout`.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a statement waits for another process's write lock before the database counts as
+/// unavailable (invariant 10: no call waits on the database for more than a couple of seconds).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Read connections kept open; reads beyond this many wait for one to come back.
 const READERS: usize = 4;
@@ -41,7 +42,17 @@ const READERS: usize = 4;
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Timeout,
+            // Another process has held the write lock for longer than `BUSY_TIMEOUT`, or the
+            // file cannot be written or read: the database is not there for us, for now.
+            Some(
+                ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::CannotOpen
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::ReadOnly
+                | ErrorCode::FileLockingProtocolFailed,
+            ) => StoreError::Unavailable(e.to_string()),
             _ => StoreError::Database(e.to_string()),
         }
     }
@@ -111,6 +122,10 @@ impl SqliteStore {
                 read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
             }),
         })
+    }
+
+    pub(super) fn keys(&self) -> &KeyRing {
+        &self.inner.keys
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer and commits it; any error

@@ -206,13 +206,13 @@ async fn keys_generate_and_rotate_reseal_every_grant_under_the_new_key() {
     let mut ids = Vec::new();
     for n in 0..7 {
         let outcome = store
-            .record_authorization(NewAuthorization {
-                provider: Provider::Notion,
-                target: AuthorizationTarget::Connect {
+            .record_authorization(NewAuthorization::new(
+                Provider::Notion,
+                AuthorizationTarget::Connect {
                     end_user_id: format!("u{n}"),
                 },
-                pair: pair(n),
-            })
+                pair(n),
+            ))
             .await
             .unwrap();
         ids.push((outcome.connection.id, outcome.grant_id));

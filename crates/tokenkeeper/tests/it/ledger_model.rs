@@ -375,7 +375,14 @@ async fn step(store: &Store, clock: &Clock, model: &mut Model, op: &Op) {
                     let bot = model.conn(&p.conn).bot.clone();
                     let pair = model.fresh_pair(&bot, clock);
                     let rec = store
-                        .record_refresh(&p.conn, &p.parent, p.fence, &p.attempt, pair.clone())
+                        .record_refresh(
+                            &p.conn,
+                            &p.parent,
+                            p.fence,
+                            &p.attempt,
+                            &GrantId::generate(),
+                            pair.clone(),
+                        )
                         .await
                         .unwrap();
                     model.attempts.get_mut(&p.attempt).unwrap().finished = true;
@@ -386,6 +393,11 @@ async fn step(store: &Store, clock: &Clock, model: &mut Model, op: &Op) {
                         assert_eq!(rec.commit, RefreshCommit::Current);
                         m.grant(&p.parent).superseded = true;
                         m.current = rec.grant_id.clone();
+                        // A refresh of the current grant proves the connection alive: one that
+                        // another holder judged dead meanwhile is recovered (invariant 1's late
+                        // commit).
+                        assert_eq!(rec.recovered, m.status == ConnectionStatus::NeedsReauth);
+                        m.status = ConnectionStatus::Active;
                     } else {
                         assert_eq!(rec.commit, RefreshCommit::SupersededAtBirth);
                         g.superseded = true;

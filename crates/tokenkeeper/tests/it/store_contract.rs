@@ -473,7 +473,14 @@ async fn a_refresh_of_the_current_grant_becomes_current(backend: Backend) {
     db.clock.advance(chrono::Duration::seconds(1));
     let pair = minted("bot-a", "refreshed", &db.clock);
     let rec = s
-        .record_refresh(&id, &parent, fence, &attempt, pair.clone())
+        .record_refresh(
+            &id,
+            &parent,
+            fence,
+            &attempt,
+            &GrantId::generate(),
+            pair.clone(),
+        )
         .await
         .unwrap();
     assert_eq!(rec.commit, RefreshCommit::Current);
@@ -524,7 +531,14 @@ async fn a_refresh_that_lost_to_a_reauthorization_is_superseded_at_birth(backend
     );
     let late = minted("bot-a", "late", &db.clock);
     let rec = s
-        .record_refresh(&id, &parent, fence, &attempt, late.clone())
+        .record_refresh(
+            &id,
+            &parent,
+            fence,
+            &attempt,
+            &GrantId::generate(),
+            late.clone(),
+        )
         .await
         .unwrap();
     assert_eq!(rec.commit, RefreshCommit::SupersededAtBirth);
@@ -683,7 +697,7 @@ async fn a_fenced_success_is_still_recorded_and_leaves_the_new_lease_alone(backe
     // current, so it becomes current; the fence only decides who releases the lease.
     let pair1 = minted("bot-a", "slow-h1", &db.clock);
     let r1 = s
-        .record_refresh(&id, &p1, f1, &attempt1, pair1.clone())
+        .record_refresh(&id, &p1, f1, &attempt1, &GrantId::generate(), pair1.clone())
         .await
         .unwrap();
     assert_eq!(r1.commit, RefreshCommit::Current);
@@ -695,7 +709,7 @@ async fn a_fenced_success_is_still_recorded_and_leaves_the_new_lease_alone(backe
     ));
     let pair2 = minted("bot-a", "h2", &db.clock);
     let r2 = s
-        .record_refresh(&id, &p2, f2, &attempt2, pair2.clone())
+        .record_refresh(&id, &p2, f2, &attempt2, &GrantId::generate(), pair2.clone())
         .await
         .unwrap();
     assert_eq!(r2.commit, RefreshCommit::SupersededAtBirth);
@@ -880,7 +894,14 @@ async fn mark_needs_reauth_applies_only_to_the_current_grant(backend: Backend) {
     let id = a.connection.id.clone();
     let (f, attempt, parent, _) = acquire(s, &id, "h", LEASE).await;
     let rec = s
-        .record_refresh(&id, &parent, f, &attempt, minted("bot-a", "b", &db.clock))
+        .record_refresh(
+            &id,
+            &parent,
+            f,
+            &attempt,
+            &GrantId::generate(),
+            minted("bot-a", "b", &db.clock),
+        )
         .await
         .unwrap();
     let diagnosis = Diagnosis {
@@ -1157,7 +1178,14 @@ async fn key_rotation_reseals_every_grant_and_all_still_open(backend: Backend) {
         let mut p3 = minted(bot, &format!("{bot}-3"), &db.clock);
         p3.refresh_token = None;
         let r = s
-            .record_refresh(&a.connection.id, &parent, f, &attempt, p3.clone())
+            .record_refresh(
+                &a.connection.id,
+                &parent,
+                f,
+                &attempt,
+                &GrantId::generate(),
+                p3.clone(),
+            )
             .await
             .unwrap();
         expected.push((a.connection.id.clone(), r.grant_id, p3));
@@ -1272,7 +1300,7 @@ async fn tokens_never_reach_the_database_or_the_trail_in_plaintext(backend: Back
     let (f, attempt, parent, _) = acquire(s, &id, "h", LEASE).await;
     let p3 = minted("bot-secret", "SECRETthree3b2a1", &db.clock);
     remember(&p3);
-    s.record_refresh(&id, &parent, f, &attempt, p3)
+    s.record_refresh(&id, &parent, f, &attempt, &GrantId::generate(), p3)
         .await
         .unwrap();
     let (f, attempt, parent, _) = acquire(s, &id, "h", LEASE).await;

@@ -92,7 +92,14 @@ async fn burst(store: Store, id: ConnectionId, tag: String) -> Vec<Committed> {
                 tokio::time::sleep(work).await;
                 let pair = minted(BOT, &format!("{tag}-refresh-{round}"), &clock);
                 let rec = store
-                    .record_refresh(&id, &grant.record.id, fence, &attempt_id, pair.clone())
+                    .record_refresh(
+                        &id,
+                        &grant.record.id,
+                        fence,
+                        &attempt_id,
+                        &GrantId::generate(),
+                        pair.clone(),
+                    )
                     .await
                     .unwrap();
                 committed.push(Committed {
@@ -279,6 +286,7 @@ async fn tasks_and_processes_writing_one_connection_lose_nothing_and_keep_invari
             &grant.record.id,
             fence,
             &attempt_id,
+            &GrantId::generate(),
             minted(BOT, "after", &Clock::System),
         )
         .await

@@ -58,6 +58,8 @@ pub struct TestApp {
     pub state: SharedState,
     /// A client that does not follow redirects, so tests see each hop.
     pub http: reqwest::Client,
+    /// The spill journal's directory (removed with the app).
+    pub spill: tempfile::TempDir,
     options: Options,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -93,6 +95,10 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let sim_config = options.sim.clone();
+        let spill = tempfile::tempdir().expect("a temp dir for the spill journal");
+        let journal = tokenkeeper::app::start_journal(spill.path(), &db.store)
+            .await
+            .expect("the spill journal opens");
         let state = tokenkeeper::app::state(
             db.store.clone(),
             NotionSettings {
@@ -120,6 +126,7 @@ impl TestApp {
             },
             Clock::System,
             None,
+            journal,
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = state.clone();
@@ -140,6 +147,7 @@ impl TestApp {
                 .pool_max_idle_per_host(600)
                 .build()
                 .unwrap(),
+            spill,
             options,
             stop: Some(stop),
         }

@@ -224,21 +224,21 @@ pub fn minted(bot: &str, tag: &str, clock: &Clock) -> MintedPair {
 }
 
 pub fn connect(end_user: &str, pair: MintedPair) -> NewAuthorization {
-    NewAuthorization {
-        provider: Provider::Notion,
-        target: AuthorizationTarget::Connect {
+    NewAuthorization::new(
+        Provider::Notion,
+        AuthorizationTarget::Connect {
             end_user_id: end_user.to_owned(),
         },
         pair,
-    }
+    )
 }
 
 pub fn reconnect(id: &ConnectionId, pair: MintedPair) -> NewAuthorization {
-    NewAuthorization {
-        provider: Provider::Notion,
-        target: AuthorizationTarget::Reconnect {
+    NewAuthorization::new(
+        Provider::Notion,
+        AuthorizationTarget::Reconnect {
             connection_id: id.clone(),
         },
         pair,
-    }
+    )
 }
