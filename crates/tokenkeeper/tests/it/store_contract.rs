@@ -98,6 +98,8 @@ both_backends!(
     tokens_never_reach_the_database_or_the_trail_in_plaintext,
     sixty_four_readers_during_writes_each_see_one_consistent_grant,
     a_bulk_import_records_each_authorization_as_record_authorization_does,
+    recording_a_refresh_or_an_authorization_twice_writes_it_once,
+    a_late_refresh_of_the_current_grant_recovers_a_connection_judged_dead,
 );
 
 async fn first_authorization_creates_a_connection_with_one_open_grant(backend: Backend) {
@@ -1470,4 +1472,81 @@ async fn a_bulk_import_records_each_authorization_as_record_authorization_does(b
             EventKind::Superseded
         ]
     );
+}
+
+/// A retried commit whose first answer was lost, or a replay from the spill journal, finds the
+/// grant it already wrote (invariant 1 without duplicates).
+async fn recording_a_refresh_or_an_authorization_twice_writes_it_once(backend: Backend) {
+    let db = fresh(backend).await;
+    let s = &*db.store;
+    let auth = connect("user-1", minted("bot-a", "a", &db.clock));
+    let first = s.record_authorization(auth.clone()).await.unwrap();
+    let again = s.record_authorization(auth).await.unwrap();
+    assert_eq!(again.connection.id, first.connection.id);
+    assert_eq!(again.grant_id, first.grant_id);
+    assert_eq!(again.kind, AuthorizationKind::Connected);
+    let id = first.connection.id.clone();
+    assert_eq!(s.list_grants(&id).await.unwrap().len(), 1);
+    assert_eq!(kinds(s, &id).await, [EventKind::Authorized]);
+
+    let (fence, attempt, parent, _) = acquire(s, &id, "h1", LEASE).await;
+    let grant = GrantId::generate();
+    let pair = minted("bot-a", "refreshed", &db.clock);
+    let rec = s
+        .record_refresh(&id, &parent, fence, &attempt, &grant, pair.clone())
+        .await
+        .unwrap();
+    let events = kinds(s, &id).await.len();
+    let replayed = s
+        .record_refresh(&id, &parent, fence, &attempt, &grant, pair)
+        .await
+        .unwrap();
+    assert_eq!(replayed.grant_id, grant);
+    assert_eq!(replayed.commit, rec.commit);
+    assert_eq!(replayed.current, grant);
+    assert_eq!(s.list_grants(&id).await.unwrap().len(), 2);
+    assert_eq!(kinds(s, &id).await.len(), events, "a replay writes nothing");
+}
+
+/// A refresh whose commit came after its lease ended (an outage, a spill journal) and after
+/// another holder, finding the refresh token spent, judged the connection dead: the late pair is
+/// proof the connection is alive, so it becomes current and the connection recovers.
+async fn a_late_refresh_of_the_current_grant_recovers_a_connection_judged_dead(backend: Backend) {
+    let db = fresh(backend).await;
+    let s = &*db.store;
+    let a = s
+        .record_authorization(connect("user-1", minted("bot-a", "a", &db.clock)))
+        .await
+        .unwrap();
+    let id = a.connection.id.clone();
+    let (f1, attempt1, parent, _) = acquire(s, &id, "slow", Duration::from_secs(10)).await;
+    db.clock.advance(chrono::Duration::seconds(11));
+    let (f2, attempt2, _, interrupted) = acquire(s, &id, "h2", LEASE).await;
+    assert_eq!(interrupted.unwrap().attempt_id, attempt1);
+    let outcome = s
+        .record_refresh_failure(&id, &parent, f2, &attempt2, &invalid_grant())
+        .await
+        .unwrap();
+    assert!(matches!(outcome, FailureOutcome::NeedsReauth { .. }));
+
+    let late = minted("bot-a", "late", &db.clock);
+    let rec = s
+        .record_refresh(
+            &id,
+            &parent,
+            f1,
+            &attempt1,
+            &GrantId::generate(),
+            late.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rec.commit, RefreshCommit::Current);
+    assert!(rec.recovered);
+    assert_eq!(rec.status, ConnectionStatus::Active);
+    let (conn, current) = s.current_grant(&id).await.unwrap().unwrap();
+    assert_eq!(conn.status, ConnectionStatus::Active);
+    assert!(conn.diagnosis.is_none());
+    assert_eq!(current.unwrap().access_token, late.access_token);
+    assert_eq!(kinds(s, &id).await.last(), Some(&EventKind::Recovered));
 }
