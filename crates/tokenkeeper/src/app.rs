@@ -13,7 +13,7 @@ use crate::journal::Journal;
 use crate::ledger::LeaseHolder;
 use crate::provider::notion::{NotionClient, NotionSettings};
 use crate::refresh::{Coordinator, CoordinatorSettings};
-use crate::store::{Backend, Store};
+use crate::store::{Backend, Store, StoreError};
 
 pub struct App {
     pub state: SharedState,
@@ -45,6 +45,30 @@ pub struct StateSettings {
     pub notion_version: String,
     /// Mount the benchmarks' baseline route (`--bench-baseline-route`).
     pub bench_baseline_route: bool,
+}
+
+/// Runs `open` until the database answers: a process (re)started during an outage waits for
+/// the database, saying so once, instead of exiting; any other failure stops it at once.
+async fn wait_for_database<T, F, Fut>(open: F) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut said = false;
+    loop {
+        match open().await {
+            Err(StoreError::Unavailable(reason)) => {
+                if !said {
+                    tracing::warn!(
+                        "the database is unavailable ({reason}); waiting for it before listening"
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Opens this process's spill journal in `dir`, commits what earlier processes left there
@@ -116,9 +140,14 @@ pub fn state(
 impl App {
     pub async fn build(config: &Config) -> anyhow::Result<App> {
         let clock = Clock::System;
-        let store =
-            crate::store::open(&config.database_url, config.keys.clone(), clock.clone()).await?;
-        let schema_version = store.migrate().await?;
+        let (store, schema_version) = wait_for_database(|| async {
+            let store =
+                crate::store::open(&config.database_url, config.keys.clone(), clock.clone())
+                    .await?;
+            let version = store.migrate().await?;
+            Ok((store, version))
+        })
+        .await?;
         let journal = start_journal(&config.spill_dir, &store).await?;
         // Open the pool's connections now, not inside the first burst of traffic: a refresh
         // stampede right after start would otherwise pay for connection setup in its slowest

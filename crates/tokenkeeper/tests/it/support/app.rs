@@ -1,13 +1,13 @@
 //! `TestApp`: tokenkeeper on `127.0.0.1:0` against a real store (temp-file SQLite or a fresh
-//! PostgreSQL schema) and a real notion-sim on another port; and `Peer`: another tokenkeeper
-//! *process* (the built binary) on the same database, for cross-process claims.
+//! PostgreSQL schema) and a real notion-sim on another port; `Api`: the calls a client makes;
+//! and `spawn_peer`: another tokenkeeper *process* (the built binary, `support::process`) on the
+//! same database, for cross-process claims.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use notion_sim::{SimClock, SimConfig, SimServer};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use tokenkeeper::api::auth::ApiKeys;
 use tokenkeeper::api::SharedState;
@@ -18,6 +18,7 @@ use tokenkeeper::provider::notion::NotionSettings;
 use tokenkeeper::seal::KeyRing;
 
 use super::db::{Backend, TestDb};
+use super::process::{Broker, BrokerSpec};
 
 pub const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
 pub const TOKENS_KEY: &str = "tokens-key-for-tests-0123456789";
@@ -50,106 +51,37 @@ impl Default for Options {
     }
 }
 
-pub struct TestApp {
+/// Our HTTP API and the simulator's, as a client sees them: the calls tests make, for a
+/// tokenkeeper in this process (`TestApp`) or in another (`support::process::Broker`).
+pub struct Api {
     pub url: String,
+    pub sim_url: String,
+    /// A client that does not follow redirects, so tests see each hop.
+    pub http: reqwest::Client,
+}
+
+pub struct TestApp {
+    api: Api,
     pub sim: SimServer,
     pub db: TestDb,
     pub key_ring: String,
     pub state: SharedState,
-    /// A client that does not follow redirects, so tests see each hop.
-    pub http: reqwest::Client,
     /// The spill journal's directory (removed with the app).
     pub spill: tempfile::TempDir,
     options: Options,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// Where a connect flow ended: the `return_to` redirect's query.
-#[derive(Debug, Clone)]
-pub struct Landing {
-    pub connection_id: Option<String>,
-    pub status: String,
-}
-
-impl TestApp {
-    pub async fn start(backend: Backend) -> TestApp {
-        TestApp::with(backend, Options::default()).await
-    }
-
-    pub async fn with(backend: Backend, options: Options) -> TestApp {
-        let key_ring = KeyRing::generate_entry();
-        let keys = Arc::new(KeyRing::parse(&key_ring).unwrap());
-        let db = TestDb::new(backend, keys, Clock::System).await;
-        db.store.migrate().await.expect("migrations apply");
-        let sim = SimServer::start_with_clock(options.sim.clone(), options.sim_clock.clone())
-            .await
-            .expect("the simulator starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let sim_config = options.sim.clone();
-        let spill = tempfile::tempdir().expect("a temp dir for the spill journal");
-        let journal = tokenkeeper::app::start_journal(spill.path(), &db.store)
-            .await
-            .expect("the spill journal opens");
-        let state = tokenkeeper::app::state(
-            db.store.clone(),
-            NotionSettings {
-                client_id: sim_config.client_id.clone(),
-                client_secret: ClientSecret::new(sim_config.client_secret.clone()),
-                base_url: url::Url::parse(
-                    options
-                        .notion_base_url
-                        .as_deref()
-                        .unwrap_or(&sim.base_url()),
-                )
-                .unwrap(),
-                version: "2026-03-11".into(),
-            },
-            StateSettings {
-                public_url: url::Url::parse(&url).unwrap(),
-                allowed_return_urls: vec![format!("{url}/")],
-                api_keys: ApiKeys::parse(&format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"))
-                    .unwrap(),
-                session_ttl: Duration::from_secs(600),
-                provider_timeout: options.provider_timeout,
-                refresh_budget: options.refresh_budget,
-                notion_version: "2026-03-11".into(),
-                bench_baseline_route: false,
-            },
-            Clock::System,
-            None,
-            journal,
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = state.clone();
-        tokio::spawn(async move {
-            let _ = tokenkeeper::api::serve(listener, served, async move {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        TestApp {
+impl Api {
+    pub fn new(url: String, sim_url: String) -> Api {
+        Api {
             url,
-            sim,
-            db,
-            key_ring,
-            state,
+            sim_url,
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .pool_max_idle_per_host(600)
                 .build()
                 .unwrap(),
-            spill,
-            options,
-            stop: Some(stop),
         }
     }
 
@@ -193,7 +125,7 @@ impl TestApp {
     pub async fn follow(&self, link: &str) -> Landing {
         let to_sim = self.redirect(link).await;
         assert!(
-            to_sim.starts_with(&self.sim.base_url()),
+            to_sim.starts_with(&self.sim_url),
             "link goes to Notion: {to_sim}"
         );
         let to_callback = self.redirect(&to_sim).await;
@@ -292,9 +224,7 @@ impl TestApp {
         path: &str,
         body: Option<Value>,
     ) -> Value {
-        let mut r = self
-            .http
-            .request(method, format!("{}{path}", self.sim.base_url()));
+        let mut r = self.http.request(method, format!("{}{path}", self.sim_url));
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -317,69 +247,125 @@ impl TestApp {
         self.sim_json(reqwest::Method::POST, "/_sim/faults", Some(fault))
             .await;
     }
+}
 
-    /// Starts another tokenkeeper process on the same database and simulator.
-    pub async fn spawn_peer(&self, extra_env: &[(&str, &str)]) -> Peer {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenkeeper"));
-        cmd.arg("serve")
-            .env("TOKENKEEPER_DATABASE_URL", &self.db.url)
-            .env("TOKENKEEPER_ENCRYPTION_KEY", &self.key_ring)
-            .env(
-                "TOKENKEEPER_API_KEYS",
-                format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"),
-            )
-            .env("TOKENKEEPER_LISTEN", "127.0.0.1:0")
-            .env("TOKENKEEPER_PUBLIC_URL", &self.url)
-            .env("TOKENKEEPER_NOTION_CLIENT_ID", &self.options.sim.client_id)
-            .env(
-                "TOKENKEEPER_NOTION_CLIENT_SECRET",
-                &self.options.sim.client_secret,
-            )
-            .env("TOKENKEEPER_NOTION_BASE_URL", self.sim.base_url())
-            .env(
-                "TOKENKEEPER_PROVIDER_TIMEOUT",
-                format!("{}ms", self.options.provider_timeout.as_millis()),
-            )
-            .env(
-                "TOKENKEEPER_REFRESH_BUDGET",
-                format!("{}ms", self.options.refresh_budget.as_millis()),
-            )
-            .env("TOKENKEEPER_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true);
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("the tokenkeeper binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let url = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    return rest.trim().to_owned();
-                }
-            }
-            panic!("the peer exited before listening");
-        })
-        .await
-        .expect("the peer starts within 30 s");
-        // Keep reading so the peer never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Peer { url, child }
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
     }
 }
 
-/// Another tokenkeeper process; killed when dropped.
-pub struct Peer {
-    pub url: String,
-    pub child: tokio::process::Child,
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
-impl Peer {
-    /// SIGKILL: no shutdown, no cleanup, like a crash.
-    pub async fn kill(&mut self) {
-        self.child.kill().await.expect("the peer can be killed");
+/// Where a connect flow ended: the `return_to` redirect's query.
+#[derive(Debug, Clone)]
+pub struct Landing {
+    pub connection_id: Option<String>,
+    pub status: String,
+}
+
+impl TestApp {
+    pub async fn start(backend: Backend) -> TestApp {
+        TestApp::with(backend, Options::default()).await
+    }
+
+    pub async fn with(backend: Backend, options: Options) -> TestApp {
+        let key_ring = KeyRing::generate_entry();
+        let keys = Arc::new(KeyRing::parse(&key_ring).unwrap());
+        let db = TestDb::new(backend, keys, Clock::System).await;
+        db.store.migrate().await.expect("migrations apply");
+        let sim = SimServer::start_with_clock(options.sim.clone(), options.sim_clock.clone())
+            .await
+            .expect("the simulator starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sim_config = options.sim.clone();
+        let spill = tempfile::tempdir().expect("a temp dir for the spill journal");
+        let journal = tokenkeeper::app::start_journal(spill.path(), &db.store)
+            .await
+            .expect("the spill journal opens");
+        let state = tokenkeeper::app::state(
+            db.store.clone(),
+            NotionSettings {
+                client_id: sim_config.client_id.clone(),
+                client_secret: ClientSecret::new(sim_config.client_secret.clone()),
+                base_url: url::Url::parse(
+                    options
+                        .notion_base_url
+                        .as_deref()
+                        .unwrap_or(&sim.base_url()),
+                )
+                .unwrap(),
+                version: "2026-03-11".into(),
+            },
+            StateSettings {
+                public_url: url::Url::parse(&url).unwrap(),
+                allowed_return_urls: vec![format!("{url}/")],
+                api_keys: ApiKeys::parse(&format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"))
+                    .unwrap(),
+                session_ttl: Duration::from_secs(600),
+                provider_timeout: options.provider_timeout,
+                refresh_budget: options.refresh_budget,
+                notion_version: "2026-03-11".into(),
+                bench_baseline_route: false,
+            },
+            Clock::System,
+            None,
+            journal,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = state.clone();
+        tokio::spawn(async move {
+            let _ = tokenkeeper::api::serve(listener, served, async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        TestApp {
+            api: Api::new(url, sim.base_url()),
+            sim,
+            db,
+            key_ring,
+            state,
+            spill,
+            options,
+            stop: Some(stop),
+        }
+    }
+
+    /// Starts another tokenkeeper process on the same database and simulator.
+    pub async fn spawn_peer(&self, extra_env: &[(&str, &str)]) -> Broker {
+        let mut spec = self.broker_spec();
+        spec.env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        spec.start().await
+    }
+
+    /// What a tokenkeeper process on this app's database and simulator is started with.
+    pub fn broker_spec(&self) -> BrokerSpec {
+        BrokerSpec {
+            database_url: self.db.url.clone(),
+            key_ring: self.key_ring.clone(),
+            sim_url: self.sim.base_url(),
+            client_id: self.options.sim.client_id.clone(),
+            client_secret: self.options.sim.client_secret.clone(),
+            public_url: Some(self.url.clone()),
+            spill_dir: self.spill.path().to_path_buf(),
+            provider_timeout: self.options.provider_timeout,
+            refresh_budget: self.options.refresh_budget,
+            env: Vec::new(),
+        }
     }
 }
 

@@ -1,4 +1,8 @@
-//! Shared test support: databases (`db`) and running tokenkeeper and notion-sim (`app`).
+//! Shared test support: databases (`db`), tokenkeeper and notion-sim in this process (`app`),
+//! tokenkeeper as a process of its own (`process`), and PostgreSQL servers a test may stop
+//! (`pg_server`).
 
 pub mod app;
 pub mod db;
+pub mod pg_server;
+pub mod process;
