@@ -156,7 +156,7 @@ impl SpilledRefresh {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Entry {
-    Refresh(SpilledRefresh),
+    Refresh(Box<SpilledRefresh>),
     /// The record with this grant id is committed.
     Done {
         grant_id: GrantId,
@@ -202,7 +202,7 @@ fn parse(bytes: &[u8]) -> FileContents {
         match read_frame(&bytes[at..]) {
             Some((entry, len)) => {
                 match entry {
-                    Entry::Refresh(r) => records.push(r),
+                    Entry::Refresh(r) => records.push(*r),
                     Entry::Done { grant_id } => {
                         done.insert(grant_id);
                     }
@@ -330,7 +330,7 @@ impl Journal {
             grant_id: grant_id.clone(),
             pair: SealedPair::seal(&self.keys, &owner, grant_id, pair),
         };
-        self.append(&Entry::Refresh(record))?;
+        self.append(&Entry::Refresh(Box::new(record)))?;
         self.spilled.notify_one();
         Ok(())
     }
