@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::ids::{AccessToken, AttemptId, BotId, ConnectionId, GrantId, RefreshToken};
-use crate::ledger::{Fence, MintedPair};
+use crate::ledger::{Fence, MintedPair, Rescue};
 use crate::seal::{Column, KeyRing, SealContext};
 use crate::store::{Store, StoreError};
 
@@ -56,6 +56,9 @@ pub struct SpilledRefresh {
     /// The grant id the commit uses, chosen before the first try.
     pub grant_id: GrantId,
     pub pair: SealedPair,
+    /// Set when the refresh stood in for a refused current grant.
+    #[serde(default)]
+    pub rescue: Option<Rescue>,
 }
 
 /// A pair with its tokens sealed, and what came with it.
@@ -312,6 +315,7 @@ impl Journal {
 
     /// Writes a refreshed pair and waits until it is on disk. From then on it is part of the
     /// ledger. Blocking: call it from a blocking context or accept a short wait (one fsync).
+    #[allow(clippy::too_many_arguments)]
     pub fn spill_refresh(
         &self,
         connection_id: &ConnectionId,
@@ -320,6 +324,7 @@ impl Journal {
         attempt_id: &AttemptId,
         grant_id: &GrantId,
         pair: &MintedPair,
+        rescue: Option<&Rescue>,
     ) -> Result<(), JournalError> {
         let owner = SpilledRefresh::owner(connection_id, parent);
         let record = SpilledRefresh {
@@ -329,6 +334,7 @@ impl Journal {
             attempt_id: attempt_id.clone(),
             grant_id: grant_id.clone(),
             pair: SealedPair::seal(&self.keys, &owner, grant_id, pair),
+            rescue: rescue.cloned(),
         };
         self.append(&Entry::Refresh(Box::new(record)))?;
         self.spilled.notify_one();
@@ -437,16 +443,33 @@ impl Journal {
                 return Ok(false);
             }
         };
-        let recorded = store
-            .record_refresh(
-                &record.connection_id,
-                &record.parent,
-                record.fence,
-                &record.attempt_id,
-                &record.grant_id,
-                pair,
-            )
-            .await?;
+        let recorded = match &record.rescue {
+            None => {
+                store
+                    .record_refresh(
+                        &record.connection_id,
+                        &record.parent,
+                        record.fence,
+                        &record.attempt_id,
+                        &record.grant_id,
+                        pair,
+                    )
+                    .await?
+            }
+            Some(rescue) => {
+                store
+                    .record_rescue(
+                        &record.connection_id,
+                        &record.parent,
+                        record.fence,
+                        &record.attempt_id,
+                        &record.grant_id,
+                        pair,
+                        rescue,
+                    )
+                    .await?
+            }
+        };
         tracing::info!(
             connection = %record.connection_id,
             grant = %record.grant_id,
@@ -535,6 +558,7 @@ mod tests {
                 &AttemptId::generate(),
                 &grant,
                 &pair(tag),
+                None,
             )
             .unwrap();
         grant

@@ -112,6 +112,9 @@ pub enum EventKind {
     Revoked,
     /// A connection in `needs_reauth` became `active` again through a new authorization.
     Recovered,
+    /// The current grant's refresh token was refused, and another unused refresh token of the
+    /// connection was refreshed in its place.
+    Rescued,
 }
 
 impl EventKind {
@@ -128,6 +131,7 @@ impl EventKind {
             EventKind::NeedsReauth => "needs_reauth",
             EventKind::Revoked => "revoked",
             EventKind::Recovered => "recovered",
+            EventKind::Rescued => "rescued",
         }
     }
 
@@ -144,6 +148,7 @@ impl EventKind {
             "needs_reauth" => EventKind::NeedsReauth,
             "revoked" => EventKind::Revoked,
             "recovered" => EventKind::Recovered,
+            "rescued" => EventKind::Rescued,
             _ => return None,
         })
     }
@@ -421,6 +426,10 @@ pub struct Diagnosis {
     /// reason the token was already spent.
     #[serde(default)]
     pub interrupted_attempt: Option<InterruptedAttempt>,
+    /// The connection's other unused refresh tokens that were tried, newest first, and what
+    /// the provider said to each: none could rescue the connection.
+    #[serde(default)]
+    pub tried: Vec<TriedGrant>,
 }
 
 impl Diagnosis {
@@ -435,6 +444,7 @@ impl Diagnosis {
             provider_request_id: None,
             attempt_id: None,
             interrupted_attempt: None,
+            tried: Vec::new(),
         }
     }
 }
@@ -502,6 +512,31 @@ pub struct RefreshFailure {
     /// connection that broke after the request was sent): its refresh token may be consumed.
     /// Such an attempt is closed as `interrupted`, so that a later `invalid_grant` names it.
     pub outcome_unknown: bool,
+    /// The connection's other unused refresh tokens tried after this one was refused, and
+    /// what the provider said to each (invariant 5's rescue); empty when none were tried.
+    pub tried: Vec<TriedGrant>,
+}
+
+/// A grant whose refresh token was tried to rescue a connection whose current grant was
+/// refused, and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriedGrant {
+    pub grant_id: GrantId,
+    pub origin: GrantOrigin,
+    #[serde(with = "rfc3339_micros")]
+    pub obtained_at: DateTime<Utc>,
+    /// The provider's error code (`invalid_grant`, …).
+    pub outcome: String,
+}
+
+/// A refresh that stands in for a refused current grant: the never-used refresh token of
+/// another grant of the connection, refreshed after the current one's was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rescue {
+    /// The current grant whose refresh token was refused.
+    pub failed: GrantId,
+    /// The attempt that met the refusal.
+    pub failed_attempt: AttemptId,
 }
 
 /// What recording a refresh failure did.
@@ -512,7 +547,7 @@ pub enum FailureOutcome {
     /// The failing grant was no longer current: someone else rotated it; use theirs.
     AlreadyRotated { current: GrantId },
     /// The failing grant was current: the connection is now `needs_reauth`.
-    NeedsReauth { diagnosis: Diagnosis },
+    NeedsReauth { diagnosis: Box<Diagnosis> },
     /// Our lease was taken over by a newer holder; we changed nothing.
     Fenced,
 }

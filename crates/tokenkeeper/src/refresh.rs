@@ -24,7 +24,7 @@ use crate::ids::{AttemptId, ConnectionId, GrantId};
 use crate::journal::Journal;
 use crate::ledger::{
     ConnectionStatus, Diagnosis, FailureOutcome, Fence, GrantOrigin, GrantRecord, LeaseHolder,
-    LeaseOutcome, MintedPair, OpenGrant, RefreshFailure,
+    LeaseOutcome, MintedPair, OpenGrant, RefreshFailure, Rescue, TriedGrant,
 };
 use crate::provider::notion::NotionClient;
 use crate::provider::ProviderError;
@@ -267,6 +267,7 @@ impl Coordinator {
                     interrupted: _,
                 } => (fence, attempt_id, grant),
             };
+            let lease_ends = Instant::now() + self.settings.lease();
             let Some(refresh_token) = grant.refresh_token.clone() else {
                 return Err(RefreshError::NotRefreshable(
                     "the current grant has no refresh token".into(),
@@ -275,16 +276,41 @@ impl Coordinator {
             let parent = grant.record.id.clone();
             match self.provider.refresh(&refresh_token).await {
                 Ok(pair) => {
-                    return self.commit(id, &grant, fence, &attempt_id, pair).await;
+                    return self
+                        .commit(id, &grant, fence, &attempt_id, pair, None)
+                        .await;
                 }
                 Err(error) => {
-                    let failure = RefreshFailure {
-                        auth_failure: error.is_invalid_grant(),
-                        code: Some(error.code()),
-                        message: error.to_string(),
-                        provider_request_id: error.request_id(),
-                        outcome_unknown: error.maybe_processed(),
-                    };
+                    let mut failure = failure_of(&error);
+                    if error.is_invalid_grant() {
+                        match self
+                            .rescue(id, &grant, fence, &attempt_id, lease_ends)
+                            .await?
+                        {
+                            Rescued::Grant(rescued) => return Ok(rescued),
+                            Rescued::Tried(tried) => failure.tried = tried,
+                            Rescued::NotCurrent | Rescued::Fenced => {}
+                            Rescued::Unfinished(reason) => {
+                                // Some unused refresh token may still save the connection: the
+                                // refusal is recorded without judging it, and the next refresh
+                                // goes on with the rescue.
+                                failure.auth_failure = false;
+                                self.store
+                                    .record_refresh_failure(
+                                        id,
+                                        &parent,
+                                        fence,
+                                        &attempt_id,
+                                        &failure,
+                                    )
+                                    .await?;
+                                return Err(RefreshError::ProviderUnavailable {
+                                    reason,
+                                    retry_after: None,
+                                });
+                            }
+                        }
+                    }
                     let outcome = self
                         .store
                         .record_refresh_failure(id, &parent, fence, &attempt_id, &failure)
@@ -295,7 +321,7 @@ impl Coordinator {
                         }
                         FailureOutcome::NeedsReauth { diagnosis } => {
                             return Err(RefreshError::NeedsReauth {
-                                diagnosis: Some(Box::new(diagnosis)),
+                                diagnosis: Some(diagnosis),
                             })
                         }
                         // A newer holder took over while we were slow: wait for its result.
@@ -345,21 +371,38 @@ impl Coordinator {
         fence: Fence,
         attempt: &AttemptId,
         pair: MintedPair,
+        rescue: Option<Rescue>,
     ) -> Result<OpenGrant, RefreshError> {
         let grant = GrantId::generate();
         let parent_id = &parent.record.id;
         let started = Instant::now();
         let mut wait = Duration::from_millis(50);
         loop {
-            match self
-                .store
-                .record_refresh(id, parent_id, fence, attempt, &grant, pair.clone())
-                .await
-            {
+            let recorded = match &rescue {
+                None => {
+                    self.store
+                        .record_refresh(id, parent_id, fence, attempt, &grant, pair.clone())
+                        .await
+                }
+                Some(rescue) => {
+                    self.store
+                        .record_rescue(id, parent_id, fence, attempt, &grant, pair.clone(), rescue)
+                        .await
+                }
+            };
+            match recorded {
                 Ok(recorded) => return self.read_grant(id, &recorded.current).await,
                 Err(e) if started.elapsed() >= SPILL_AFTER => {
                     match self
-                        .spill(id, parent_id, fence, attempt, &grant, &pair)
+                        .spill(
+                            id,
+                            parent_id,
+                            fence,
+                            attempt,
+                            &grant,
+                            &pair,
+                            rescue.as_ref(),
+                        )
                         .await
                     {
                         Ok(()) => {
@@ -396,6 +439,7 @@ impl Coordinator {
     }
 
     /// Writes a pair to the spill journal, on the blocking pool (it waits for an fsync).
+    #[allow(clippy::too_many_arguments)]
     async fn spill(
         &self,
         id: &ConnectionId,
@@ -404,21 +448,118 @@ impl Coordinator {
         attempt: &AttemptId,
         grant: &GrantId,
         pair: &MintedPair,
+        rescue: Option<&Rescue>,
     ) -> Result<(), String> {
         let journal = self.journal.clone();
-        let (id, parent, attempt, grant, pair) = (
+        let (id, parent, attempt, grant, pair, rescue) = (
             id.clone(),
             parent.clone(),
             attempt.clone(),
             grant.clone(),
             pair.clone(),
+            rescue.cloned(),
         );
         tokio::task::spawn_blocking(move || {
-            journal.spill_refresh(&id, &parent, fence, &attempt, &grant, &pair)
+            journal.spill_refresh(
+                &id,
+                &parent,
+                fence,
+                &attempt,
+                &grant,
+                &pair,
+                rescue.as_ref(),
+            )
         })
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
+    }
+
+    /// The current grant's refresh token was refused: before judging the connection dead, try
+    /// its other refresh tokens that were never used, newest first, while our lease lasts
+    /// (invariant 5). Each try is recorded before the call, so a token is never used twice.
+    async fn rescue(
+        &self,
+        id: &ConnectionId,
+        refused: &OpenGrant,
+        fence: Fence,
+        attempt: &AttemptId,
+        lease_ends: Instant,
+    ) -> Result<Rescued, RefreshError> {
+        let refused_id = &refused.record.id;
+        let (current, candidates) = self.store.rescue_candidates(id, refused_id).await?;
+        if current.as_ref() != Some(refused_id) {
+            return Ok(Rescued::NotCurrent);
+        }
+        let mut tried = Vec::new();
+        for candidate in candidates {
+            let Some(token) = candidate.refresh_token.clone() else {
+                continue;
+            };
+            // A try, and the commit after it, must fit in what is left of our lease.
+            if Instant::now() + self.settings.provider_timeout + Duration::from_secs(2) > lease_ends
+            {
+                return Ok(Rescued::Unfinished(
+                    "the refresh token was refused, and the lease ran out before every other \
+                     unused refresh token was tried"
+                        .into(),
+                ));
+            }
+            let Some(rescue_attempt) = self
+                .store
+                .begin_rescue_attempt(
+                    id,
+                    refused_id,
+                    &candidate.record.id,
+                    fence,
+                    &self.settings.holder,
+                )
+                .await?
+            else {
+                return Ok(Rescued::Fenced);
+            };
+            match self.provider.refresh(&token).await {
+                Ok(pair) => {
+                    let rescue = Rescue {
+                        failed: refused_id.clone(),
+                        failed_attempt: attempt.clone(),
+                    };
+                    let grant = self
+                        .commit(id, &candidate, fence, &rescue_attempt, pair, Some(rescue))
+                        .await?;
+                    tracing::warn!(
+                        connection = %id,
+                        refused = %refused_id,
+                        rescued_by = %candidate.record.id,
+                        grant = %grant.record.id,
+                        "the current refresh token was refused; another unused one rescued the connection"
+                    );
+                    return Ok(Rescued::Grant(grant));
+                }
+                Err(error) => {
+                    self.store
+                        .record_rescue_refusal(
+                            id,
+                            &candidate.record.id,
+                            &rescue_attempt,
+                            &failure_of(&error),
+                        )
+                        .await?;
+                    if !error.is_invalid_grant() {
+                        return Ok(Rescued::Unfinished(format!(
+                            "the refresh token was refused, and trying another one failed: {error}"
+                        )));
+                    }
+                    tried.push(TriedGrant {
+                        grant_id: candidate.record.id.clone(),
+                        origin: candidate.record.origin,
+                        obtained_at: candidate.record.obtained_at,
+                        outcome: error.code(),
+                    });
+                }
+            }
+        }
+        Ok(Rescued::Tried(tried))
     }
 
     fn journal_key_id(&self) -> String {
@@ -493,5 +634,32 @@ fn unrecorded_grant(
         },
         access_token: pair.access_token,
         refresh_token: pair.refresh_token,
+    }
+}
+
+/// What a rescue came to.
+#[allow(clippy::large_enum_variant)]
+enum Rescued {
+    /// Another unused refresh token worked: the connection's new current grant.
+    Grant(OpenGrant),
+    /// Every unused refresh token (maybe none) was refused too.
+    Tried(Vec<TriedGrant>),
+    /// The refused grant is no longer current: someone else replaced it.
+    NotCurrent,
+    /// Our lease was taken over.
+    Fenced,
+    /// The rescue could not be completed (a transient failure, or the lease ran out).
+    Unfinished(String),
+}
+
+/// A provider error as the store records it.
+fn failure_of(error: &ProviderError) -> RefreshFailure {
+    RefreshFailure {
+        auth_failure: error.is_invalid_grant(),
+        code: Some(error.code()),
+        message: error.to_string(),
+        provider_request_id: error.request_id(),
+        outcome_unknown: error.maybe_processed(),
+        tried: Vec::new(),
     }
 }

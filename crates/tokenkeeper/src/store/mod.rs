@@ -29,7 +29,7 @@ use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
     AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, ConnectionStatus,
     Diagnosis, Event, FailureOutcome, Fence, GrantRecord, LeaseHolder, LeaseOutcome, MintedPair,
-    NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, RotateProgress,
+    NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue, RotateProgress,
 };
 use crate::seal::{KeyRing, SealError};
 
@@ -443,7 +443,94 @@ impl Store {
         let (id, parent, attempt, grant) =
             (id.clone(), parent.clone(), attempt.clone(), grant.clone());
         in_transaction!(self, |db| rules::record_refresh(
-            db, &id, &parent, fence, &attempt, &grant, &pair
+            db, &id, &parent, fence, &attempt, &grant, &pair, None
+        ))
+    }
+
+    /// Records a rescue (invariant 5): `parent`, another grant of the connection whose refresh
+    /// token was never used, was refreshed after the current grant's refresh token was refused.
+    /// The new grant becomes current if the refused grant still is (else it is kept superseded
+    /// at birth); the refused and the rescuing grants are superseded, and a `rescued` event says
+    /// which grant saved the connection. Idempotent on `grant`, like `record_refresh`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_rescue(
+        &self,
+        id: &ConnectionId,
+        parent: &GrantId,
+        fence: Fence,
+        attempt: &AttemptId,
+        grant: &GrantId,
+        pair: MintedPair,
+        rescue: &Rescue,
+    ) -> Result<RefreshRecorded, StoreError> {
+        let (id, parent, attempt, grant, rescue) = (
+            id.clone(),
+            parent.clone(),
+            attempt.clone(),
+            grant.clone(),
+            rescue.clone(),
+        );
+        in_transaction!(self, |db| rules::record_refresh(
+            db,
+            &id,
+            &parent,
+            fence,
+            &attempt,
+            &grant,
+            &pair,
+            Some(&rescue)
+        ))
+    }
+
+    /// The connection's current grant, and the grants that may rescue it now that `refused`'s
+    /// refresh token was refused: not revoked, their refresh token never used, newest first,
+    /// at most ten. Read without a lock: the caller holds the refresh lease.
+    pub async fn rescue_candidates(
+        &self,
+        id: &ConnectionId,
+        refused: &GrantId,
+    ) -> Result<(Option<GrantId>, Vec<OpenGrant>), StoreError> {
+        read_only!(self, |db| rules::rescue_candidates(db, id, refused))
+    }
+
+    /// Records that the lease holder `fence` is about to try `candidate`'s refresh token for
+    /// the refused grant (so that a crash in the middle names it, and it is never used twice);
+    /// `None` when the lease has moved on to another holder.
+    pub async fn begin_rescue_attempt(
+        &self,
+        id: &ConnectionId,
+        refused: &GrantId,
+        candidate: &GrantId,
+        fence: Fence,
+        holder: &LeaseHolder,
+    ) -> Result<Option<AttemptId>, StoreError> {
+        let (id, refused, candidate, holder) = (
+            id.clone(),
+            refused.clone(),
+            candidate.clone(),
+            holder.clone(),
+        );
+        in_transaction!(self, |db| rules::begin_rescue_attempt(
+            db, &id, &refused, &candidate, fence, &holder
+        ))
+    }
+
+    /// Records that a rescue candidate's refresh failed too.
+    pub async fn record_rescue_refusal(
+        &self,
+        id: &ConnectionId,
+        candidate: &GrantId,
+        attempt: &AttemptId,
+        failure: &RefreshFailure,
+    ) -> Result<(), StoreError> {
+        let (id, candidate, attempt, failure) = (
+            id.clone(),
+            candidate.clone(),
+            attempt.clone(),
+            failure.clone(),
+        );
+        in_transaction!(self, |db| rules::record_rescue_refusal(
+            db, &id, &candidate, &attempt, &failure
         ))
     }
 

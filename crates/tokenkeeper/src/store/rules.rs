@@ -22,8 +22,8 @@ use crate::ids::{AttemptId, ConnectionId, EventId, GrantId, RefreshToken};
 use crate::ledger::{
     AttemptOutcome, AuthorizationKind, AuthorizationOutcome, AuthorizationTarget, ConnectSession,
     Connection, ConnectionStatus, Diagnosis, DiagnosisReason, EventKind, FailureOutcome, Fence,
-    GrantOrigin, LeaseHolder, LeaseOutcome, MintedPair, NewAuthorization, Provider, RefreshCommit,
-    RefreshFailure, RotateProgress,
+    GrantOrigin, LeaseHolder, LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, Provider,
+    RefreshCommit, RefreshFailure, Rescue, RotateProgress,
 };
 
 /// An audit record about to be appended.
@@ -665,6 +665,16 @@ async fn release_lease_and_close(
     if row.lease_fence == fence {
         db.execute(sql::RELEASE_LEASE, &[text(id.as_str())]).await?;
     }
+    close_attempt(db, id, attempt, outcome, now).await
+}
+
+async fn close_attempt(
+    db: &impl Db,
+    id: &ConnectionId,
+    attempt: &AttemptId,
+    outcome: AttemptOutcome,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
     db.execute(
         sql::CLOSE_ATTEMPT,
         &[
@@ -678,7 +688,117 @@ async fn release_lease_and_close(
     Ok(())
 }
 
-/// Records a successful refresh; see `Store::record_refresh`.
+/// The most rescue candidates tried for one refusal (invariant 10: every loop a bound).
+pub(crate) const MAX_RESCUE_CANDIDATES: i64 = 10;
+
+/// See `Store::rescue_candidates`.
+pub(crate) async fn rescue_candidates(
+    db: &impl Db,
+    id: &ConnectionId,
+    refused: &GrantId,
+) -> Result<(Option<GrantId>, Vec<OpenGrant>), StoreError> {
+    let Some(row) = db
+        .query_opt(sql::CONNECTION_BY_ID, &[text(id.as_str())], sql::connection)
+        .await?
+    else {
+        return Err(StoreError::UnknownConnection(id.clone()));
+    };
+    let candidates = db
+        .query(
+            sql::RESCUE_CANDIDATES,
+            &[
+                text(id.as_str()),
+                text(refused.as_str()),
+                Param::Int(MAX_RESCUE_CANDIDATES),
+            ],
+            sql::grant,
+        )
+        .await?
+        .into_iter()
+        .map(|g| open_grant(db.keys(), g))
+        .collect::<Result<_, _>>()?;
+    Ok((row.connection.grant_id, candidates))
+}
+
+/// See `Store::begin_rescue_attempt`.
+pub(crate) async fn begin_rescue_attempt(
+    db: &impl Db,
+    id: &ConnectionId,
+    refused: &GrantId,
+    candidate: &GrantId,
+    fence: Fence,
+    holder: &LeaseHolder,
+) -> Result<Option<AttemptId>, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    let Some(until) = row.lease_until.filter(|_| row.lease_fence == fence) else {
+        return Ok(None);
+    };
+    let attempt = AttemptId::generate();
+    db.execute(
+        sql::INSERT_ATTEMPT,
+        &[
+            text(attempt.as_str()),
+            text(id.as_str()),
+            text(candidate.as_str()),
+            Param::Int(fence.0),
+            text(holder.as_str()),
+            Param::Time(now),
+            Param::Time(until),
+        ],
+    )
+    .await?;
+    insert_event(
+        db,
+        id,
+        now,
+        NewEvent::new(EventKind::RefreshStarted, Some(candidate)).detail(json!({
+            "attempt_id": attempt,
+            "fence": fence,
+            "holder": holder,
+            "rescue_of": refused,
+        })),
+    )
+    .await?;
+    Ok(Some(attempt))
+}
+
+/// See `Store::record_rescue_refusal`.
+pub(crate) async fn record_rescue_refusal(
+    db: &impl Db,
+    id: &ConnectionId,
+    candidate: &GrantId,
+    attempt: &AttemptId,
+    failure: &RefreshFailure,
+) -> Result<(), StoreError> {
+    lock_connection(db, id).await?;
+    let now = db.now();
+    let outcome = if failure.outcome_unknown {
+        AttemptOutcome::Interrupted
+    } else {
+        AttemptOutcome::Failed
+    };
+    close_attempt(db, id, attempt, outcome, now).await?;
+    insert_event(
+        db,
+        id,
+        now,
+        NewEvent::new(EventKind::RefreshFailed, Some(candidate))
+            .request(failure.provider_request_id.as_deref())
+            .detail(json!({
+                "attempt_id": attempt,
+                "rescue": true,
+                "auth_failure": failure.auth_failure,
+                "code": failure.code,
+                "message": failure.message,
+            })),
+    )
+    .await
+}
+
+/// Records a successful refresh (see `Store::record_refresh`), or, with `rescue`, a refresh of
+/// another unused grant standing in for the refused current one (see `Store::record_rescue`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn record_refresh(
     db: &impl Db,
     id: &ConnectionId,
@@ -687,6 +807,7 @@ pub(crate) async fn record_refresh(
     attempt: &AttemptId,
     grant: &GrantId,
     pair: &MintedPair,
+    rescue: Option<&Rescue>,
 ) -> Result<RefreshRecorded, StoreError> {
     let row = lock_connection(db, id).await?;
     let now = db.now();
@@ -715,10 +836,16 @@ pub(crate) async fn record_refresh(
         parent: Some(parent),
         ..NewGrant::new(grant, id, GrantOrigin::Refresh, pair)
     };
-    // Invariant 3: only a refresh of the current grant moves the pointer. The fence does not
-    // matter here: a pair the provider minted is recorded whoever holds the lease now, even
-    // after the lease ended (a commit delayed by an outage, or replayed from the spill journal).
-    let (commit, recovered) = if !revoked && current.as_ref() == Some(parent) {
+    // Invariant 3: only a refresh of the current grant moves the pointer (or, for a rescue, a
+    // refresh standing in for the current grant whose refresh token was refused). The fence
+    // does not matter here: a pair the provider minted is recorded whoever holds the lease now,
+    // even after the lease ended (a commit delayed by an outage, or replayed from the spill
+    // journal).
+    let replaces = rescue.map_or(parent, |r| &r.failed);
+    if let Some(rescue) = rescue {
+        close_attempt(db, id, &rescue.failed_attempt, AttemptOutcome::Failed, now).await?;
+    }
+    let (commit, recovered) = if !revoked && current.as_ref() == Some(replaces) {
         insert_grant(db, new).await?;
         supersede(db, parent, now).await?;
         set_current_grant(db, id, grant, now).await?;
@@ -729,9 +856,31 @@ pub(crate) async fn record_refresh(
             NewEvent::new(EventKind::Refreshed, Some(grant))
                 .related(Some(parent))
                 .request(pair.provider_request_id.as_deref())
-                .detail(json!({ "attempt_id": attempt, "fence": fence })),
+                .detail(json!({
+                    "attempt_id": attempt,
+                    "fence": fence,
+                    "rescue_of": rescue.map(|r| &r.failed),
+                })),
         )
         .await?;
+        if let Some(rescue) = rescue {
+            supersede(db, &rescue.failed, now).await?;
+            insert_event(
+                db,
+                id,
+                now,
+                NewEvent::new(EventKind::Rescued, Some(grant))
+                    .related(Some(&rescue.failed))
+                    .detail(json!({
+                        "refused_grant_id": rescue.failed,
+                        "rescued_by_grant_id": parent,
+                        "message": "the current grant's refresh token was refused; another \
+                                    refresh token of this connection, never used, was refreshed \
+                                    in its place",
+                    })),
+            )
+            .await?;
+        }
         insert_event(
             db,
             id,
@@ -885,10 +1034,13 @@ pub(crate) async fn record_refresh_failure(
         provider_request_id: failure.provider_request_id.clone(),
         attempt_id: Some(attempt.clone()),
         interrupted_attempt: interrupted,
+        tried: failure.tried.clone(),
         ..Diagnosis::new(DiagnosisReason::RefreshRejected, failure.message.clone())
     };
     needs_reauth(db, id, parent, &diagnosis, now).await?;
-    Ok(FailureOutcome::NeedsReauth { diagnosis })
+    Ok(FailureOutcome::NeedsReauth {
+        diagnosis: Box::new(diagnosis),
+    })
 }
 
 /// Moves an active connection to `needs_reauth` and records why.

@@ -108,6 +108,18 @@ pub(crate) const GRANT_BY_ID: &str = concat!(
     grant_columns!(),
     " FROM grants g WHERE g.id = $1"
 );
+/// The connection's grants that may rescue it when its current grant's refresh token is
+/// refused: not revoked, with a refresh token that was never used (no attempt with it that
+/// refreshed, may have, or is still running; a refused one may be asked again), newest first.
+pub(crate) const RESCUE_CANDIDATES: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.connection_id = $1 AND g.id <> $2 AND g.revoked_at IS NULL \
+     AND g.refresh_token IS NOT NULL \
+     AND NOT EXISTS (SELECT 1 FROM refresh_attempts a WHERE a.grant_id = g.id \
+         AND (a.finished_at IS NULL OR a.outcome <> 'failed')) \
+     ORDER BY g.seq DESC LIMIT $3"
+);
 pub(crate) const GRANTS_OF_CONNECTION: &str = concat!(
     "SELECT ",
     grant_columns!(),
@@ -332,6 +344,7 @@ pub(crate) const ALL: &[&str] = &[
     CURRENT_GRANT,
     GRANT_OF_CONNECTION,
     GRANT_BY_ID,
+    RESCUE_CANDIDATES,
     GRANTS_OF_CONNECTION,
     INSERT_GRANT,
     SUPERSEDE_GRANT,

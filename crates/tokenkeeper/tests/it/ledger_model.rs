@@ -425,6 +425,7 @@ async fn step(store: &Store, clock: &Clock, model: &mut Model, op: &Op) {
                         message: "model failure".into(),
                         provider_request_id: None,
                         outcome_unknown: false,
+                        tried: vec![],
                     };
                     let outcome = store
                         .record_refresh_failure(&p.conn, &p.parent, p.fence, &p.attempt, &failure)

@@ -10,5 +10,6 @@ mod cli;
 mod ledger_model;
 mod outage;
 mod proxy;
+mod rescue;
 mod store_contract;
 mod store_processes;

@@ -67,6 +67,7 @@ fn invalid_grant() -> RefreshFailure {
         message: "The refresh token is invalid or was already used.".into(),
         provider_request_id: Some("req-failed".into()),
         outcome_unknown: false,
+        tried: vec![],
     }
 }
 
@@ -777,7 +778,7 @@ async fn invalid_grant_on_the_current_grant_needs_reauth_with_a_diagnosis(backen
 
     let conn = s.get_connection(&id).await.unwrap().unwrap();
     assert_eq!(conn.status, ConnectionStatus::NeedsReauth);
-    assert_eq!(conn.diagnosis.as_ref(), Some(&typed));
+    assert_eq!(conn.diagnosis.as_ref(), Some(&*typed));
     let k = kinds(s, &id).await;
     assert_eq!(
         &k[k.len() - 2..],
@@ -869,6 +870,7 @@ async fn a_transient_failure_leaves_the_connection_active(backend: Backend) {
             message: format!("{code} from the token endpoint"),
             provider_request_id: None,
             outcome_unknown: false,
+            tried: vec![],
         };
         let outcome = s
             .record_refresh_failure(&id, &parent, f, &attempt, &failure)
