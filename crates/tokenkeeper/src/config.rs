@@ -55,7 +55,8 @@ pub struct StoreArgs {
     pub encryption_key: Option<String>,
 
     /// A file holding the key ring, one entry per line, the first active. With SQLite and no key
-    /// configured, `serve` creates `<database file>.key` (mode 0600) on first start.
+    /// configured, `serve` creates `<database file>.key` (mode 0600) on the first start of a
+    /// database that holds nothing sealed, and refuses to start if it is lost afterwards.
     #[arg(
         long,
         env = "TOKENKEEPER_ENCRYPTION_KEY_FILE",

@@ -486,12 +486,12 @@ async fn a_fresh_database_registers_its_key_on_first_start_and_a_restart_serves(
     }
 
     let first = w.serving(Some(&a)).await;
-    assert_eq!(w.registered().await, [a_id.clone()]);
+    assert_eq!(w.registered().await, [a_id.as_str()]);
     let id = w.connect(&first, "u1").await;
     first.stop().await;
 
     let again = w.serving(Some(&a)).await;
-    assert_eq!(w.registered().await, [a_id.clone()]);
+    assert_eq!(w.registered().await, [a_id.as_str()]);
     let second = w.connect(&again, "u2").await;
     w.all_tokens_open(&[&again], &[&id, &second]).await;
 }
@@ -517,7 +517,7 @@ async fn a_database_from_before_key_checks_is_verified_by_opening_its_grants_and
     }
 
     let node = w.serving(Some(&a)).await;
-    assert_eq!(w.registered().await, [a_id.clone()]);
+    assert_eq!(w.registered().await, [a_id.as_str()]);
     w.all_tokens_open(&[&node], &[&id]).await;
     node.stop().await;
 
@@ -616,7 +616,7 @@ async fn a_key_rotation_across_processes_follows_the_documented_procedure(backen
     p2.stop().await;
     let p2 = w.serving(Some(&old_new)).await;
     let c3 = w.connect(&p1, "u3").await;
-    assert_eq!(w.registered().await, [old_id.clone()]);
+    assert_eq!(w.registered().await, [old_id.as_str()]);
 
     // 2. `keys rotate` with `new,old` registers the new key and re-seals every grant with it;
     // every process can open them, since each has the new key.
