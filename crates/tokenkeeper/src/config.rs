@@ -241,7 +241,7 @@ impl StoreArgs {
 }
 
 /// Creates the embedded default's key ring file holding `entry` (mode 0600); fails if it exists.
-pub fn create_key_ring_file(path: &Path, entry: &str) -> Result<(), ConfigError> {
+pub(crate) fn create_key_ring_file(path: &Path, entry: &str) -> Result<(), ConfigError> {
     write_private(path, &format!("{entry}\n")).map_err(|e| {
         ConfigError::new(
             "TOKENKEEPER_ENCRYPTION_KEY_FILE",
@@ -251,7 +251,7 @@ pub fn create_key_ring_file(path: &Path, entry: &str) -> Result<(), ConfigError>
 }
 
 /// The error of a command that needs a key ring and has none.
-pub fn no_key_ring(source: &KeySource) -> ConfigError {
+pub(crate) fn no_key_ring(source: &KeySource) -> ConfigError {
     let message = match source {
         KeySource::EmbeddedDefault { file } => {
             format!("no key configured and {} does not exist", file.display())
