@@ -1,7 +1,9 @@
-//! Putting the parts together: the store (migrated), Notion or the built-in simulator, the
-//! refresh coordinator, and the HTTP state. `main` calls `App::build`; tests build the same
-//! `AppState` with their own store and simulator.
+//! Putting the parts together: the store (migrated, its key ring checked by `keycheck::open`
+//! before anything listens), Notion or the built-in simulator, the refresh coordinator, and the
+//! HTTP state. `main` calls `keycheck::open`, then `App::build`; tests build the same `AppState`
+//! with their own store and simulator.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::ids::ClientSecret;
 use crate::journal::Journal;
+use crate::keycheck::Opened;
 use crate::ledger::LeaseHolder;
 use crate::provider::notion::{NotionClient, NotionSettings};
 use crate::refresh::{Coordinator, CoordinatorSettings};
@@ -20,6 +23,11 @@ pub struct App {
     /// The built-in simulator, when no Notion credentials were configured. Dropping it stops it.
     pub simulator: Option<notion_sim::SimServer>,
     pub schema_version: i64,
+    /// The embedded default's key ring file, when this start created it.
+    pub created_key_file: Option<PathBuf>,
+    /// The key ids this start registered with the database (a first start, or a database from
+    /// before key checks).
+    pub registered_keys: Vec<String>,
 }
 
 /// A lease holder name unique to this process: host, process id and a random suffix.
@@ -49,7 +57,7 @@ pub struct StateSettings {
 
 /// Runs `open` until the database answers: a process (re)started during an outage waits for
 /// the database, saying so once, instead of exiting; any other failure stops it at once.
-async fn wait_for_database<T, F, Fut>(open: F) -> Result<T, StoreError>
+pub(crate) async fn wait_for_database<T, F, Fut>(open: F) -> Result<T, StoreError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -138,16 +146,18 @@ pub fn state(
 }
 
 impl App {
-    pub async fn build(config: &Config) -> anyhow::Result<App> {
+    /// Builds the running state on a store that `keycheck::open` opened for `serve`.
+    pub async fn build(config: &Config, opened: Opened) -> anyhow::Result<App> {
         let clock = Clock::System;
-        let (store, schema_version) = wait_for_database(|| async {
-            let store =
-                crate::store::open(&config.database_url, config.keys.clone(), clock.clone())
-                    .await?;
-            let version = store.migrate().await?;
-            Ok((store, version))
-        })
-        .await?;
+        let Opened {
+            store,
+            schema_version,
+            check,
+            created_key_file,
+        } = opened;
+        let registered_keys = check
+            .map(|c| c.newly_registered.into_iter().collect())
+            .unwrap_or_default();
         let journal = start_journal(&config.spill_dir, &store).await?;
         // Open the pool's connections now, not inside the first burst of traffic: a refresh
         // stampede right after start would otherwise pay for connection setup in its slowest
@@ -200,6 +210,8 @@ impl App {
             state,
             simulator,
             schema_version,
+            created_key_file,
+            registered_keys,
         })
     }
 }

@@ -25,7 +25,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(var: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(var: &str, message: impl Into<String>) -> Self {
         let flag = var
             .trim_start_matches("TOKENKEEPER_")
             .to_ascii_lowercase()
@@ -55,7 +55,8 @@ pub struct StoreArgs {
     pub encryption_key: Option<String>,
 
     /// A file holding the key ring, one entry per line, the first active. With SQLite and no key
-    /// configured, `serve` creates `<database file>.key` (mode 0600) on first start.
+    /// configured, `serve` creates `<database file>.key` (mode 0600) on the first start of a
+    /// database that holds nothing sealed, and refuses to start if it is lost afterwards.
     #[arg(
         long,
         env = "TOKENKEEPER_ENCRYPTION_KEY_FILE",
@@ -168,9 +169,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub public_url: url::Url,
     pub database_url: DatabaseUrl,
-    pub keys: Arc<KeyRing>,
-    /// Set when the key ring file was created by this start (the embedded default).
-    pub created_key_file: Option<PathBuf>,
+    /// A key ring, or the embedded default's file to create on a first start; never
+    /// `Unconfigured`.
+    pub keys: KeySource,
     pub api_keys: ApiKeys,
     pub created_api_key_file: Option<PathBuf>,
     pub allowed_return_urls: Vec<String>,
@@ -184,54 +185,90 @@ pub struct Config {
     pub bench_baseline_route: bool,
 }
 
+/// Where the key ring comes from. Whether a start may use it is decided with the database in
+/// view (`keycheck`), not here.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A key ring from a setting, or the embedded default's existing `<database file>.key`.
+    Ring {
+        keys: Arc<KeyRing>,
+        /// The variable that errors about this ring name.
+        setting: &'static str,
+        /// The file the ring was read from, if any.
+        file: Option<PathBuf>,
+    },
+    /// SQLite with no key configured and no `<database file>.key`: the embedded default. A
+    /// first start creates the file, but only on a database that holds nothing sealed; a lost
+    /// file is never silently replaced by a new key ring.
+    EmbeddedDefault { file: PathBuf },
+    /// PostgreSQL with no key configured.
+    Unconfigured,
+}
+
 impl StoreArgs {
     pub fn database_url(&self) -> Result<DatabaseUrl, ConfigError> {
         DatabaseUrl::parse(&self.database_url)
             .map_err(|m| ConfigError::new("TOKENKEEPER_DATABASE_URL", m))
     }
 
-    /// Loads the key ring. With SQLite and no key configured, uses `<database>.key`, creating it
-    /// (mode 0600) when `create` is set; returns the path when it was created.
-    pub fn key_ring(&self, create: bool) -> Result<(Arc<KeyRing>, Option<PathBuf>), ConfigError> {
+    /// Loads the key ring from the settings, or from `<database>.key` with SQLite when none is
+    /// configured. Creates nothing.
+    pub fn key_source(&self) -> Result<KeySource, ConfigError> {
         if let Some(text) = &self.encryption_key {
             let ring = KeyRing::parse(text)
                 .map_err(|e| ConfigError::new("TOKENKEEPER_ENCRYPTION_KEY", e.to_string()))?;
-            return Ok((Arc::new(ring), None));
+            return Ok(KeySource::Ring {
+                keys: Arc::new(ring),
+                setting: "TOKENKEEPER_ENCRYPTION_KEY",
+                file: None,
+            });
         }
+        const FILE_VAR: &str = "TOKENKEEPER_ENCRYPTION_KEY_FILE";
         if let Some(path) = &self.encryption_key_file {
-            return Ok((
-                Arc::new(read_key_file(path, "TOKENKEEPER_ENCRYPTION_KEY_FILE")?),
-                None,
-            ));
+            return Ok(KeySource::Ring {
+                keys: Arc::new(read_key_file(path, FILE_VAR)?),
+                setting: FILE_VAR,
+                file: Some(path.clone()),
+            });
         }
         match self.database_url()? {
             DatabaseUrl::Sqlite(db) => {
                 let path = sibling(&db, "key");
                 if path.exists() {
-                    return Ok((Arc::new(read_key_file(&path, "TOKENKEEPER_ENCRYPTION_KEY_FILE")?), None));
+                    return Ok(KeySource::Ring {
+                        keys: Arc::new(read_key_file(&path, FILE_VAR)?),
+                        setting: FILE_VAR,
+                        file: Some(path),
+                    });
                 }
-                if !create {
-                    return Err(ConfigError::new(
-                        "TOKENKEEPER_ENCRYPTION_KEY",
-                        format!("no key configured and {} does not exist", path.display()),
-                    ));
-                }
-                let entry = KeyRing::generate_entry();
-                write_private(&path, &format!("{entry}\n")).map_err(|e| {
-                    ConfigError::new(
-                        "TOKENKEEPER_ENCRYPTION_KEY_FILE",
-                        format!("could not create {}: {e}", path.display()),
-                    )
-                })?;
-                let ring = KeyRing::parse(&entry).expect("a generated entry parses");
-                Ok((Arc::new(ring), Some(path)))
+                Ok(KeySource::EmbeddedDefault { file: path })
             }
-            DatabaseUrl::Postgres(_) => Err(ConfigError::new(
-                "TOKENKEEPER_ENCRYPTION_KEY",
-                "required with PostgreSQL (make one with `tokenkeeper keys generate`); tokens are never stored in plaintext",
-            )),
+            DatabaseUrl::Postgres(_) => Ok(KeySource::Unconfigured),
         }
     }
+}
+
+/// Creates the embedded default's key ring file holding `entry` (mode 0600); fails if it exists.
+pub(crate) fn create_key_ring_file(path: &Path, entry: &str) -> Result<(), ConfigError> {
+    write_private(path, &format!("{entry}\n")).map_err(|e| {
+        ConfigError::new(
+            "TOKENKEEPER_ENCRYPTION_KEY_FILE",
+            format!("could not create {}: {e}", path.display()),
+        )
+    })
+}
+
+/// The error of a command that needs a key ring and has none.
+pub(crate) fn no_key_ring(source: &KeySource) -> ConfigError {
+    let message = match source {
+        KeySource::EmbeddedDefault { file } => {
+            format!("no key configured and {} does not exist", file.display())
+        }
+        _ => "required with PostgreSQL (make one with `tokenkeeper keys generate`); tokens are \
+              never stored in plaintext"
+            .to_owned(),
+    };
+    ConfigError::new("TOKENKEEPER_ENCRYPTION_KEY", message)
 }
 
 fn read_key_file(path: &Path, var: &str) -> Result<KeyRing, ConfigError> {
@@ -260,7 +297,8 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 }
 
 impl Config {
-    /// Validates everything `serve` needs. May create the embedded default's key files.
+    /// Validates everything `serve` needs. May create the embedded default's API key file; the
+    /// key ring file is created later, if at all, once the database has been seen (`keycheck`).
     pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
         let database_url = args.store.database_url()?;
         let listen: SocketAddr = args.listen.parse().map_err(|_| {
@@ -314,7 +352,10 @@ impl Config {
                 "must be above zero",
             ));
         }
-        let (keys, created_key_file) = args.store.key_ring(true)?;
+        let keys = args.store.key_source()?;
+        if let KeySource::Unconfigured = keys {
+            return Err(no_key_ring(&keys));
+        }
         let (api_keys, created_api_key_file) = Self::api_keys(args, &database_url)?;
         let spill_dir = match (&args.spill_dir, &database_url) {
             (Some(dir), _) => dir.clone(),
@@ -326,7 +367,6 @@ impl Config {
             public_url,
             database_url,
             keys,
-            created_key_file,
             api_keys,
             created_api_key_file,
             allowed_return_urls,

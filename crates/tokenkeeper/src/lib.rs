@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod ids;
 pub mod journal;
+pub mod keycheck;
 pub mod ledger;
 pub mod provider;
 pub mod refresh;

@@ -1,12 +1,13 @@
 //! The `tokenkeeper` binary: a thin layer over the library.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use tokenkeeper::clock::Clock;
 use tokenkeeper::config::{Config, ServeArgs, StoreArgs};
+use tokenkeeper::keycheck::{self, Command as Checked};
 use tokenkeeper::seal::KeyRing;
 
 /// A self-hosted OAuth token broker for Notion: keeps every token pair Notion ever mints,
@@ -37,10 +38,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Print a new key ring entry (`<key id>:<base64 key>`). Put it first in the key ring to make
-    /// it the active key, keep the old entries after it, restart, then run `keys rotate`.
+    /// Print a new key ring entry (`<key id>:<base64 key>`). To rotate, add it after the active
+    /// key in every process's key ring and restart them, then run `keys rotate` with it first.
     Generate,
-    /// Re-seal every grant with the active key, in batches, while tokenkeeper keeps serving.
+    /// Register the key ring's active key with the database, then re-seal every grant with it,
+    /// in batches, while tokenkeeper keeps serving. Refuses a ring that does not open every key
+    /// id in use.
     Rotate {
         #[command(flatten)]
         store: StoreArgs,
@@ -87,6 +90,14 @@ async fn main() -> ExitCode {
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::resolve(args)?;
+    // Invariant 11: the key ring is checked against the database before anything listens.
+    let opened = keycheck::open(
+        &config.database_url,
+        &config.keys,
+        Checked::Serve,
+        Clock::System,
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -99,7 +110,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             config.allowed_return_urls = vec![config.public_url.as_str().to_owned()];
         }
     }
-    let app = tokenkeeper::app::App::build(&config).await?;
+    let app = tokenkeeper::app::App::build(&config, opened).await?;
     println!(
         "tokenkeeper {} listening on http://{addr}",
         env!("CARGO_PKG_VERSION")
@@ -118,8 +129,14 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         app.state.store.backend(),
         app.schema_version
     );
-    if let Some(path) = &config.created_key_file {
+    if let Some(path) = &app.created_key_file {
         println!("Created the encryption key ring {} (mode 0600): back it up; without it the tokens cannot be read", path.display());
+    }
+    if !app.registered_keys.is_empty() {
+        println!(
+            "Registered encryption key ids {} with the database",
+            app.registered_keys.join(", ")
+        );
     }
     if let Some(path) = &config.created_api_key_file {
         println!("Created an admin API key in {} (mode 0600)", path.display());
@@ -159,25 +176,40 @@ async fn shutdown_signal() {
 
 async fn migrate(args: &StoreArgs) -> anyhow::Result<()> {
     let url = args.database_url()?;
-    // Migrations never seal anything; a configured ring is used when there is one.
-    let keys = match args.key_ring(false) {
-        Ok((keys, _)) => keys,
-        Err(_) => {
-            Arc::new(KeyRing::parse(&KeyRing::generate_entry()).expect("a generated entry parses"))
+    let opened = keycheck::open(&url, &args.key_source()?, Checked::Migrate, Clock::System).await?;
+    println!(
+        "{}: schema at version {}",
+        opened.store.backend(),
+        opened.schema_version
+    );
+    match &opened.check {
+        Some(check) => {
+            let in_use: Vec<&str> = check.in_use.iter().map(String::as_str).collect();
+            println!(
+                "key ring: opens every key id in use ({})",
+                if in_use.is_empty() {
+                    "none".to_owned()
+                } else {
+                    in_use.join(", ")
+                }
+            );
         }
-    };
-    let store = tokenkeeper::store::open(&url, keys, tokenkeeper::clock::Clock::System).await?;
-    let version = store.migrate().await?;
-    println!("{}: schema at version {version}", store.backend());
+        None => println!("no key ring configured: keys not checked"),
+    }
     Ok(())
 }
 
 async fn rotate(args: &StoreArgs, batch: u32) -> anyhow::Result<()> {
     let url = args.database_url()?;
-    let (keys, _) = args.key_ring(false)?;
-    let active = keys.active_key_id().to_owned();
-    let store = tokenkeeper::store::open(&url, keys, tokenkeeper::clock::Clock::System).await?;
-    store.check_schema().await?;
+    // Refuses, before re-sealing anything, a ring that does not open every key id in use; and
+    // registers the active key, so that processes restarted with it active may seal with it.
+    let opened = keycheck::open(&url, &args.key_source()?, Checked::Rotate, Clock::System).await?;
+    let check = opened.check.expect("a key ring was checked");
+    let active = check.active;
+    if check.newly_registered.contains(&active) {
+        eprintln!("registered key {active} with the database");
+    }
+    let store = opened.store;
     let mut total = 0;
     loop {
         let progress = store.rotate_keys(batch.max(1)).await?;

@@ -5,6 +5,10 @@
 //! another row, or to the other column of the same row, does not open. The key id travels in
 //! the value so that keys can rotate: old values open with their own key until
 //! `keys rotate` re-seals them with the active one. There is no plaintext mode.
+//!
+//! A key check value (invariant 11) is sealed the same way, with associated data that names
+//! only its key id: it lets a start prove that its key of that id is the key the database was
+//! told about, and it opens neither as a token nor as another key id's check.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +21,9 @@ use rand::RngCore;
 const VERSION: u8 = 1;
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
+
+/// What every key check value says; only whether it opens matters.
+const CHECK_PLAINTEXT: &str = "tokenkeeper key check";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SealError {
@@ -72,6 +79,12 @@ impl SealContext<'_> {
         )
         .into_bytes()
     }
+}
+
+/// The associated data of a key check value: a shape no token's associated data can have, since
+/// key ids and row ids never contain `|`.
+fn check_associated_data(key_id: &str) -> Vec<u8> {
+    format!("tokenkeeper/v{VERSION}|{key_id}|key-check").into_bytes()
 }
 
 /// Several keys, one of them active (the first in the ring). New values are sealed with the
@@ -165,20 +178,48 @@ impl KeyRing {
 
     /// Seals `plaintext` with the active key for the place `ctx` names.
     pub fn seal(&self, ctx: SealContext<'_>, plaintext: &str) -> Vec<u8> {
-        let cipher = &self.keys[&self.active];
+        self.seal_with(&self.active, &ctx.associated_data(&self.active), plaintext)
+    }
+
+    /// The key check value of `key_id` (invariant 11), or `None` if the ring lacks that key.
+    pub fn seal_check(&self, key_id: &str) -> Option<Vec<u8>> {
+        self.keys
+            .contains_key(key_id)
+            .then(|| self.seal_with(key_id, &check_associated_data(key_id), CHECK_PLAINTEXT))
+    }
+
+    /// Opens the key check value stored for `key_id`: it must name that key id, and this ring's
+    /// key of that id must open it. `Forged` means the ring has a different key under that id.
+    pub fn open_check(&self, key_id: &str, sealed: &[u8]) -> Result<(), SealError> {
+        let plaintext = self.open_with(sealed, |id| {
+            if id == key_id {
+                Ok(check_associated_data(id))
+            } else {
+                // A check value moved from another key id's row proves nothing about this one.
+                Err(SealError::Forged)
+            }
+        })?;
+        if plaintext == CHECK_PLAINTEXT {
+            Ok(())
+        } else {
+            Err(SealError::Forged)
+        }
+    }
+
+    fn seal_with(&self, key_id: &str, aad: &[u8], plaintext: &str) -> Vec<u8> {
+        let cipher = &self.keys[key_id];
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let aad = ctx.associated_data(&self.active);
         let ciphertext = cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
                     msg: plaintext.as_bytes(),
-                    aad: &aad,
+                    aad,
                 },
             )
             .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
-        let id = self.active.as_bytes();
+        let id = key_id.as_bytes();
         let mut out = Vec::with_capacity(2 + id.len() + NONCE_LEN + ciphertext.len());
         out.push(VERSION);
         out.push(id.len() as u8);
@@ -196,12 +237,21 @@ impl KeyRing {
 
     /// Opens a sealed value; fails, never returns garbage, if anything about it is off.
     pub fn open(&self, ctx: SealContext<'_>, sealed: &[u8]) -> Result<String, SealError> {
+        self.open_with(sealed, |key_id| Ok(ctx.associated_data(key_id)))
+    }
+
+    /// Opens `sealed` with the associated data `aad` gives for the key id the value names.
+    fn open_with(
+        &self,
+        sealed: &[u8],
+        aad: impl FnOnce(&str) -> Result<Vec<u8>, SealError>,
+    ) -> Result<String, SealError> {
         let (key_id, nonce, ciphertext) = split(sealed)?;
         let cipher = self
             .keys
             .get(key_id)
             .ok_or_else(|| SealError::UnknownKey(key_id.to_owned()))?;
-        let aad = ctx.associated_data(key_id);
+        let aad = aad(key_id)?;
         let plaintext = cipher
             .decrypt(
                 XNonce::from_slice(nonce),
@@ -315,6 +365,40 @@ mod tests {
             KeyRing::parse(&dup).unwrap_err(),
             SealError::DuplicateKeyId(_)
         ));
+    }
+
+    #[test]
+    fn a_check_value_opens_only_with_the_same_key_under_the_same_id() {
+        let entry = KeyRing::generate_entry();
+        let ring = KeyRing::parse(&entry).unwrap();
+        let id = ring.active_key_id().to_owned();
+        let check = ring.seal_check(&id).unwrap();
+        assert_eq!(ring.open_check(&id, &check), Ok(()));
+        assert_eq!(KeyRing::key_id_of(&check).unwrap(), id);
+        assert!(ring.seal_check("k-absent").is_none());
+
+        // The same key id with other key bytes: the ring a mistyped copy would give.
+        let other_bytes = KeyRing::generate_entry();
+        let (_, bytes) = other_bytes.split_once(':').unwrap();
+        let impostor = KeyRing::parse(&format!("{id}:{bytes}")).unwrap();
+        assert_eq!(impostor.open_check(&id, &check), Err(SealError::Forged));
+        let without = KeyRing::parse(&other_bytes).unwrap();
+        assert!(matches!(
+            without.open_check(&id, &check),
+            Err(SealError::UnknownKey(_))
+        ));
+
+        // Moved to another key id's row, it proves nothing about that key.
+        let two = KeyRing::parse(&format!("{entry},{other_bytes}")).unwrap();
+        let second = KeyRing::parse(&other_bytes).unwrap();
+        let second_id = second.active_key_id();
+        assert_eq!(two.open_check(second_id, &check), Err(SealError::Forged));
+
+        // A check value is not a token, and a token is not a check value.
+        let c = ctx("con_a", "grt_a", Column::AccessToken);
+        assert_eq!(ring.open(c, &check), Err(SealError::Forged));
+        let token = ring.seal(c, CHECK_PLAINTEXT);
+        assert_eq!(ring.open_check(&id, &token), Err(SealError::Forged));
     }
 
     proptest! {

@@ -177,4 +177,9 @@ pub(crate) trait Db {
     /// Serializes everyone who may make `(provider, bot_id)` live, until commit: taken before
     /// an authorization that may create a connection for this bot. A no-op on SQLite.
     async fn lock_bot(&self, provider: Provider, bot: &str) -> Result<(), StoreError>;
+
+    /// Serializes everyone who checks or registers keys (`keys.rs`), until commit, so that two
+    /// processes starting at once on an empty database cannot both register their own key. A
+    /// no-op on SQLite.
+    async fn lock_keys(&self) -> Result<(), StoreError>;
 }

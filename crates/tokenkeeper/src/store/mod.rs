@@ -34,6 +34,7 @@ use crate::ledger::{
 use crate::seal::{KeyRing, SealError};
 
 mod db;
+mod keys;
 pub mod postgres;
 mod reads;
 mod rules;
@@ -41,6 +42,7 @@ mod sealed;
 mod sql;
 pub mod sqlite;
 
+pub use keys::{KeyCheck, KeyRegistration};
 use postgres::PgStore;
 use sqlite::SqliteStore;
 
@@ -576,6 +578,21 @@ impl Store {
     ) -> Result<Connection, StoreError> {
         let (id, reason) = (id.clone(), reason.to_owned());
         in_transaction!(self, |db| rules::mark_revoked(db, &id, &reason))
+    }
+
+    /// Checks the store's key ring against the database (invariant 11), in one transaction under
+    /// the key lock: every key id that seals a grant must be in the ring and open, by its check
+    /// value or, for a key id from before key checks, by opening one of its grants; and every
+    /// registered key id the ring has must open its check value. If the ring opens everything,
+    /// registers the key ids proven by grants and, as `registration` allows, the active key;
+    /// otherwise writes nothing. The report says which key ids failed.
+    pub async fn check_keys(&self, registration: KeyRegistration) -> Result<KeyCheck, StoreError> {
+        in_transaction!(self, |db| keys::check_keys(db, registration))
+    }
+
+    /// Every key id the database holds a sealed value of (grants and key checks); needs no key.
+    pub async fn sealed_key_ids(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        read_only!(self, |db| keys::sealed_key_ids(db))
     }
 
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one

@@ -25,8 +25,13 @@ use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
 /// The migrations this binary knows, in order. Each is applied in its own transaction.
-const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/postgres/0001_ledger.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_ledger.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_key_checks.sql"),
+    ),
+];
 
 /// The schema version this binary runs against.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -350,6 +355,16 @@ impl<C: GenericClient> Db for PgDb<'_, C> {
         self.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended('tokenkeeper/bot|' || coalesce(current_schema(), '') || '|' || $1, 0))",
             &[Param::Text(&key)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A transaction-scoped advisory lock, per schema, on the key checks.
+    async fn lock_keys(&self) -> Result<(), StoreError> {
+        self.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('tokenkeeper/keys|' || coalesce(current_schema(), ''), 0))",
+            &[],
         )
         .await?;
         Ok(())

@@ -149,6 +149,28 @@ pub(crate) const COUNT_GRANTS_SEALED_WITH_OTHER_KEYS: &str =
 pub(crate) const RESEAL_GRANT: &str =
     "UPDATE grants SET access_token = $1, refresh_token = $2, key_id = $3 WHERE id = $4";
 
+// Key checks (invariant 11).
+
+/// The key ids that seal grants, each once. A loose index scan: one `min` on the `grants_key`
+/// index per key id instead of reading every grant, so a start costs the same on a million
+/// grants as on ten.
+pub(crate) const KEY_IDS_IN_USE: &str = "WITH RECURSIVE k (key_id) AS ( \
+         SELECT min(key_id) FROM grants \
+         UNION ALL \
+         SELECT (SELECT min(g.key_id) FROM grants g WHERE g.key_id > k.key_id) \
+         FROM k WHERE k.key_id IS NOT NULL \
+     ) \
+     SELECT key_id FROM k WHERE key_id IS NOT NULL";
+/// One grant sealed with a key id, to prove a key that has no check value yet.
+pub(crate) const GRANT_SEALED_WITH_KEY: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.key_id = $1 LIMIT 1"
+);
+pub(crate) const KEY_CHECKS: &str = "SELECT key_id, check_value FROM key_checks ORDER BY key_id";
+pub(crate) const INSERT_KEY_CHECK: &str =
+    "INSERT INTO key_checks (key_id, check_value, registered_at) VALUES ($1, $2, $3)";
+
 // Events.
 
 pub(crate) const INSERT_EVENT: &str =
@@ -328,6 +350,15 @@ pub(crate) fn count(row: &dyn Row) -> Result<i64, StoreError> {
     row.int(0)
 }
 
+pub(crate) fn key_id(row: &dyn Row) -> Result<String, StoreError> {
+    row.text(0)
+}
+
+/// A row of `KEY_CHECKS`: the key id and its sealed check value.
+pub(crate) fn key_check(row: &dyn Row) -> Result<(String, Vec<u8>), StoreError> {
+    Ok((row.text(0)?, row.bytes(1)?))
+}
+
 /// Every shared statement, for the test that prepares each one on both backends.
 #[cfg(test)]
 pub(crate) const ALL: &[&str] = &[
@@ -352,6 +383,10 @@ pub(crate) const ALL: &[&str] = &[
     GRANTS_SEALED_WITH_OTHER_KEYS,
     COUNT_GRANTS_SEALED_WITH_OTHER_KEYS,
     RESEAL_GRANT,
+    KEY_IDS_IN_USE,
+    GRANT_SEALED_WITH_KEY,
+    KEY_CHECKS,
+    INSERT_KEY_CHECK,
     INSERT_EVENT,
     EVENTS_OF_CONNECTION,
     INSERT_ATTEMPT,

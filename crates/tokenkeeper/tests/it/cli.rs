@@ -276,7 +276,14 @@ async fn migrate_applies_the_schema_and_serve_refuses_a_newer_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version 1"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "schema at version {}",
+            tokenkeeper::store::sqlite::SCHEMA_VERSION
+        )),
+        "{stdout}"
+    );
 
     let conn = rusqlite::Connection::open(dir.path().join("m.db")).unwrap();
     conn.execute(

@@ -7,6 +7,7 @@ mod support;
 
 mod broker;
 mod cli;
+mod key_checks;
 mod ledger_model;
 mod outage;
 mod proxy;
