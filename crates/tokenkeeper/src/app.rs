@@ -11,6 +11,7 @@ use crate::api::{AppState, SharedState};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ids::ClientSecret;
+use crate::jobs::Jobs;
 use crate::journal::Journal;
 use crate::keycheck::Opened;
 use crate::ledger::LeaseHolder;
@@ -112,6 +113,8 @@ pub fn state(
     journal: Arc<Journal>,
 ) -> SharedState {
     let client = NotionClient::new(notion, settings.provider_timeout);
+    let jobs = Jobs::new(store.clone(), client.clone(), clock.clone());
+    tokio::spawn(jobs.clone().run_worker());
     let coordinator = Coordinator::new(
         store.clone(),
         client.clone(),
@@ -121,6 +124,7 @@ pub fn state(
             budget: settings.refresh_budget,
         },
         journal,
+        jobs.clone(),
     );
     let http = reqwest::Client::builder()
         // The proxy hands Notion's answers back as they are, redirects included.
@@ -142,6 +146,7 @@ pub fn state(
         http,
         simulator,
         bench_baseline_route: settings.bench_baseline_route,
+        jobs,
     })
 }
 

@@ -115,6 +115,8 @@ pub enum EventKind {
     /// The current grant's refresh token was refused, and another unused refresh token of the
     /// connection was refreshed in its place.
     Rescued,
+    /// A token of a revoked connection was revoked at the provider (or that failed for good).
+    UpstreamRevocation,
 }
 
 impl EventKind {
@@ -132,6 +134,7 @@ impl EventKind {
             EventKind::Revoked => "revoked",
             EventKind::Recovered => "recovered",
             EventKind::Rescued => "rescued",
+            EventKind::UpstreamRevocation => "upstream_revocation",
         }
     }
 
@@ -149,6 +152,7 @@ impl EventKind {
             "revoked" => EventKind::Revoked,
             "recovered" => EventKind::Recovered,
             "rescued" => EventKind::Rescued,
+            "upstream_revocation" => EventKind::UpstreamRevocation,
             _ => return None,
         })
     }
@@ -586,4 +590,111 @@ pub struct RotateProgress {
     pub resealed: u64,
     /// Grants still sealed with another key after this call.
     pub remaining: u64,
+}
+
+/// Work that must happen at least once after the transaction that called for it (see the
+/// `jobs` module): revoking a token upstream, delivering a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Revoke one token of one grant at the provider; `subject` is `<grant id>:<column>`.
+    RevokeToken,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::RevokeToken => "revoke_token",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "revoke_token" => Some(JobKind::RevokeToken),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Pending,
+    Done,
+    /// Given up after its retries.
+    Failed,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Done => "done",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(JobStatus::Pending),
+            "done" => Some(JobStatus::Done),
+            "failed" => Some(JobStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    pub connection_id: Option<ConnectionId>,
+    pub subject: String,
+    pub payload: serde_json::Value,
+    pub status: JobStatus,
+    pub attempts: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What one attempt at a job came to.
+#[derive(Debug, Clone)]
+pub enum JobOutcome {
+    Done,
+    /// Try again at `at`; `error` says why this attempt failed.
+    Retry {
+        at: DateTime<Utc>,
+        error: String,
+    },
+    /// Give up.
+    Failed {
+        error: String,
+    },
+}
+
+/// Which token of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenColumn {
+    AccessToken,
+    RefreshToken,
+}
+
+impl TokenColumn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenColumn::AccessToken => "access_token",
+            TokenColumn::RefreshToken => "refresh_token",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "access_token" => Some(TokenColumn::AccessToken),
+            "refresh_token" => Some(TokenColumn::RefreshToken),
+            _ => None,
+        }
+    }
 }

@@ -21,6 +21,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::time::Instant;
 
 use crate::ids::{AttemptId, ConnectionId, GrantId};
+use crate::jobs::Jobs;
 use crate::journal::Journal;
 use crate::ledger::{
     ConnectionStatus, Diagnosis, FailureOutcome, Fence, GrantOrigin, GrantRecord, LeaseHolder,
@@ -108,6 +109,8 @@ pub struct Coordinator {
     flights: Mutex<HashMap<(ConnectionId, GrantId), Flight>>,
     /// Where a minted pair waits when the database cannot take it (invariant 1).
     journal: Arc<Journal>,
+    /// Woken when a pair was minted for a revoked connection, to revoke it upstream at once.
+    jobs: Arc<Jobs>,
 }
 
 /// The first retry of a transient failure waits this long; later ones double it.
@@ -125,6 +128,7 @@ impl Coordinator {
         provider: NotionClient,
         settings: CoordinatorSettings,
         journal: Arc<Journal>,
+        jobs: Arc<Jobs>,
     ) -> Arc<Self> {
         Arc::new(Coordinator {
             store,
@@ -132,6 +136,7 @@ impl Coordinator {
             settings,
             flights: Mutex::new(HashMap::new()),
             journal,
+            jobs,
         })
     }
 
@@ -391,6 +396,12 @@ impl Coordinator {
                 }
             };
             match recorded {
+                Ok(recorded) if recorded.status == ConnectionStatus::Revoked => {
+                    // Minted after a DELETE: recorded revoked, queued for revocation upstream,
+                    // and never handed out.
+                    self.jobs.wake();
+                    return Err(RefreshError::Revoked);
+                }
                 Ok(recorded) => return self.read_grant(id, &recorded.current).await,
                 Err(e) if started.elapsed() >= SPILL_AFTER => {
                     match self

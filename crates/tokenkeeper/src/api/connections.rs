@@ -187,33 +187,29 @@ pub async fn events(
     Ok(Json(json!({"connection_id": id, "data": events})))
 }
 
-/// `DELETE /v1/connections/{id}`: revoke upstream, mark revoked, keep the history.
+/// `DELETE /v1/connections/{id}`: mark revoked (keeping the history), then revoke upstream
+/// every token of the connection that may still be alive, waiting a little for the answers.
+/// Tokens whose revocation is still pending are retried in the background until they are
+/// revoked (or for `jobs::GIVE_UP_AFTER`).
 pub async fn revoke(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
     ConnectionPath(id): ConnectionPath,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(scope, "revoking connections")?;
-    let (connection, grant) = state
+    let connection = state
         .store
-        .current_grant(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
-    if connection.status == ConnectionStatus::Revoked {
-        return Ok(Json(
-            json!({"connection": connection, "upstream_revoked": false}),
-        ));
-    }
-    let upstream = match &grant {
-        Some(g) => state.notion.revoke(&g.access_token).await,
-        None => Ok(()),
-    };
-    let reason = match &upstream {
-        Ok(()) => "revoked through the API; the provider confirmed the revocation".to_owned(),
-        Err(e) => format!("revoked through the API; the provider's revocation failed: {e}"),
-    };
-    let connection = state.store.mark_revoked(&id, &reason).await?;
-    Ok(Json(
-        json!({"connection": connection, "upstream_revoked": upstream.is_ok()}),
-    ))
+        .mark_revoked(&id, "revoked through the API")
+        .await?;
+    let counts = state.jobs.run_for_connection(&id, REVOKE_WAIT).await?;
+    Ok(Json(json!({
+        "connection": connection,
+        "upstream_revoked": counts.pending == 0 && counts.failed == 0,
+        "tokens_revoked": counts.revoked,
+        "tokens_pending": counts.pending,
+        "tokens_failed": counts.failed,
+    })))
 }
+
+/// How long a `DELETE` waits for the provider's answers before it answers itself.
+const REVOKE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -45,6 +45,8 @@ pub struct AppState {
     pub simulator: Option<String>,
     /// Mounts `GET /v1/_baseline` for the benchmarks (`--bench-baseline-route`).
     pub bench_baseline_route: bool,
+    /// Upstream revocations (and other work that must happen at least once).
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -122,9 +122,18 @@ impl NotionClient {
         self.token_call(body).await
     }
 
-    /// Revokes a token upstream.
+    /// Revokes an access token upstream.
     pub async fn revoke(&self, token: &AccessToken) -> Result<(), ProviderError> {
-        let body = json!({"token": token.expose_secret()});
+        self.revoke_secret(token.expose_secret()).await
+    }
+
+    /// Revokes a refresh token upstream (Notion revokes the token given, not its partner).
+    pub async fn revoke_refresh(&self, token: &RefreshToken) -> Result<(), ProviderError> {
+        self.revoke_secret(token.expose_secret()).await
+    }
+
+    async fn revoke_secret(&self, token: &str) -> Result<(), ProviderError> {
+        let body = json!({"token": token});
         let (status, _headers, bytes) = self.post("/v1/oauth/revoke", &body).await?;
         if status.is_success() {
             return Ok(());

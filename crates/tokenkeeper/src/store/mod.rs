@@ -28,8 +28,9 @@ use crate::clock::Clock;
 use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
     AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, ConnectionStatus,
-    Diagnosis, Event, FailureOutcome, Fence, GrantRecord, LeaseHolder, LeaseOutcome, MintedPair,
-    NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue, RotateProgress,
+    Diagnosis, Event, FailureOutcome, Fence, GrantRecord, Job, JobKind, JobOutcome, LeaseHolder,
+    LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue,
+    RotateProgress,
 };
 use crate::seal::{KeyRing, SealError};
 
@@ -570,7 +571,8 @@ impl Store {
         ))
     }
 
-    /// Marks the connection `revoked` and its live grants revoked; keeps the history.
+    /// Marks the connection `revoked` and its live grants revoked, keeps the history, and queues
+    /// the upstream revocation of every token that may still be alive (`jobs`).
     pub async fn mark_revoked(
         &self,
         id: &ConnectionId,
@@ -593,6 +595,40 @@ impl Store {
     /// Every key id the database holds a sealed value of (grants and key checks); needs no key.
     pub async fn sealed_key_ids(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
         read_only!(self, |db| keys::sealed_key_ids(db))
+    }
+
+    /// Claims up to `limit` due jobs (of one connection, or any), for `hold_for`: nobody else
+    /// claims them until then, and they come due again then if their worker died. Workers in
+    /// several processes never claim the same job at once.
+    pub async fn claim_jobs(
+        &self,
+        connection: Option<&ConnectionId>,
+        limit: u32,
+        hold_for: Duration,
+    ) -> Result<Vec<Job>, StoreError> {
+        let connection = connection.cloned();
+        in_transaction!(self, |db| rules::claim_jobs(
+            db,
+            connection.as_ref(),
+            limit,
+            hold_for
+        ))
+    }
+
+    /// Records what a claimed job's attempt came to; a revocation that is done or failed for
+    /// good is also an event of its connection.
+    pub async fn finish_job(&self, job: &Job, outcome: &JobOutcome) -> Result<(), StoreError> {
+        let (job, outcome) = (job.clone(), outcome.clone());
+        in_transaction!(self, |db| rules::finish_job(db, &job, &outcome))
+    }
+
+    /// The connection's jobs of one kind, oldest first.
+    pub async fn jobs_of_connection(
+        &self,
+        id: &ConnectionId,
+        kind: JobKind,
+    ) -> Result<Vec<Job>, StoreError> {
+        read_only!(self, |db| rules::jobs_of_connection(db, id, kind))
     }
 
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one

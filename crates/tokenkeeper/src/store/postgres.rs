@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_key_checks.sql"),
     ),
+    (4, include_str!("../../migrations/postgres/0004_jobs.sql")),
 ];
 
 /// The schema version this binary runs against.

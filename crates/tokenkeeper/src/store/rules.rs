@@ -22,8 +22,9 @@ use crate::ids::{AttemptId, ConnectionId, EventId, GrantId, RefreshToken};
 use crate::ledger::{
     AttemptOutcome, AuthorizationKind, AuthorizationOutcome, AuthorizationTarget, ConnectSession,
     Connection, ConnectionStatus, Diagnosis, DiagnosisReason, EventKind, FailureOutcome, Fence,
-    GrantOrigin, LeaseHolder, LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, Provider,
-    RefreshCommit, RefreshFailure, Rescue, RotateProgress,
+    GrantOrigin, Job, JobKind, JobOutcome, JobStatus, LeaseHolder, LeaseOutcome, MintedPair,
+    NewAuthorization, OpenGrant, Provider, RefreshCommit, RefreshFailure, Rescue, RotateProgress,
+    TokenColumn,
 };
 
 /// An audit record about to be appended.
@@ -923,6 +924,11 @@ pub(crate) async fn record_refresh(
             &[Param::Time(now), text(id.as_str())],
         )
         .await?;
+        if revoked {
+            // A pair minted after the connection was revoked is never handed out, and it is
+            // revoked upstream at once.
+            enqueue_revocations(db, id, Some(grant), now).await?;
+        }
         let reason = if revoked {
             "connection_revoked"
         } else {
@@ -1099,15 +1105,205 @@ pub(crate) async fn mark_revoked(
         &[Param::Time(now), text(id.as_str())],
     )
     .await?;
+    let queued = enqueue_revocations(db, id, None, now).await?;
     insert_event(
         db,
         id,
         now,
         NewEvent::new(EventKind::Revoked, row.connection.grant_id.as_ref())
-            .detail(json!({ "reason": reason })),
+            .detail(json!({ "reason": reason, "tokens_to_revoke_upstream": queued })),
     )
     .await?;
     reload(db, id).await
+}
+
+/// Queues the upstream revocation of every token of the connection (or of one grant) that may
+/// still be alive: every access token, and every refresh token not spent on a refresh that
+/// succeeded; tokens already queued (or revoked) before are skipped. Returns how many were
+/// queued.
+async fn enqueue_revocations(
+    db: &impl Db,
+    id: &ConnectionId,
+    only: Option<&GrantId>,
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    let known: std::collections::HashSet<String> = db
+        .query(
+            sql::JOBS_OF_CONNECTION,
+            &[text(id.as_str()), text(JobKind::RevokeToken.as_str())],
+            sql::job,
+        )
+        .await?
+        .into_iter()
+        .map(|j| j.subject)
+        .collect();
+    let tokens = db
+        .query(sql::TOKENS_OF_CONNECTION, &[text(id.as_str())], |row| {
+            Ok((
+                GrantId::from_trusted(row.text(0)?),
+                row.bool(1)?,
+                row.bool(2)?,
+            ))
+        })
+        .await?;
+    let mut queued = 0;
+    for (grant, has_refresh, refresh_spent) in tokens {
+        if only.is_some_and(|g| *g != grant) {
+            continue;
+        }
+        let mut columns = vec![TokenColumn::AccessToken];
+        if has_refresh && !refresh_spent {
+            columns.push(TokenColumn::RefreshToken);
+        }
+        for column in columns {
+            let subject = format!("{grant}:{}", column.as_str());
+            if known.contains(&subject) {
+                continue;
+            }
+            enqueue_job(
+                db,
+                JobKind::RevokeToken,
+                Some(id),
+                &subject,
+                &json!({ "grant_id": grant, "column": column }),
+                now,
+            )
+            .await?;
+            queued += 1;
+        }
+    }
+    Ok(queued)
+}
+
+async fn enqueue_job(
+    db: &impl Db,
+    kind: JobKind,
+    connection: Option<&ConnectionId>,
+    subject: &str,
+    payload: &Value,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let id = format!("job_{}", uuid::Uuid::now_v7().simple());
+    db.execute(
+        sql::INSERT_JOB,
+        &[
+            text(&id),
+            text(kind.as_str()),
+            Param::OptText(connection.map(ConnectionId::as_str)),
+            text(subject),
+            Param::Json(payload),
+            Param::Time(now),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// See `Store::claim_jobs`.
+pub(crate) async fn claim_jobs(
+    db: &impl Db,
+    connection: Option<&ConnectionId>,
+    limit: u32,
+    hold_for: Duration,
+) -> Result<Vec<Job>, StoreError> {
+    let now = db.now();
+    let limit = Param::Int(i64::from(limit));
+    let mut jobs = match connection {
+        None => {
+            db.query(
+                pick(db, sql::DUE_JOBS, sql::DUE_JOBS_SKIP_LOCKED),
+                &[Param::Time(now), limit],
+                sql::job,
+            )
+            .await?
+        }
+        Some(id) => {
+            db.query(
+                pick(
+                    db,
+                    sql::DUE_JOBS_OF_CONNECTION,
+                    sql::DUE_JOBS_OF_CONNECTION_SKIP_LOCKED,
+                ),
+                &[text(id.as_str()), Param::Time(now), limit],
+                sql::job,
+            )
+            .await?
+        }
+    };
+    let until = now
+        + chrono::Duration::from_std(hold_for)
+            .map_err(|_| StoreError::Conflict("claim too long".into()))?;
+    for job in &mut jobs {
+        db.execute(
+            sql::CLAIM_JOB,
+            &[Param::Time(until), Param::Time(now), text(&job.id)],
+        )
+        .await?;
+        job.attempts += 1;
+        job.next_attempt_at = until;
+    }
+    Ok(jobs)
+}
+
+/// See `Store::finish_job`.
+pub(crate) async fn finish_job(
+    db: &impl Db,
+    job: &Job,
+    outcome: &JobOutcome,
+) -> Result<(), StoreError> {
+    let now = db.now();
+    let (status, at, error) = match outcome {
+        JobOutcome::Done => (JobStatus::Done, now, None),
+        JobOutcome::Retry { at, error } => (JobStatus::Pending, *at, Some(error.as_str())),
+        JobOutcome::Failed { error } => (JobStatus::Failed, now, Some(error.as_str())),
+    };
+    db.execute(
+        sql::FINISH_JOB,
+        &[
+            text(status.as_str()),
+            Param::Time(at),
+            Param::OptText(error),
+            Param::Time(now),
+            text(&job.id),
+        ],
+    )
+    .await?;
+    if let (JobKind::RevokeToken, Some(id), JobStatus::Done | JobStatus::Failed) =
+        (job.kind, &job.connection_id, status)
+    {
+        let grant = job
+            .payload
+            .get("grant_id")
+            .and_then(Value::as_str)
+            .map(|g| GrantId::from_trusted(g.to_owned()));
+        insert_event(
+            db,
+            id,
+            now,
+            NewEvent::new(EventKind::UpstreamRevocation, grant.as_ref()).detail(json!({
+                "column": job.payload.get("column"),
+                "outcome": status,
+                "attempts": job.attempts,
+                "error": error,
+            })),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// See `Store::jobs_of_connection`.
+pub(crate) async fn jobs_of_connection(
+    db: &impl Db,
+    id: &ConnectionId,
+    kind: JobKind,
+) -> Result<Vec<Job>, StoreError> {
+    db.query(
+        sql::JOBS_OF_CONNECTION,
+        &[text(id.as_str()), text(kind.as_str())],
+        sql::job,
+    )
+    .await
 }
 
 /// See `Store::create_session`.

@@ -202,6 +202,62 @@ pub(crate) const CLOSE_ATTEMPT: &str =
     "UPDATE refresh_attempts SET finished_at = $1, outcome = $2 \
      WHERE id = $3 AND connection_id = $4";
 
+// Jobs.
+
+macro_rules! job_columns {
+    () => {
+        "id, kind, connection_id, subject, payload, status, attempts, next_attempt_at, \
+         last_error, created_at, updated_at"
+    };
+}
+
+pub(crate) const INSERT_JOB: &str =
+    "INSERT INTO jobs (id, kind, connection_id, subject, payload, status, attempts, \
+         next_attempt_at, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6, $6)";
+pub(crate) const DUE_JOBS: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \
+     ORDER BY next_attempt_at LIMIT $2"
+);
+pub(crate) const DUE_JOBS_SKIP_LOCKED: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \
+     ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+);
+pub(crate) const DUE_JOBS_OF_CONNECTION: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE connection_id = $1 AND status = 'pending' AND next_attempt_at <= $2 \
+     ORDER BY next_attempt_at LIMIT $3"
+);
+pub(crate) const DUE_JOBS_OF_CONNECTION_SKIP_LOCKED: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE connection_id = $1 AND status = 'pending' AND next_attempt_at <= $2 \
+     ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED"
+);
+pub(crate) const JOBS_OF_CONNECTION: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE connection_id = $1 AND kind = $2 ORDER BY created_at, id"
+);
+/// A claim: the job is someone's until `next_attempt_at`, when it comes due again if they die.
+pub(crate) const CLAIM_JOB: &str =
+    "UPDATE jobs SET attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 WHERE id = $3";
+pub(crate) const FINISH_JOB: &str =
+    "UPDATE jobs SET status = $1, next_attempt_at = $2, last_error = $3, updated_at = $4 \
+     WHERE id = $5";
+
+/// Every grant of a connection: whether it has a refresh token, and whether that refresh token
+/// was spent on a refresh that succeeded (and so is dead at the provider).
+pub(crate) const TOKENS_OF_CONNECTION: &str = "SELECT g.id, g.refresh_token IS NOT NULL, \
+         EXISTS (SELECT 1 FROM refresh_attempts a WHERE a.grant_id = g.id \
+             AND a.outcome = 'refreshed') \
+     FROM grants g WHERE g.connection_id = $1 ORDER BY g.seq";
+
 // Connect sessions.
 
 pub(crate) const INSERT_SESSION: &str =
@@ -346,6 +402,25 @@ pub(crate) fn session(row: &dyn Row) -> Result<ConnectSession, StoreError> {
     })
 }
 
+pub(crate) fn job(row: &dyn Row) -> Result<crate::ledger::Job, StoreError> {
+    use crate::ledger::{JobKind, JobStatus};
+    let kind = row.text(1)?;
+    let status = row.text(5)?;
+    Ok(crate::ledger::Job {
+        id: row.text(0)?,
+        kind: JobKind::parse(&kind).ok_or_else(|| corrupt("job kind", &kind))?,
+        connection_id: row.opt_text(2)?.map(ConnectionId::from_trusted),
+        subject: row.text(3)?,
+        payload: row.opt_json(4)?.unwrap_or(serde_json::Value::Null),
+        status: JobStatus::parse(&status).ok_or_else(|| corrupt("job status", &status))?,
+        attempts: row.int(6)?,
+        next_attempt_at: row.time(7)?,
+        last_error: row.opt_text(8)?,
+        created_at: row.time(9)?,
+        updated_at: row.time(10)?,
+    })
+}
+
 pub(crate) fn count(row: &dyn Row) -> Result<i64, StoreError> {
     row.int(0)
 }
@@ -398,4 +473,11 @@ pub(crate) const ALL: &[&str] = &[
     SESSION_BY_ID,
     SESSION_BY_STATE,
     MARK_SESSION_USED,
+    TOKENS_OF_CONNECTION,
+    INSERT_JOB,
+    DUE_JOBS,
+    DUE_JOBS_OF_CONNECTION,
+    JOBS_OF_CONNECTION,
+    CLAIM_JOB,
+    FINISH_JOB,
 ];

@@ -12,5 +12,6 @@ mod ledger_model;
 mod outage;
 mod proxy;
 mod rescue;
+mod revocation;
 mod store_contract;
 mod store_processes;
