@@ -51,6 +51,7 @@ pub struct StateSettings {
     pub session_ttl: Duration,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
+    pub refresh_rate: crate::refresh::RefreshRate,
     pub notion_version: String,
     /// Mount the benchmarks' baseline route (`--bench-baseline-route`).
     pub bench_baseline_route: bool,
@@ -122,6 +123,7 @@ pub fn state(
             holder: holder_name(),
             provider_timeout: settings.provider_timeout,
             budget: settings.refresh_budget,
+            rate: settings.refresh_rate,
         },
         journal,
         jobs.clone(),
@@ -204,6 +206,7 @@ impl App {
                 session_ttl: config.session_ttl,
                 provider_timeout: config.provider_timeout,
                 refresh_budget: config.refresh_budget,
+                refresh_rate: config.refresh_rate,
                 notion_version: config.notion_version.clone(),
                 bench_baseline_route: config.bench_baseline_route,
             },

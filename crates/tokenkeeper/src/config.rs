@@ -129,6 +129,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENKEEPER_REFRESH_BUDGET", default_value = "30s", value_parser = parse_duration)]
     pub refresh_budget: Duration,
 
+    /// The most refreshes of one connection in a window, whatever callers ask (`<count>/<window>`,
+    /// e.g. `10/10m`): a provider that refuses even fresh tokens cannot make tokenkeeper mint
+    /// pairs without end. Counted across processes; beyond it refreshes answer 429.
+    #[arg(long, env = "TOKENKEEPER_REFRESH_RATE", default_value = "10/10m", value_parser = parse_refresh_rate)]
+    pub refresh_rate: crate::refresh::RefreshRate,
+
     /// Where a refreshed pair waits, fsynced and sealed, when the database cannot take it (an
     /// outage); it is committed as soon as the database answers again, or at the next start.
     /// Must be on durable local disk. Default: `<database file>.spill` with SQLite,
@@ -140,6 +146,20 @@ pub struct ServeArgs {
     /// benchmarks compare token reads with. Not for production.
     #[arg(long, env = "TOKENKEEPER_BENCH_BASELINE_ROUTE", hide = true)]
     pub bench_baseline_route: bool,
+}
+
+/// Parses `<count>/<window>`, e.g. `10/10m`.
+pub fn parse_refresh_rate(s: &str) -> Result<crate::refresh::RefreshRate, String> {
+    let bad = || format!("{s:?} is not a rate like 10/10m (refreshes per window)");
+    let (count, window) = s.split_once('/').ok_or_else(bad)?;
+    let limit: u32 = count.trim().parse().map_err(|_| bad())?;
+    let window = parse_duration(window).map_err(|_| bad())?;
+    if limit == 0 || window.is_zero() {
+        return Err(format!(
+            "{s:?}: both the count and the window must be above zero"
+        ));
+    }
+    Ok(crate::refresh::RefreshRate { limit, window })
 }
 
 /// Parses `500ms`, `2s`, `10m`, `1h` or a bare number of seconds.
@@ -181,6 +201,7 @@ pub struct Config {
     pub session_ttl: Duration,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
+    pub refresh_rate: crate::refresh::RefreshRate,
     pub spill_dir: PathBuf,
     pub bench_baseline_route: bool,
 }
@@ -375,6 +396,7 @@ impl Config {
             session_ttl: args.session_ttl,
             provider_timeout: args.provider_timeout,
             refresh_budget: args.refresh_budget,
+            refresh_rate: args.refresh_rate,
             spill_dir,
             bench_baseline_route: args.bench_baseline_route,
         })

@@ -117,6 +117,9 @@ pub enum EventKind {
     Rescued,
     /// A token of a revoked connection was revoked at the provider (or that failed for good).
     UpstreamRevocation,
+    /// The provider refused a token it had issued moments before; refreshing again would not
+    /// help (see `refresh::FRESH_WINDOW`).
+    TokenRejected,
 }
 
 impl EventKind {
@@ -135,6 +138,7 @@ impl EventKind {
             EventKind::Recovered => "recovered",
             EventKind::Rescued => "rescued",
             EventKind::UpstreamRevocation => "upstream_revocation",
+            EventKind::TokenRejected => "token_rejected",
         }
     }
 
@@ -153,6 +157,7 @@ impl EventKind {
             "recovered" => EventKind::Recovered,
             "rescued" => EventKind::Rescued,
             "upstream_revocation" => EventKind::UpstreamRevocation,
+            "token_rejected" => EventKind::TokenRejected,
             _ => return None,
         })
     }

@@ -57,6 +57,14 @@ pub enum RefreshError {
         code: String,
         message: Option<String>,
     },
+    /// The grant named in `if_grant` was obtained moments ago (`FRESH_WINDOW`) and the provider
+    /// still calls it active: its refusal is about the request, and refreshing again would only
+    /// mint pairs without end. Nothing was refreshed.
+    #[error("this token was obtained moments ago and the provider says it is active; it was not refreshed again")]
+    TokenRejectedAfterRefresh { introspection: &'static str },
+    /// The connection was refreshed `limit` times within `window` already.
+    #[error("this connection was refreshed too often; try again later")]
+    RateLimited { retry_after: Duration },
     /// The database failed. Shared (`Arc`) because every caller of a flight gets the result.
     #[error("storage failed: {0}")]
     Store(Arc<StoreError>),
@@ -84,6 +92,29 @@ pub struct Refreshed {
 
 type Flight = Shared<BoxFuture<'static, Result<OpenGrant, RefreshError>>>;
 
+/// How recently a grant must have been obtained by a refresh for a refusal of its token to be
+/// judged before refreshing again (issue 11 §3): the provider refused a token it had just
+/// issued, so if the token is still active, a refresh would mint another pair to be refused
+/// the same way.
+pub const FRESH_WINDOW: Duration = Duration::from_secs(60);
+
+/// The most refreshes that mint a pair per connection in a window, whatever callers do; see
+/// `TOKENKEEPER_REFRESH_RATE`. Refused and throttled attempts mint nothing and do not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshRate {
+    pub limit: u32,
+    pub window: Duration,
+}
+
+impl Default for RefreshRate {
+    fn default() -> Self {
+        RefreshRate {
+            limit: 10,
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Settings of the coordinator.
 #[derive(Debug, Clone)]
 pub struct CoordinatorSettings {
@@ -93,6 +124,8 @@ pub struct CoordinatorSettings {
     pub provider_timeout: Duration,
     /// How long one caller may wait in total, retries included.
     pub budget: Duration,
+    /// The per-connection refresh cap.
+    pub rate: RefreshRate,
 }
 
 impl CoordinatorSettings {
@@ -111,7 +144,23 @@ pub struct Coordinator {
     journal: Arc<Journal>,
     /// Woken when a pair was minted for a revoked connection, to revoke it upstream at once.
     jobs: Arc<Jobs>,
+    /// What was concluded about fresh grants whose tokens the provider refused, so that a
+    /// stream of such refusals costs one introspection and one event per grant (bounded).
+    judged: Mutex<HashMap<GrantId, (Verdict, Instant)>>,
 }
+
+/// What the provider's introspection said of a fresh token it refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Not active (expired, revoked): a refresh decides, as for any dead token.
+    Inactive,
+    /// Active, or the introspection failed: the refusal is about the request, and refreshing
+    /// would only mint a pair to be refused the same way.
+    Refusal(&'static str),
+}
+
+/// Judgements kept at most (a bound, invariant 10); beyond it the oldest are forgotten.
+const MAX_JUDGED: usize = 4096;
 
 /// The first retry of a transient failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -137,6 +186,7 @@ impl Coordinator {
             flights: Mutex::new(HashMap::new()),
             journal,
             jobs,
+            judged: Mutex::new(HashMap::new()),
         })
     }
 
@@ -179,7 +229,16 @@ impl Coordinator {
                     refreshed: false,
                 });
             }
+            let age = (chrono::Utc::now() - current.record.obtained_at)
+                .to_std()
+                .unwrap_or_default();
+            if current.record.origin == GrantOrigin::Refresh && age < FRESH_WINDOW {
+                if let Verdict::Refusal(introspection) = self.judge_refused(id, &current).await {
+                    return Err(RefreshError::TokenRejectedAfterRefresh { introspection });
+                }
+            }
         }
+        self.check_rate(id).await?;
         let key = (id.clone(), current.record.id.clone());
         let flight = {
             let mut flights = self.flights.lock().expect("flights lock is never poisoned");
@@ -211,6 +270,71 @@ impl Coordinator {
             grant,
             refreshed: true,
         })
+    }
+
+    /// The cap on refreshes per connection, counted in the database so that every process
+    /// sees the others' attempts.
+    async fn check_rate(&self, id: &ConnectionId) -> Result<(), RefreshError> {
+        let RefreshRate { limit, window } = self.settings.rate;
+        let since = chrono::Utc::now()
+            - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::minutes(10));
+        if self.store.refresh_attempts_since(id, since).await? >= u64::from(limit) {
+            tracing::warn!(connection = %id, limit, window_s = window.as_secs(), "refresh cap reached");
+            return Err(RefreshError::RateLimited {
+                retry_after: window / limit.max(1),
+            });
+        }
+        Ok(())
+    }
+
+    /// The provider refused the token of `grant`, obtained moments ago. A refresh would mint
+    /// another pair to be refused the same way if the refusal is about the request (a path, a
+    /// capability), so ask the provider whether the token is active: if it is not (expired,
+    /// revoked), refresh as for any dead token, and let the refresh judge (invariant 5); if it
+    /// is, or the question fails, do not refresh: record the finding (once per grant) and let
+    /// the caller have the refusal. A refusal of an active token is never grounds for
+    /// `needs_reauth` (invariant 6: the provider says the credentials are good).
+    async fn judge_refused(&self, id: &ConnectionId, grant: &OpenGrant) -> Verdict {
+        let cached = self
+            .judged
+            .lock()
+            .expect("judged lock is never poisoned")
+            .get(&grant.record.id)
+            .filter(|(_, at)| at.elapsed() < FRESH_WINDOW)
+            .map(|(v, _)| *v);
+        if let Some(verdict) = cached {
+            return verdict;
+        }
+        let verdict = self.introspect_refused(id, grant).await;
+        let mut judged = self.judged.lock().expect("judged lock is never poisoned");
+        if judged.len() >= MAX_JUDGED {
+            judged.retain(|_, (_, at)| at.elapsed() < FRESH_WINDOW);
+            if judged.len() >= MAX_JUDGED {
+                judged.clear();
+            }
+        }
+        judged.insert(grant.record.id.clone(), (verdict, Instant::now()));
+        verdict
+    }
+
+    async fn introspect_refused(&self, id: &ConnectionId, grant: &OpenGrant) -> Verdict {
+        let grant_id = &grant.record.id;
+        let (introspection, error) = match self.provider.introspect(&grant.access_token).await {
+            Ok(false) => return Verdict::Inactive,
+            Ok(true) => ("active", None),
+            Err(e) => ("unknown", Some(e.to_string())),
+        };
+        tracing::info!(connection = %id, grant = %grant_id, introspection, "a fresh token was refused; not refreshing again");
+        let detail = serde_json::json!({
+            "introspection": introspection,
+            "error": error,
+            "message": "the provider refused a token it had issued moments before, and does not \
+                        call it inactive; it was not refreshed again",
+        });
+        if let Err(e) = self.store.record_token_rejected(id, grant_id, detail).await {
+            tracing::warn!(connection = %id, "could not record a refused fresh token: {e}");
+        }
+        Verdict::Refusal(introspection)
     }
 
     /// A caller's wait for a flight, bounded (invariant 10): the flight itself goes on to its

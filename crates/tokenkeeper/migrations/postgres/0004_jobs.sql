@@ -22,3 +22,6 @@ CREATE TABLE jobs (
 
 CREATE INDEX jobs_due ON jobs (status, next_attempt_at);
 CREATE INDEX jobs_connection ON jobs (connection_id, kind);
+
+-- The per-connection refresh cap counts a connection's recent attempts.
+CREATE INDEX refresh_attempts_connection ON refresh_attempts (connection_id, started_at);

@@ -31,6 +31,8 @@ pub enum ErrorCode {
     NotReady,
     RefreshLockTimeout,
     ProviderUnavailable,
+    TokenRejectedAfterRefresh,
+    RefreshRateLimited,
 }
 
 impl ErrorCode {
@@ -53,6 +55,8 @@ impl ErrorCode {
             ErrorCode::NotReady => "not_ready",
             ErrorCode::RefreshLockTimeout => "refresh_lock_timeout",
             ErrorCode::ProviderUnavailable => "provider_unavailable",
+            ErrorCode::TokenRejectedAfterRefresh => "token_rejected_after_refresh",
+            ErrorCode::RefreshRateLimited => "refresh_rate_limited",
         }
     }
 
@@ -64,7 +68,10 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::Conflict | ErrorCode::NotRefreshable => StatusCode::CONFLICT,
+            ErrorCode::Conflict
+            | ErrorCode::NotRefreshable
+            | ErrorCode::TokenRejectedAfterRefresh => StatusCode::CONFLICT,
+            ErrorCode::RefreshRateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::ConnectionRevoked => StatusCode::GONE,
             ErrorCode::NeedsReauth => StatusCode::FAILED_DEPENDENCY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -211,6 +218,14 @@ impl From<RefreshError> for ApiError {
             }
             RefreshError::ProviderRejected { code, .. } => {
                 ApiError::new(ErrorCode::ProviderRejected, message).with("provider_code", code)
+            }
+            RefreshError::TokenRejectedAfterRefresh { introspection } => {
+                ApiError::new(ErrorCode::TokenRejectedAfterRefresh, message)
+                    .with("introspection", introspection)
+            }
+            RefreshError::RateLimited { retry_after } => {
+                ApiError::new(ErrorCode::RefreshRateLimited, message)
+                    .retry_after(retry_after.as_secs().max(1))
             }
             RefreshError::Store(e) => ApiError::from(&*e),
             RefreshError::Task(m) => ApiError::internal(m),

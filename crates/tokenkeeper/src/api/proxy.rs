@@ -265,7 +265,7 @@ async fn forward_inner(
     // Only these may be sent again after a 5xx or a broken connection: Notion may have applied
     // a write whose answer was lost.
     let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE);
-    let mut refreshed = false;
+    let mut refreshes = 0;
     let mut backoff = FIRST_BACKOFF;
 
     loop {
@@ -302,13 +302,24 @@ async fn forward_inner(
         };
         let status = upstream.status().as_u16();
         match status {
-            401 if !refreshed && replayable => {
-                refreshed = true;
+            // A dead token: one shared refresh and a retry. A token obtained moments ago that is
+            // refused again is not refreshed again (the coordinator judges it instead), and no
+            // request refreshes more than twice, so a 401 loop cannot mint pairs without end.
+            401 if replayable && refreshes < 2 => {
+                refreshes += 1;
                 match state.coordinator.refresh(&id, Some(&grant.record.id)).await {
                     Ok(done) => {
                         tracing::info!(connection = %id, refreshed = done.refreshed, "401 from Notion; retrying with grant {}", done.grant.record.id);
                         grant = done.grant;
                         continue;
+                    }
+                    Err(RefreshError::TokenRejectedAfterRefresh { .. }) => {
+                        let mut response = stream_back(upstream, &grant);
+                        response.headers_mut().insert(
+                            ERROR_HEADER,
+                            HeaderValue::from_static("token_rejected_after_refresh"),
+                        );
+                        return Ok(response);
                     }
                     Err(RefreshError::NeedsReauth { diagnosis }) => {
                         return Err(needs_reauth(&state, &id, diagnosis.map(|d| *d)).await)

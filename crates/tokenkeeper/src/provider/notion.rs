@@ -122,6 +122,22 @@ impl NotionClient {
         self.token_call(body).await
     }
 
+    /// Asks the provider whether an access token is active (RFC 7662 introspection).
+    pub async fn introspect(&self, token: &AccessToken) -> Result<bool, ProviderError> {
+        let body = json!({"token": token.expose_secret()});
+        let (status, headers, bytes) = self.post("/v1/oauth/introspect", &body).await?;
+        if !status.is_success() {
+            return Err(error_from(status.as_u16(), &headers, &bytes));
+        }
+        serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("active").and_then(Value::as_bool))
+            .ok_or(ProviderError::Unparseable {
+                status: status.as_u16(),
+                reason: "the introspection answer has no boolean `active`".into(),
+            })
+    }
+
     /// Revokes an access token upstream.
     pub async fn revoke(&self, token: &AccessToken) -> Result<(), ProviderError> {
         self.revoke_secret(token.expose_secret()).await

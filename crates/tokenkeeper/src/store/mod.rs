@@ -27,10 +27,9 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock;
 use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
-    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, ConnectionStatus,
-    Diagnosis, Event, FailureOutcome, Fence, GrantRecord, Job, JobKind, JobOutcome, LeaseHolder,
-    LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue,
-    RotateProgress,
+    AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, ConnectionStatus, Event,
+    FailureOutcome, Fence, GrantRecord, Job, JobKind, JobOutcome, LeaseHolder, LeaseOutcome,
+    MintedPair, NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue, RotateProgress,
 };
 use crate::seal::{KeyRing, SealError};
 
@@ -557,20 +556,6 @@ impl Store {
         ))
     }
 
-    /// Marks the connection `needs_reauth` because `grant` was found dead (for example a 401
-    /// after a refresh), if `grant` is still current. Returns the connection afterwards.
-    pub async fn mark_needs_reauth(
-        &self,
-        id: &ConnectionId,
-        grant: &GrantId,
-        diagnosis: Diagnosis,
-    ) -> Result<Connection, StoreError> {
-        let (id, grant) = (id.clone(), grant.clone());
-        in_transaction!(self, |db| rules::mark_needs_reauth(
-            db, &id, &grant, &diagnosis
-        ))
-    }
-
     /// Marks the connection `revoked` and its live grants revoked, keeps the history, and queues
     /// the upstream revocation of every token that may still be alive (`jobs`).
     pub async fn mark_revoked(
@@ -629,6 +614,30 @@ impl Store {
         kind: JobKind,
     ) -> Result<Vec<Job>, StoreError> {
         read_only!(self, |db| rules::jobs_of_connection(db, id, kind))
+    }
+
+    /// How many refresh attempts (rescues included) of the connection since `since`, in every
+    /// process, minted or may have minted a pair (refused and throttled ones did not): what
+    /// the per-connection refresh cap counts.
+    pub async fn refresh_attempts_since(
+        &self,
+        id: &ConnectionId,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        read_only!(self, |db| rules::refresh_attempts_since(db, id, since))
+    }
+
+    /// Records that the provider refused `grant`'s fresh token (a `token_rejected` event).
+    pub async fn record_token_rejected(
+        &self,
+        id: &ConnectionId,
+        grant: &GrantId,
+        detail: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let (id, grant) = (id.clone(), grant.clone());
+        in_transaction!(self, |db| rules::record_token_rejected(
+            db, &id, &grant, &detail
+        ))
     }
 
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one

@@ -1069,24 +1069,6 @@ async fn needs_reauth(
     .await
 }
 
-/// See `Store::mark_needs_reauth`.
-pub(crate) async fn mark_needs_reauth(
-    db: &impl Db,
-    id: &ConnectionId,
-    grant: &GrantId,
-    diagnosis: &Diagnosis,
-) -> Result<Connection, StoreError> {
-    let row = lock_connection(db, id).await?;
-    let now = db.now();
-    if row.connection.status != ConnectionStatus::Active
-        || row.connection.grant_id.as_ref() != Some(grant)
-    {
-        return Ok(row.connection);
-    }
-    needs_reauth(db, id, grant, diagnosis, now).await?;
-    reload(db, id).await
-}
-
 /// See `Store::mark_revoked`.
 pub(crate) async fn mark_revoked(
     db: &impl Db,
@@ -1408,4 +1390,38 @@ pub(crate) async fn rotate_keys(db: &impl Db, batch: u32) -> Result<RotateProgre
         resealed,
         remaining: remaining as u64,
     })
+}
+
+/// See `Store::refresh_attempts_since`.
+pub(crate) async fn refresh_attempts_since(
+    db: &impl Db,
+    id: &ConnectionId,
+    since: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    Ok(db
+        .query_opt(
+            sql::ATTEMPTS_OF_CONNECTION_SINCE,
+            &[text(id.as_str()), Param::Time(since)],
+            sql::count,
+        )
+        .await?
+        .unwrap_or(0) as u64)
+}
+
+/// See `Store::record_token_rejected`.
+pub(crate) async fn record_token_rejected(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+    detail: &Value,
+) -> Result<(), StoreError> {
+    lock_connection(db, id).await?;
+    let now = db.now();
+    insert_event(
+        db,
+        id,
+        now,
+        NewEvent::new(EventKind::TokenRejected, Some(grant)).detail(detail.clone()),
+    )
+    .await
 }

@@ -202,6 +202,12 @@ pub(crate) const CLOSE_ATTEMPT: &str =
     "UPDATE refresh_attempts SET finished_at = $1, outcome = $2 \
      WHERE id = $3 AND connection_id = $4";
 
+/// Refresh attempts of a connection since a time that minted (or may have minted) a pair:
+/// refused and throttled ones did not.
+pub(crate) const ATTEMPTS_OF_CONNECTION_SINCE: &str =
+    "SELECT count(*) FROM refresh_attempts WHERE connection_id = $1 AND started_at > $2 \
+     AND (outcome IS NULL OR outcome <> 'failed')";
+
 // Jobs.
 
 macro_rules! job_columns {
@@ -474,6 +480,7 @@ pub(crate) const ALL: &[&str] = &[
     SESSION_BY_STATE,
     MARK_SESSION_USED,
     TOKENS_OF_CONNECTION,
+    ATTEMPTS_OF_CONNECTION_SINCE,
     INSERT_JOB,
     DUE_JOBS,
     DUE_JOBS_OF_CONNECTION,

@@ -14,8 +14,8 @@ use proptest::test_runner::{Config, TestRunner};
 use tokenkeeper::clock::Clock;
 use tokenkeeper::ids::{AttemptId, ConnectionId, GrantId, RefreshToken};
 use tokenkeeper::ledger::{
-    AuthorizationKind, ConnectionStatus, Diagnosis, DiagnosisReason, FailureOutcome, Fence,
-    LeaseHolder, LeaseOutcome, MintedPair, RefreshCommit, RefreshFailure,
+    AuthorizationKind, ConnectionStatus, FailureOutcome, Fence, LeaseHolder, LeaseOutcome,
+    MintedPair, RefreshCommit, RefreshFailure,
 };
 use tokenkeeper::store::{Store, StoreError};
 
@@ -51,9 +51,6 @@ enum Op {
         pending: usize,
         finish: Finish,
     },
-    NeedsReauth {
-        conn: usize,
-    },
     Revoke {
         conn: usize,
     },
@@ -70,7 +67,6 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(conn, bot, same_pair)| Op::Reconnect { conn, bot, same_pair }),
         4 => (any::<usize>(), 1..60u64).prop_map(|(conn, lease_secs)| Op::BeginRefresh { conn, lease_secs }),
         4 => (any::<usize>(), finish).prop_map(|(pending, finish)| Op::FinishRefresh { pending, finish }),
-        1 => any::<usize>().prop_map(|conn| Op::NeedsReauth { conn }),
         1 => any::<usize>().prop_map(|conn| Op::Revoke { conn }),
         2 => (1..90i64).prop_map(|secs| Op::Advance { secs }),
     ]
@@ -456,25 +452,6 @@ async fn step(store: &Store, clock: &Clock, model: &mut Model, op: &Op) {
                     model.attempts.get_mut(&p.attempt).unwrap().finished = true;
                 }
             }
-        }
-        Op::NeedsReauth { conn } => {
-            if model.conns.is_empty() {
-                return;
-            }
-            let i = conn % model.conns.len();
-            let m = &mut model.conns[i];
-            let after = store
-                .mark_needs_reauth(
-                    &m.id,
-                    &m.current,
-                    Diagnosis::new(DiagnosisReason::TokenRejected, "unauthorized"),
-                )
-                .await
-                .unwrap();
-            if m.status == ConnectionStatus::Active {
-                m.status = ConnectionStatus::NeedsReauth;
-            }
-            assert_eq!(after.status, m.status);
         }
         Op::Revoke { conn } => {
             if model.conns.is_empty() {

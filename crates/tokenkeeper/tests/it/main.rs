@@ -11,6 +11,7 @@ mod key_checks;
 mod ledger_model;
 mod outage;
 mod proxy;
+mod refusals;
 mod rescue;
 mod revocation;
 mod store_contract;

@@ -7,9 +7,9 @@ use chrono::SecondsFormat;
 use serde_json::json;
 use tokenkeeper::ids::{BotId, ConnectionId, GrantId, RefreshToken, SessionId};
 use tokenkeeper::ledger::{
-    AuthorizationKind, ConnectSession, ConnectionFilter, ConnectionStatus, Diagnosis,
-    DiagnosisReason, EventKind, FailureOutcome, Fence, GrantOrigin, LeaseHolder, LeaseOutcome,
-    Provider, RefreshCommit, RefreshFailure,
+    AuthorizationKind, ConnectSession, ConnectionFilter, ConnectionStatus, EventKind,
+    FailureOutcome, Fence, GrantOrigin, LeaseHolder, LeaseOutcome, Provider, RefreshCommit,
+    RefreshFailure,
 };
 use tokenkeeper::seal::{KeyRing, SealError};
 use tokenkeeper::store::{SessionLookup, Store, StoreError};
@@ -89,7 +89,6 @@ both_backends!(
     invalid_grant_on_the_current_grant_needs_reauth_with_a_diagnosis,
     invalid_grant_on_a_superseded_grant_is_already_rotated,
     a_transient_failure_leaves_the_connection_active,
-    mark_needs_reauth_applies_only_to_the_current_grant,
     sessions_are_single_use_and_expire,
     list_connections_filters_and_pages,
     schema_versions_are_checked_and_a_newer_schema_is_refused,
@@ -886,59 +885,6 @@ async fn a_transient_failure_leaves_the_connection_active(backend: Backend) {
         assert_eq!(conn.grant_id.as_ref(), Some(&a.grant_id));
     }
     assert_eq!(s.list_grants(&id).await.unwrap().len(), 1);
-}
-
-async fn mark_needs_reauth_applies_only_to_the_current_grant(backend: Backend) {
-    let db = fresh(backend).await;
-    let s = &*db.store;
-    let a = s
-        .record_authorization(connect("user-1", minted("bot-a", "a", &db.clock)))
-        .await
-        .unwrap();
-    let id = a.connection.id.clone();
-    let (f, attempt, parent, _) = acquire(s, &id, "h", LEASE).await;
-    let rec = s
-        .record_refresh(
-            &id,
-            &parent,
-            f,
-            &attempt,
-            &GrantId::generate(),
-            minted("bot-a", "b", &db.clock),
-        )
-        .await
-        .unwrap();
-    let diagnosis = Diagnosis {
-        grant_id: Some(a.grant_id.clone()),
-        ..Diagnosis::new(DiagnosisReason::TokenRejected, "unauthorized")
-    };
-    let unchanged = s
-        .mark_needs_reauth(&id, &a.grant_id, diagnosis.clone())
-        .await
-        .unwrap();
-    assert_eq!(
-        unchanged.status,
-        ConnectionStatus::Active,
-        "a 401 on an old grant says nothing"
-    );
-    assert!(!kinds(s, &id).await.contains(&EventKind::NeedsReauth));
-
-    let diagnosis = Diagnosis {
-        grant_id: Some(rec.grant_id.clone()),
-        ..Diagnosis::new(DiagnosisReason::TokenRejected, "unauthorized")
-    };
-    let marked = s
-        .mark_needs_reauth(&id, &rec.grant_id, diagnosis.clone())
-        .await
-        .unwrap();
-    assert_eq!(marked.status, ConnectionStatus::NeedsReauth);
-    assert_eq!(marked.diagnosis.as_ref(), Some(&diagnosis));
-    assert_eq!(kinds(s, &id).await.last(), Some(&EventKind::NeedsReauth));
-    let err = s
-        .mark_needs_reauth(&ConnectionId::generate(), &rec.grant_id, diagnosis)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::UnknownConnection(_)));
 }
 
 fn session(

@@ -30,6 +30,7 @@ pub struct Options {
     pub sim_clock: SimClock,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
+    pub refresh_rate: tokenkeeper::refresh::RefreshRate,
     /// Notion's base URL, when a test plays Notion with a server of its own instead of the
     /// simulator (which still runs, unused). `None`: the simulator.
     pub notion_base_url: Option<String>,
@@ -46,6 +47,7 @@ impl Default for Options {
             sim_clock: SimClock::system(),
             provider_timeout: Duration::from_secs(5),
             refresh_budget: Duration::from_secs(20),
+            refresh_rate: Default::default(),
             notion_base_url: None,
         }
     }
@@ -314,6 +316,7 @@ impl TestApp {
                 session_ttl: Duration::from_secs(600),
                 provider_timeout: options.provider_timeout,
                 refresh_budget: options.refresh_budget,
+                refresh_rate: options.refresh_rate,
                 notion_version: "2026-03-11".into(),
                 bench_baseline_route: false,
             },
