@@ -44,6 +44,10 @@ pub struct StateSettings {
     pub notion_version: String,
     /// Mount the benchmarks' baseline route (`--bench-baseline-route`).
     pub bench_baseline_route: bool,
+    /// The server's deadlines and connection cap.
+    pub server: crate::api::server::ServerLimits,
+    /// How long the proxy waits on Notion.
+    pub proxy_timeouts: crate::api::proxy::ProxyTimeouts,
 }
 
 /// Builds the shared state from its parts.
@@ -84,6 +88,10 @@ pub fn state(
         http,
         simulator,
         bench_baseline_route: settings.bench_baseline_route,
+        server: settings.server,
+        proxy_timeouts: settings.proxy_timeouts,
+        proxy_upstream_timeouts: Default::default(),
+        server_counters: Default::default(),
     })
 }
 
@@ -135,6 +143,8 @@ impl App {
                 refresh_budget: config.refresh_budget,
                 notion_version: config.notion_version.clone(),
                 bench_baseline_route: config.bench_baseline_route,
+                server: config.server.clone(),
+                proxy_timeouts: config.proxy,
             },
             clock,
             simulator.as_ref().map(|s| s.base_url()),

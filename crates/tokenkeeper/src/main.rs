@@ -87,6 +87,9 @@ async fn main() -> ExitCode {
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::resolve(args)?;
+    if let Some(warning) = tokenkeeper::api::server::fit_descriptor_limit(&mut config.server) {
+        tracing::warn!("{warning}");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
