@@ -90,8 +90,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(warning) = tokenkeeper::api::server::fit_descriptor_limit(&mut config.server) {
         tracing::warn!("{warning}");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = tokenkeeper::api::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // On port 0 the default public URL (`http://<listen address>`) is only known once bound;

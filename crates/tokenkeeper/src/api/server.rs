@@ -126,6 +126,26 @@ pub struct ServerCounters {
     pub refused: AtomicU64,
 }
 
+/// A listener on `addr` with the deepest accept queue the system allows. A connection that
+/// arrives while the queue is full is dropped by the kernel before tokenkeeper can see it (with
+/// SYN cookies, without the client ever learning), so a burst of connections, ordinary or
+/// stalled, must find room there until the accept loop has dealt with it. Linux caps the depth at
+/// `net.core.somaxconn` (4,096 by default).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart may listen again at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_QUEUE)
+}
+
+const ACCEPT_QUEUE: u32 = 65_535;
+
 /// Raises this process's soft limit on open files to its hard limit, then lowers
 /// `max_connections` if even that cannot hold so many connections besides everything else.
 /// Returns a sentence for the log when it had to.

@@ -8,6 +8,7 @@ mod support;
 mod broker;
 mod cli;
 mod ledger_model;
+mod limits;
 mod proxy;
 mod store_contract;
 mod store_processes;
