@@ -14,7 +14,8 @@
 //! - at most `max_connections` connections are served. A connection beyond the cap displaces
 //!   the connection that has been idle longest, so that stalled clients, however many, cannot
 //!   keep ordinary calls out. Only when every connection is busy with a request is the new one
-//!   answered 503 `too_many_connections` with `Retry-After: 1` and closed.
+//!   answered 503 `too_many_connections` with `Retry-After: 1` and closed. A burst beyond that
+//!   waits in the kernel's accept queue (`bind` makes it as deep as the system allows).
 //!
 //! The server speaks HTTP/1.1 and 1.0. axum's `serve` also accepted HTTP/2 without TLS (h2c with
 //! prior knowledge), which no client of tokenkeeper used and which none of the deadlines above
@@ -45,7 +46,7 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -95,9 +96,9 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 const HYPER_MAX_HEADERS: usize = 256;
 
-/// Refusals (503 `too_many_connections`) in flight at once; a surplus connection beyond these
-/// is closed at once, without an answer.
-pub const MAX_REFUSALS: usize = 256;
+/// Connections beyond the cap in flight at once, each waiting for the slot of the connection it
+/// displaced or being answered 503 `too_many_connections`; beyond these, accepting waits.
+pub const MAX_SURPLUS: usize = 256;
 /// How long a refused connection may take to send the head that its 503 answers. The answer
 /// waits for the head because closing a socket with unread data makes the kernel reset it, and
 /// the reset can destroy the answer before the client reads it.
@@ -121,8 +122,8 @@ pub struct ServerCounters {
     pub header_timeouts: AtomicU64,
     /// Requests answered 408 because their body took too long.
     pub body_timeouts: AtomicU64,
-    /// Connections refused because every slot was busy (answered 503, or closed at once when
-    /// too many refusals were already in flight).
+    /// Connections beyond the cap that found no idle connection to displace, or whose displaced
+    /// connection did not make room in time: answered 503 `too_many_connections`.
     pub refused: AtomicU64,
 }
 
@@ -151,7 +152,7 @@ const ACCEPT_QUEUE: u32 = 65_535;
 /// Returns a sentence for the log when it had to.
 pub fn fit_descriptor_limit(limits: &mut ServerLimits) -> Option<String> {
     let available = usize::try_from(rlimit::increase_nofile_limit(u64::MAX).ok()?).ok()?;
-    let others = MAX_REFUSALS + RESERVED_DESCRIPTORS;
+    let others = MAX_SURPLUS + RESERVED_DESCRIPTORS;
     if available >= limits.max_connections + others {
         return None;
     }
@@ -181,7 +182,7 @@ pub async fn serve(
         limits: limits.clone(),
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    let surplus = Arc::new(Semaphore::new(MAX_SURPLUS));
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -195,30 +196,44 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) if server.registry.displace_idlest() => {
-                server.counters().displaced.fetch_add(1, Ordering::Relaxed);
-                tokio::time::timeout(DISPLACE_WAIT, slots.clone().acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            }
-            Err(_) => None,
-        };
-        match slot {
-            Some(slot) => {
-                tokio::spawn(server.clone().connection(stream, slot, stopping.clone()));
-            }
-            None => server.refuse(stream, &refusals),
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            tokio::spawn(server.clone().connection(stream, slot, stopping.clone()));
+            continue;
         }
+        // Beyond the cap. What follows runs in its own task, so that the accept loop goes on
+        // taking connections from the kernel's queue (where an ordinary call may be waiting
+        // behind thousands of stalled ones) instead of waiting for each displaced one to close.
+        // With too many surplus connections in flight already, accepting waits: the next ones
+        // wait in the kernel's queue, in order, rather than being dropped. Each surplus
+        // connection ends within `DISPLACE_WAIT` or the refusal's bound, so this wait is short.
+        let surplus = tokio::select! {
+            permit = surplus.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let handover = server.registry.displace_idlest();
+        if handover.is_some() {
+            server.counters().displaced.fetch_add(1, Ordering::Relaxed);
+        }
+        let (server, stopping) = (server.clone(), stopping.clone());
+        tokio::spawn(async move {
+            if let Some(handover) = handover {
+                // The displaced connection hands its slot to this one and no other, so that a
+                // connection accepted meanwhile cannot take it.
+                if let Ok(Ok(slot)) = tokio::time::timeout(DISPLACE_WAIT, handover).await {
+                    drop(surplus);
+                    return server.connection(stream, slot, stopping).await;
+                }
+            }
+            server.refuse(stream).await;
+            drop(surplus);
+        });
     }
     drop(listener);
     let _ = stop.send(true);
-    // Every connection holds a slot and every refusal a permit until it ends.
+    // Every connection holds a slot, and every surplus connection a permit, until it ends.
     let all_slots = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all_slots).await;
-    let _ = refusals.acquire_many(MAX_REFUSALS as u32).await;
+    let _ = surplus.acquire_many(MAX_SURPLUS as u32).await;
     Ok(())
 }
 
@@ -247,7 +262,7 @@ impl Server {
         // Out of descriptors, most likely: free one by displacing the idlest connection, and
         // give the system a moment rather than spin on an error that has not changed.
         tracing::warn!("accepting a connection failed: {e}");
-        if self.registry.displace_idlest() {
+        if self.registry.displace_idlest().is_some() {
             self.counters().displaced.fetch_add(1, Ordering::Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -258,7 +273,7 @@ impl Server {
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
-        _slot: OwnedSemaphorePermit,
+        slot: OwnedSemaphorePermit,
         mut stopping: watch::Receiver<bool>,
     ) {
         let counters = self.counters();
@@ -280,8 +295,7 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_read_timeout)
             .max_headers(HYPER_MAX_HEADERS);
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
+        let mut conn = Box::pin(builder.serve_connection(io, service));
         let idle = self.limits.idle_timeout;
         let mut stopping_now = false;
         loop {
@@ -310,9 +324,19 @@ impl Server {
                 }
             }
         }
-        // Dropping the connection closes the socket.
+        // Dropping the connection closes the socket; only then is its slot free.
+        drop(conn);
         self.registry.remove(id);
         counters.open.fetch_sub(1, Ordering::Relaxed);
+        let handover = tracked
+            .handover
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handover) = handover {
+            // Refused when the new connection gave up waiting; the slot is then released.
+            let _ = handover.send(slot);
+        }
     }
 
     /// One request: our head limits, then the router with the body deadline, then `finish`.
@@ -365,39 +389,32 @@ impl Server {
         Ok(response.map(|body| Guarded { inner: body, _busy: busy }))
     }
 
-    /// Answers 503 `too_many_connections` on a connection that finds every slot busy, or, when
-    /// too many refusals are in flight already, closes it at once.
-    fn refuse(&self, stream: TcpStream, refusals: &Arc<Semaphore>) {
+    /// Answers 503 `too_many_connections` on a connection that finds every slot busy.
+    async fn refuse(&self, stream: TcpStream) {
         self.counters().refused.fetch_add(1, Ordering::Relaxed);
-        let Ok(permit) = refusals.clone().try_acquire_owned() else {
-            return;
-        };
         let max = self.limits.max_connections;
         let head_timeout = REFUSAL_HEAD_TIMEOUT.min(self.limits.header_read_timeout);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
-                let mut response = ApiError::new(
-                    ErrorCode::TooManyConnections,
-                    format!("tokenkeeper is serving as many connections as it may ({max}), every one busy with a request; retry shortly"),
-                )
-                .retry_after(1)
-                .into_response();
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                Ok::<_, Infallible>(response)
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout)
-                .keep_alive(false);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            // Bounded on top of hyper's own head timeout: the answer is small, but a client
-            // that never reads it must not keep the permit.
-            let _ = tokio::time::timeout(head_timeout * 2, conn).await;
-            drop(permit);
+        let service = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+            let mut response = ApiError::new(
+                ErrorCode::TooManyConnections,
+                format!("tokenkeeper is serving as many connections as it may ({max}), every one busy with a request; retry shortly"),
+            )
+            .retry_after(1)
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok::<_, Infallible>(response)
         });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(head_timeout)
+            .keep_alive(false);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        // Bounded on top of hyper's own head timeout: the answer is small, but a client that
+        // never reads it must not keep its permit.
+        let _ = tokio::time::timeout(head_timeout * 2, conn).await;
     }
 }
 
@@ -538,6 +555,7 @@ impl Registry {
             last_activity: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(0),
             displaced: AtomicBool::new(false),
+            handover: Mutex::new(None),
             close: Notify::new(),
             wake: Notify::new(),
         });
@@ -556,24 +574,25 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Tells the connection without a request in progress that has been quiet longest to close.
-    /// False when every connection is busy with a request. A scan, not an index: it runs only
+    /// Tells the connection without a request in progress that has been quiet longest to close,
+    /// and to hand its slot over through the channel returned. None when every connection is
+    /// busy with a request. A scan, not an index: it runs only
     /// when the cap is reached, over at most `max_connections` entries, and an index would have
     /// to be updated on every request instead.
-    fn displace_idlest(&self) -> bool {
+    fn displace_idlest(&self) -> Option<oneshot::Receiver<OwnedSemaphorePermit>> {
         let connections = self.lock();
         let idlest = connections
             .values()
             .filter(|c| c.busy.load(Ordering::Acquire) == 0 && !c.displaced.load(Ordering::Relaxed))
-            .min_by_key(|c| c.last_activity.load(Ordering::Relaxed));
-        match idlest {
-            Some(c) => {
-                c.displaced.store(true, Ordering::Relaxed);
-                c.close.notify_one();
-                true
-            }
-            None => false,
-        }
+            .min_by_key(|c| c.last_activity.load(Ordering::Relaxed))?;
+        let (give, take) = oneshot::channel();
+        *idlest
+            .handover
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(give);
+        idlest.displaced.store(true, Ordering::Relaxed);
+        idlest.close.notify_one();
+        Some(take)
     }
 }
 
@@ -587,6 +606,8 @@ struct Tracked {
     /// When a write first found the client not reading; 0 while writes go through.
     write_blocked_since: AtomicU64,
     displaced: AtomicBool,
+    /// Where a displaced connection hands its slot over.
+    handover: Mutex<Option<oneshot::Sender<OwnedSemaphorePermit>>>,
     /// Tells the connection's task to close it now.
     close: Notify,
     /// Tells the connection's task that its deadline may have moved.

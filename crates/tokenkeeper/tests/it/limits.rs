@@ -514,7 +514,7 @@ async fn stalled_connections_never_keep_ordinary_calls_from_being_answered() {
             .bearer_auth(ADMIN_KEY)
             .send()
             .await
-            .expect("an ordinary call is answered within 5 s");
+            .unwrap_or_else(|e| panic!("an ordinary call is answered within 5 s: {e:?}"));
         assert_eq!(response.status(), 200);
         latencies.push(start.elapsed());
         peak_descriptors = peak_descriptors.max(descriptors());
