@@ -154,7 +154,11 @@ pub struct ServeArgs {
 
     /// How long the proxy waits for the head of Notion's answer, counted from sending the
     /// request; then it answers 504 `upstream_timeout` (retried first for GET, HEAD and DELETE).
-    #[arg(long, env = "TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT", default_value = "30s")]
+    #[arg(
+        long,
+        env = "TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT",
+        default_value = "30s"
+    )]
     pub proxy_first_byte_timeout: String,
 
     /// How long the proxy waits for more of the body of Notion's answer while passing it on;
@@ -382,10 +386,8 @@ impl Config {
     }
 
     fn server_limits(args: &ServeArgs) -> Result<ServerLimits, ConfigError> {
-        let header_read = duration_setting(
-            "TOKENKEEPER_HEADER_READ_TIMEOUT",
-            &args.header_read_timeout,
-        )?;
+        let header_read =
+            duration_setting("TOKENKEEPER_HEADER_READ_TIMEOUT", &args.header_read_timeout)?;
         let idle = duration_setting("TOKENKEEPER_IDLE_TIMEOUT", &args.idle_timeout)?;
         if idle > header_read {
             // hyper's header read timeout runs from the moment a connection waits for a request,
@@ -409,7 +411,10 @@ impl Config {
             .ok_or_else(|| {
                 ConfigError::new(
                     "TOKENKEEPER_MAX_CONNECTIONS",
-                    format!("{:?} is not a whole number of at least 1", args.max_connections),
+                    format!(
+                        "{:?} is not a whole number of at least 1",
+                        args.max_connections
+                    ),
                 )
             })?;
         Ok(ServerLimits {

@@ -162,12 +162,12 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE => Err(
-                ApiError::new(
+            Err(rejection) if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
                     ErrorCode::PayloadTooLarge,
                     format!("the body is larger than this call accepts ({API_BODY_LIMIT} bytes)"),
-                ),
-            ),
+                ))
+            }
             Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
         }
     }

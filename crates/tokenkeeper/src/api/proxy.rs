@@ -421,7 +421,11 @@ fn upstream_timeout(state: &SharedState) -> ApiError {
 /// The body of Notion's answer as a stream that fails when Notion sends nothing for
 /// `ProxyTimeouts::idle` (tower-http's `TimeoutBody` restarts its timer at every piece, which is
 /// exactly an idle timeout), counting each such stall.
-fn upstream_body(state: &SharedState, id: &ConnectionId, upstream: reqwest::Response) -> ByteStream {
+fn upstream_body(
+    state: &SharedState,
+    id: &ConnectionId,
+    upstream: reqwest::Response,
+) -> ByteStream {
     let body = TimeoutBody::new(state.proxy_timeouts.idle, reqwest::Body::from(upstream));
     let (state, id) = (state.clone(), id.clone());
     http_body_util::BodyDataStream::new(body)

@@ -367,7 +367,9 @@ impl Server {
                 if late.load(Ordering::Acquire) {
                     // Whatever the handler made of the broken body, the answer is that it was
                     // late; the rest of it may still be on its way, so the connection closes.
-                    self.counters().body_timeouts.fetch_add(1, Ordering::Relaxed);
+                    self.counters()
+                        .body_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
                     let mut response = ApiError::new(
                         ErrorCode::RequestTimeout,
                         format!(
@@ -386,7 +388,10 @@ impl Server {
             }
         };
         let response = finish(face, response).await;
-        Ok(response.map(|body| Guarded { inner: body, _busy: busy }))
+        Ok(response.map(|body| Guarded {
+            inner: body,
+            _busy: busy,
+        }))
     }
 
     /// Answers 503 `too_many_connections` on a connection that finds every slot busy.
@@ -449,7 +454,9 @@ fn check_head<B>(req: &Request<B>) -> Result<(), ApiError> {
     if uri_len > MAX_URI_BYTES {
         return Err(ApiError::new(
             ErrorCode::UriTooLong,
-            format!("the request's URI is {uri_len} bytes long; at most {MAX_URI_BYTES} are accepted"),
+            format!(
+                "the request's URI is {uri_len} bytes long; at most {MAX_URI_BYTES} are accepted"
+            ),
         ));
     }
     let headers = req.headers();
@@ -512,7 +519,11 @@ async fn finish(face: Face, response: Response) -> Response {
     let mut rewritten = match face {
         Face::Api => {
             let code = ErrorCode::for_status(status);
-            tracing::debug!(status = status.as_u16(), code = code.as_str(), "an answer outside the envelope was put in it: {message}");
+            tracing::debug!(
+                status = status.as_u16(),
+                code = code.as_str(),
+                "an answer outside the envelope was put in it: {message}"
+            );
             ApiError::new(code, message).into_response()
         }
         Face::Browser => {

@@ -113,7 +113,10 @@ async fn read_answer(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Answer
             }
         }
         None => {
-            stream.read_to_end(&mut body).await.expect("the body arrives");
+            stream
+                .read_to_end(&mut body)
+                .await
+                .expect("the body arrives");
         }
     }
     Answer {
@@ -175,7 +178,10 @@ async fn a_silent_client_is_closed_at_the_idle_timeout_and_a_slow_head_at_the_he
     // Connects and sends nothing.
     let mut silent = TcpStream::connect(&host).await.unwrap();
     let lived = closed_within(&mut silent, Duration::from_secs(10)).await;
-    assert!(lived >= Duration::from_millis(450), "not before the idle timeout: {lived:?}");
+    assert!(
+        lived >= Duration::from_millis(450),
+        "not before the idle timeout: {lived:?}"
+    );
     assert_eq!(counters.idle_closed.load(Ordering::Relaxed), 1);
 
     // Keeps sending a head, a byte at a time, that never ends: bytes keep arriving, so the idle
@@ -183,7 +189,10 @@ async fn a_silent_client_is_closed_at_the_idle_timeout_and_a_slow_head_at_the_he
     let mut slow = TcpStream::connect(&host).await.unwrap();
     let start = Instant::now();
     let trickle = async {
-        for byte in b"GET /healthz HTTP/1.1\r\nx-padding: ".iter().chain([b'a'; 200].iter()) {
+        for byte in b"GET /healthz HTTP/1.1\r\nx-padding: "
+            .iter()
+            .chain([b'a'; 200].iter())
+        {
             if slow.write_all(&[*byte]).await.is_err() {
                 return;
             }
@@ -198,7 +207,11 @@ async fn a_silent_client_is_closed_at_the_idle_timeout_and_a_slow_head_at_the_he
     let mut rest = Vec::new();
     let _ = slow.read_to_end(&mut rest).await;
     assert!(rest.is_empty(), "a timed-out head gets no answer: {rest:?}");
-    assert!(start.elapsed() >= Duration::from_millis(1900), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(counters.header_timeouts.load(Ordering::Relaxed), 1);
 
     // A kept-alive connection is closed once it has been idle for the idle timeout.
@@ -260,7 +273,10 @@ async fn a_body_that_is_not_whole_by_the_body_read_timeout_is_answered_408_and_t
     assert_eq!(answer.status, 408, "{answer:?}");
     assert_eq!(answer.code(), "request_timeout");
     assert_eq!(
-        app.state.server_counters.body_timeouts.load(Ordering::Relaxed),
+        app.state
+            .server_counters
+            .body_timeouts
+            .load(Ordering::Relaxed),
         2
     );
 }
@@ -276,7 +292,8 @@ async fn when_every_connection_is_busy_a_new_one_is_refused_503_with_retry_after
     )
     .await;
     let host = host_of(&app.url);
-    let body = r#"{"provider":"notion","end_user_id":"u","return_to":"https://elsewhere.example/"}"#;
+    let body =
+        r#"{"provider":"notion","end_user_id":"u","return_to":"https://elsewhere.example/"}"#;
     let head = format!(
         "POST /v1/connect-sessions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n\
          content-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
@@ -312,7 +329,10 @@ async fn when_every_connection_is_busy_a_new_one_is_refused_503_with_retry_after
     assert_eq!(answer.code(), "return_to_not_allowed");
     let served = raw(&app.url, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert_eq!(served.status, 200, "{served:?}");
-    assert_eq!(app.state.server_counters.displaced.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        app.state.server_counters.displaced.load(Ordering::Relaxed),
+        1
+    );
     closed_within(&mut first, Duration::from_secs(10)).await;
 }
 
@@ -357,7 +377,10 @@ async fn malformed_requests_get_the_envelope_or_an_html_page_with_the_documented
             "html" => {
                 let page = String::from_utf8_lossy(&answer.body);
                 assert!(
-                    answer.header("content-type").unwrap_or("").starts_with("text/html")
+                    answer
+                        .header("content-type")
+                        .unwrap_or("")
+                        .starts_with("text/html")
                         && page.starts_with("<!doctype html>"),
                     "{shown}: an HTML page, got {page}"
                 );
@@ -381,7 +404,10 @@ async fn serve_binary(
     env: &[(&str, &str)],
 ) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
-    let bin = env!("CARGO_BIN_EXE_tokenkeeper");
+    // `TOKENKEEPER_TEST_BIN` points the figures of docs/RELIABILITY.md at a release build.
+    let bin = std::env::var("TOKENKEEPER_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tokenkeeper").to_owned());
+    let bin = bin.as_str();
     let mut cmd = match nofile {
         // `ulimit` in a shell, which then becomes the server: the workspace forbids the
         // `unsafe` that setting the limit in `pre_exec` would take.
@@ -530,7 +556,12 @@ async fn stalled_connections_never_keep_ordinary_calls_from_being_answered() {
             Err(_) => open += 1,
         }
     }
-    assert_eq!(open, 0, "every stalled connection is closed within 30 s; server descriptors now {}", descriptors());
+    assert_eq!(
+        open,
+        0,
+        "every stalled connection is closed within 30 s; server descriptors now {}",
+        descriptors()
+    );
     latencies.sort();
     lived.sort();
     println!(
@@ -679,7 +710,10 @@ async fn a_notion_answer_that_stalls_midway_is_cut_off_and_the_caller_sees_a_tru
     let body = tokio::time::timeout(Duration::from_secs(10), response.bytes())
         .await
         .expect("the body ends within 10 s, one way or another");
-    assert!(body.is_err(), "the body is cut off, not completed: {body:?}");
+    assert!(
+        body.is_err(),
+        "the body is cut off, not completed: {body:?}"
+    );
     assert_eq!(app.state.proxy_upstream_timeouts.load(Ordering::Relaxed), 1);
     assert_eq!(notion.requests(), 1, "a stalled body is never retried");
 }
