@@ -666,7 +666,9 @@ async fn a_silent_notion_is_answered_504_upstream_timeout_and_only_reads_are_ret
     };
 
     // A read: tried, then retried twice within the default budget, then our own 504.
+    let started = Instant::now();
     let response = call(Method::GET, "").await.expect("an answer within 20 s");
+    let read_took = started.elapsed();
     assert_eq!(response.status(), 504);
     assert_eq!(
         response.headers()["tokenkeeper-error"],
@@ -678,9 +680,14 @@ async fn a_silent_notion_is_answered_504_upstream_timeout_and_only_reads_are_ret
     assert_eq!(notion.requests(), 3, "a read is retried within the budget");
 
     // A write is sent once: Notion may be applying it behind its silence.
+    let started = Instant::now();
     let response = call(Method::POST, r#"{"parent":{}}"#)
         .await
         .expect("an answer within 20 s");
+    println!(
+        "silent Notion, first-byte timeout 500 ms: GET answered 504 after {read_took:?} (3 attempts), POST after {:?} (1 attempt)",
+        started.elapsed()
+    );
     assert_eq!(response.status(), 504);
     assert_eq!(notion.requests(), 4, "a write is never sent twice");
     assert_eq!(app.state.proxy_upstream_timeouts.load(Ordering::Relaxed), 4);
@@ -707,9 +714,14 @@ async fn a_notion_answer_that_stalls_midway_is_cut_off_and_the_caller_sees_a_tru
     // The head was already passed on when Notion stalled: it is Notion's.
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-length"], "1000");
+    let started = Instant::now();
     let body = tokio::time::timeout(Duration::from_secs(10), response.bytes())
         .await
         .expect("the body ends within 10 s, one way or another");
+    println!(
+        "Notion stalled after the head, idle timeout 500 ms: the body was cut off {:?} after the head arrived",
+        started.elapsed()
+    );
     assert!(
         body.is_err(),
         "the body is cut off, not completed: {body:?}"
@@ -733,6 +745,10 @@ async fn a_revocation_that_notion_never_answers_ends_within_the_provider_timeout
     assert_eq!(body["upstream_revoked"], false, "{body}");
     assert_eq!(body["connection"]["status"], "revoked", "{body}");
     assert_eq!(notion.requests(), 1, "the revocation reached Notion");
+    println!(
+        "silent Notion, provider timeout 1 s: DELETE /v1/connections/{{id}} answered after {:?}",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "it waited for the provider timeout: {:?}",
