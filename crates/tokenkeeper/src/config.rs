@@ -407,12 +407,12 @@ impl Config {
             .trim()
             .parse::<usize>()
             .ok()
-            .filter(|n| *n >= 1)
+            .filter(|n| (1..=1_000_000).contains(n))
             .ok_or_else(|| {
                 ConfigError::new(
                     "TOKENKEEPER_MAX_CONNECTIONS",
                     format!(
-                        "{:?} is not a whole number of at least 1",
+                        "{:?} is not a whole number from 1 to 1000000",
                         args.max_connections
                     ),
                 )
