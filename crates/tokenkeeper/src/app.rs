@@ -55,6 +55,10 @@ pub struct StateSettings {
     pub notion_version: String,
     /// Mount the benchmarks' baseline route (`--bench-baseline-route`).
     pub bench_baseline_route: bool,
+    /// The server's deadlines and connection cap.
+    pub server: crate::api::server::ServerLimits,
+    /// How long the proxy waits on Notion.
+    pub proxy_timeouts: crate::api::proxy::ProxyTimeouts,
 }
 
 /// Runs `open` until the database answers: a process (re)started during an outage waits for
@@ -149,6 +153,10 @@ pub fn state(
         simulator,
         bench_baseline_route: settings.bench_baseline_route,
         jobs,
+        server: settings.server,
+        proxy_timeouts: settings.proxy_timeouts,
+        proxy_upstream_timeouts: Default::default(),
+        server_counters: Default::default(),
     })
 }
 
@@ -209,6 +217,8 @@ impl App {
                 refresh_rate: config.refresh_rate,
                 notion_version: config.notion_version.clone(),
                 bench_baseline_route: config.bench_baseline_route,
+                server: config.server.clone(),
+                proxy_timeouts: config.proxy,
             },
             clock,
             simulator.as_ref().map(|s| s.base_url()),

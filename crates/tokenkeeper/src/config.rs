@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::auth::{ApiKey, ApiKeys};
+use crate::api::proxy::ProxyTimeouts;
+use crate::api::server::ServerLimits;
 use crate::ids::ClientSecret;
 use crate::provider::notion::NotionSettings;
 use crate::seal::KeyRing;
@@ -117,23 +119,59 @@ pub struct ServeArgs {
     pub notion_version: String,
 
     /// How long a connect link and its `state` stay valid.
-    #[arg(long, env = "TOKENKEEPER_SESSION_TTL", default_value = "10m", value_parser = parse_duration)]
-    pub session_ttl: Duration,
+    #[arg(long, env = "TOKENKEEPER_SESSION_TTL", default_value = "10m")]
+    pub session_ttl: String,
 
     /// Timeout of one call to the provider's token endpoint. The refresh lease is always longer.
-    #[arg(long, env = "TOKENKEEPER_PROVIDER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub provider_timeout: Duration,
+    #[arg(long, env = "TOKENKEEPER_PROVIDER_TIMEOUT", default_value = "10s")]
+    pub provider_timeout: String,
 
     /// Total time a caller may wait for a refresh (its own, or another process's), including
     /// retries of transient provider failures.
-    #[arg(long, env = "TOKENKEEPER_REFRESH_BUDGET", default_value = "30s", value_parser = parse_duration)]
-    pub refresh_budget: Duration,
+    #[arg(long, env = "TOKENKEEPER_REFRESH_BUDGET", default_value = "30s")]
+    pub refresh_budget: String,
+
+    /// How long a client may take to send a request's head (request line and headers), counted
+    /// from when tokenkeeper starts waiting for it: when the connection opens, or when the
+    /// previous answer on it ends. A connection without a whole head by then is closed.
+    #[arg(long, env = "TOKENKEEPER_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: String,
+
+    /// How long a request's body may take to arrive in full, counted from the end of its head.
+    /// A body still incomplete then is answered 408 `request_timeout` and the connection closed.
+    #[arg(long, env = "TOKENKEEPER_BODY_READ_TIMEOUT", default_value = "30s")]
+    pub body_read_timeout: String,
+
+    /// How long a connection may stay open with no request in progress and nothing arriving;
+    /// then it is closed. At most the header read timeout, which also ends such a connection.
+    #[arg(long, env = "TOKENKEEPER_IDLE_TIMEOUT", default_value = "5s")]
+    pub idle_timeout: String,
+
+    /// The most connections served at once. A new connection beyond it first displaces the
+    /// connection that has been idle longest; when every one is busy with a request, it is
+    /// answered 503 `too_many_connections` with `Retry-After` and closed.
+    #[arg(long, env = "TOKENKEEPER_MAX_CONNECTIONS", default_value = "4096")]
+    pub max_connections: String,
+
+    /// How long the proxy waits for the head of Notion's answer, counted from sending the
+    /// request; then it answers 504 `upstream_timeout` (retried first for GET, HEAD and DELETE).
+    #[arg(
+        long,
+        env = "TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT",
+        default_value = "30s"
+    )]
+    pub proxy_first_byte_timeout: String,
+
+    /// How long the proxy waits for more of the body of Notion's answer while passing it on;
+    /// then the answer is cut off (the caller sees a truncated body).
+    #[arg(long, env = "TOKENKEEPER_PROXY_IDLE_TIMEOUT", default_value = "30s")]
+    pub proxy_idle_timeout: String,
 
     /// The most refreshes of one connection in a window, whatever callers ask (`<count>/<window>`,
     /// e.g. `10/10m`): a provider that refuses even fresh tokens cannot make tokenkeeper mint
     /// pairs without end. Counted across processes; beyond it refreshes answer 429.
-    #[arg(long, env = "TOKENKEEPER_REFRESH_RATE", default_value = "10/10m", value_parser = parse_refresh_rate)]
-    pub refresh_rate: crate::refresh::RefreshRate,
+    #[arg(long, env = "TOKENKEEPER_REFRESH_RATE", default_value = "10/10m")]
+    pub refresh_rate: String,
 
     /// Where a refreshed pair waits, fsynced and sealed, when the database cannot take it (an
     /// outage); it is committed as soon as the database answers again, or at the next start.
@@ -162,25 +200,34 @@ pub fn parse_refresh_rate(s: &str) -> Result<crate::refresh::RefreshRate, String
     Ok(crate::refresh::RefreshRate { limit, window })
 }
 
-/// Parses `500ms`, `2s`, `10m`, `1h` or a bare number of seconds.
+/// Parses a duration in humantime's forms (`500ms`, `30s`, `10m`, `1h`, `1h 30m`, …) or as a bare
+/// number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (use 500ms, 30s, 10m or 1h)"))?;
-    Ok(match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => {
-            return Err(format!(
-                "{s:?} is not a duration (use 500ms, 30s, 10m or 1h)"
-            ))
-        }
-    })
+    // humantime insists on a unit; a bare number of seconds was accepted before humantime parsed
+    // these settings, and configurations written then keep working.
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too large"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 500ms, 30s, 10m or 1h"))
+}
+
+/// A duration setting, or a `ConfigError` naming it.
+fn any_duration(var: &str, raw: &str) -> Result<Duration, ConfigError> {
+    parse_duration(raw).map_err(|m| ConfigError::new(var, m))
+}
+
+/// A duration setting that must be above zero: a zero deadline would end every wait at once.
+fn duration_setting(var: &str, raw: &str) -> Result<Duration, ConfigError> {
+    let d = any_duration(var, raw)?;
+    if d.is_zero() {
+        return Err(ConfigError::new(var, "must be above zero"));
+    }
+    Ok(d)
 }
 
 /// The validated configuration of `serve`.
@@ -203,6 +250,10 @@ pub struct Config {
     pub refresh_budget: Duration,
     pub refresh_rate: crate::refresh::RefreshRate,
     pub spill_dir: PathBuf,
+    /// Deadlines and the connection cap of the HTTP server.
+    pub server: ServerLimits,
+    /// Deadlines of the proxy's calls to Notion.
+    pub proxy: ProxyTimeouts,
     pub bench_baseline_route: bool,
 }
 
@@ -367,12 +418,18 @@ impl Config {
                 ))
             }
         };
-        if args.provider_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "TOKENKEEPER_PROVIDER_TIMEOUT",
-                "must be above zero",
-            ));
-        }
+        let session_ttl = any_duration("TOKENKEEPER_SESSION_TTL", &args.session_ttl)?;
+        let provider_timeout =
+            duration_setting("TOKENKEEPER_PROVIDER_TIMEOUT", &args.provider_timeout)?;
+        let refresh_budget = any_duration("TOKENKEEPER_REFRESH_BUDGET", &args.refresh_budget)?;
+        let server = Self::server_limits(args)?;
+        let proxy = ProxyTimeouts {
+            first_byte: duration_setting(
+                "TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT",
+                &args.proxy_first_byte_timeout,
+            )?,
+            idle: duration_setting("TOKENKEEPER_PROXY_IDLE_TIMEOUT", &args.proxy_idle_timeout)?,
+        };
         let keys = args.store.key_source()?;
         if let KeySource::Unconfigured = keys {
             return Err(no_key_ring(&keys));
@@ -393,12 +450,58 @@ impl Config {
             allowed_return_urls,
             notion,
             notion_version: args.notion_version.clone(),
-            session_ttl: args.session_ttl,
-            provider_timeout: args.provider_timeout,
-            refresh_budget: args.refresh_budget,
-            refresh_rate: args.refresh_rate,
+            session_ttl,
+            provider_timeout,
+            refresh_budget,
+            server,
+            proxy,
+            refresh_rate: parse_refresh_rate(&args.refresh_rate)
+                .map_err(|m| ConfigError::new("TOKENKEEPER_REFRESH_RATE", m))?,
             spill_dir,
             bench_baseline_route: args.bench_baseline_route,
+        })
+    }
+
+    fn server_limits(args: &ServeArgs) -> Result<ServerLimits, ConfigError> {
+        let header_read =
+            duration_setting("TOKENKEEPER_HEADER_READ_TIMEOUT", &args.header_read_timeout)?;
+        let idle = duration_setting("TOKENKEEPER_IDLE_TIMEOUT", &args.idle_timeout)?;
+        if idle > header_read {
+            // hyper's header read timeout runs from the moment a connection waits for a request,
+            // so it would close an idle HTTP/1.1 connection first: a longer idle timeout would be
+            // a setting that silently does nothing.
+            return Err(ConfigError::new(
+                "TOKENKEEPER_IDLE_TIMEOUT",
+                format!(
+                    "{} is longer than TOKENKEEPER_HEADER_READ_TIMEOUT ({}), which also ends an idle connection; raise that one too",
+                    humantime::format_duration(idle),
+                    humantime::format_duration(header_read)
+                ),
+            ));
+        }
+        let max_connections = args
+            .max_connections
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "TOKENKEEPER_MAX_CONNECTIONS",
+                    format!(
+                        "{:?} is not a whole number from 1 to 1000000",
+                        args.max_connections
+                    ),
+                )
+            })?;
+        Ok(ServerLimits {
+            header_read_timeout: header_read,
+            body_read_timeout: duration_setting(
+                "TOKENKEEPER_BODY_READ_TIMEOUT",
+                &args.body_read_timeout,
+            )?,
+            idle_timeout: idle,
+            max_connections,
         })
     }
 
@@ -480,8 +583,12 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration(" 2s ").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("").is_err());
         assert!(parse_duration("5 fortnights").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]

@@ -90,6 +90,9 @@ async fn main() -> ExitCode {
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::resolve(args)?;
+    if let Some(warning) = tokenkeeper::api::server::fit_descriptor_limit(&mut config.server) {
+        tracing::warn!("{warning}");
+    }
     // Invariant 11: the key ring is checked against the database before anything listens.
     let opened = keycheck::open(
         &config.database_url,
@@ -98,8 +101,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         Clock::System,
     )
     .await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = tokenkeeper::api::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // On port 0 the default public URL (`http://<listen address>`) is only known once bound;

@@ -33,6 +33,13 @@ pub enum ErrorCode {
     ProviderUnavailable,
     TokenRejectedAfterRefresh,
     RefreshRateLimited,
+    MethodNotAllowed,
+    RequestTimeout,
+    PayloadTooLarge,
+    UriTooLong,
+    HeadersTooLarge,
+    TooManyConnections,
+    UpstreamTimeout,
 }
 
 impl ErrorCode {
@@ -57,6 +64,13 @@ impl ErrorCode {
             ErrorCode::ProviderUnavailable => "provider_unavailable",
             ErrorCode::TokenRejectedAfterRefresh => "token_rejected_after_refresh",
             ErrorCode::RefreshRateLimited => "refresh_rate_limited",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
         }
     }
 
@@ -79,10 +93,41 @@ impl ErrorCode {
             ErrorCode::DatabaseUnavailable
             | ErrorCode::NotReady
             | ErrorCode::RefreshLockTimeout
-            | ErrorCode::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorCode::ProviderUnavailable
+            | ErrorCode::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UriTooLong => StatusCode::URI_TOO_LONG,
+            ErrorCode::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The code of an error answer that some layer wrote with a bare status (an axum rejection,
+    /// a route's unknown method), for `api::server`'s last check that every answer under the API
+    /// is in the envelope. A status no code owns maps to the nearest code, whose own status then
+    /// replaces it: every code keeps exactly one status.
+    pub fn for_status(status: StatusCode) -> ErrorCode {
+        match status.as_u16() {
+            401 => ErrorCode::Unauthorized,
+            403 => ErrorCode::Forbidden,
+            404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            408 => ErrorCode::RequestTimeout,
+            413 => ErrorCode::PayloadTooLarge,
+            414 => ErrorCode::UriTooLong,
+            431 => ErrorCode::HeadersTooLarge,
+            400..=499 => ErrorCode::InvalidRequest,
+            _ => ErrorCode::Internal,
         }
     }
 }
+
+/// Marks a response whose body is tokenkeeper's envelope, so that the server's last check
+/// (`api::server`) leaves it alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Enveloped;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -163,6 +208,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.code.status(), axum::Json(self.body())).into_response();
+        response.extensions_mut().insert(Enveloped);
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

@@ -7,7 +7,9 @@ mod connections;
 mod demo;
 pub mod error;
 pub mod proxy;
+pub mod server;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +49,16 @@ pub struct AppState {
     pub bench_baseline_route: bool,
     /// Upstream revocations (and other work that must happen at least once).
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// The server's deadlines and connection cap, read by `serve`.
+    pub server: server::ServerLimits,
+    /// How long the proxy waits on Notion.
+    pub proxy_timeouts: proxy::ProxyTimeouts,
+    /// Proxied calls that Notion left silent past a deadline: no answer head within the first
+    /// byte timeout, or a body that stalled for the idle timeout. Read by the planned `/metrics`.
+    pub proxy_upstream_timeouts: AtomicU64,
+    /// What the server did about slow, stalled and surplus clients. Read by the planned
+    /// `/metrics`, and by tests, which wait for these rather than for time to pass.
+    pub server_counters: server::ServerCounters,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -135,6 +147,10 @@ pub fn parse_connection_id(s: &str) -> Result<ConnectionId, ApiError> {
         .ok_or_else(|| ApiError::invalid(format!("{s:?} is not a connection id (con_…)")))
 }
 
+/// The largest body a call of the API itself reads (the proxy's bodies are Notion's business and
+/// are not limited in size, only in time). Every body the API takes is a small JSON object.
+pub const API_BODY_LIMIT: usize = 64 * 1024;
+
 /// A JSON body whose rejection (bad JSON, wrong content type) answers in our envelope.
 pub struct ApiJson<T>(pub T);
 
@@ -148,6 +164,12 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the body is larger than this call accepts ({API_BODY_LIMIT} bytes)"),
+                ))
+            }
             Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
         }
     }
@@ -221,7 +243,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/connections/{id}/events", get(connections::events))
         .route("/proxy/{id}", any(proxy::forward))
         .route("/proxy/{id}/{*path}", any(proxy::forward))
-        .fallback(|| async { ApiError::not_found("no such API route") });
+        .fallback(|| async { ApiError::not_found("no such API route") })
+        .method_not_allowed_fallback(method_not_allowed);
     // The benchmarks' baseline: a constant answer behind the same key check as every `/v1`
     // route, so that a token read can be compared with the cost of the HTTP stack alone.
     let v1 = if state.bench_baseline_route {
@@ -248,7 +271,17 @@ pub fn router(state: SharedState) -> Router {
         .route("/readyz", get(ready))
         .route("/", get(demo::home))
         .fallback(|| async { ApiError::not_found("no such route") })
+        // axum adds `Allow` to this answer.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
         .with_state(state)
+}
+
+async fn method_not_allowed(method: http::Method) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed here; the Allow header lists the methods that are"),
+    )
 }
 
 async fn baseline() -> axum::Json<serde_json::Value> {
@@ -266,14 +299,4 @@ async fn ready(
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes (mini-redis's `run` shape, so tests
-/// start a real server on port 0 and stop it cleanly).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: SharedState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+pub use server::serve;

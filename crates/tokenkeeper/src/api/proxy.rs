@@ -15,6 +15,13 @@
 //! unreachable) use tokenkeeper's envelope and carry a `Tokenkeeper-Error` header, so a caller
 //! can always tell them from Notion's.
 //!
+//! Notion gets a deadline too (invariant 10): the head of its answer must arrive within
+//! `ProxyTimeouts::first_byte` of sending the request, and while its body streams back, each
+//! next piece within `ProxyTimeouts::idle`. A missed first byte is the proxy's own 504
+//! `upstream_timeout`, retried first for GET, HEAD and DELETE only (a silent Notion may still
+//! apply a write); a body that stalls after its head was passed on can no longer become an error
+//! answer, so the stream ends with an error and the caller sees a truncated body.
+//!
 //! Request bodies up to `REPLAY_LIMIT` are read before the first attempt and kept, so that a
 //! 401, a 429 or a 5xx can be retried with the same bytes. Larger ones stream through as they
 //! arrive (the first `REPLAY_LIMIT` bytes, then the rest), cannot be sent twice, and so are
@@ -22,6 +29,7 @@
 //! than teeing them is deliberate: Notion may answer a 401 before it has read the body, and a
 //! tee would then hold only part of it.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -31,6 +39,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use super::auth::Scope;
 use super::connect::needs_reauth;
@@ -53,6 +62,32 @@ const MAX_BUDGET_MS: u64 = 120_000;
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The first retry of a 5xx or a network failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long the proxy waits on Notion (`TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT`,
+/// `TOKENKEEPER_PROXY_IDLE_TIMEOUT`).
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyTimeouts {
+    /// From sending a request until the head of Notion's answer has arrived.
+    pub first_byte: Duration,
+    /// Between two pieces of the body of Notion's answer.
+    pub idle: Duration,
+}
+
+impl Default for ProxyTimeouts {
+    /// Under the 60 s after which `@notionhq/client` gives up by default, so that its callers get
+    /// the proxy's 504 rather than their own abort; far above Notion's usual answer times.
+    fn default() -> Self {
+        ProxyTimeouts {
+            first_byte: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Marks a response that is Notion's answer passed on, which the server's last check
+/// (`api::server`) must leave byte for byte as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct FromUpstream;
 
 /// Headers that describe one hop, not the message: never forwarded, in either direction.
 const HOP_BY_HOP: [&str; 9] = [
@@ -282,9 +317,25 @@ async fn forward_inner(
                 None => request,
             },
         };
-        let upstream = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
+        let sent = tokio::time::timeout(state.proxy_timeouts.first_byte, request.send()).await;
+        let upstream = match sent {
+            Ok(Ok(r)) => r,
+            Err(_elapsed) => {
+                state
+                    .proxy_upstream_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                // Notion may be working on the request behind its silence: only a request that
+                // may be applied twice is sent again.
+                if replayable && idempotent && budget.take(backoff) {
+                    tracing::info!(connection = %id, wait_ms = backoff.as_millis() as u64, "Notion sent no answer in time; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    continue;
+                }
+                tracing::warn!(connection = %id, "Notion sent no answer within {}", humantime::format_duration(state.proxy_timeouts.first_byte));
+                return Err(upstream_timeout(&state));
+            }
+            Ok(Err(e)) => {
                 // A refused connection never reached Notion: safe to retry whatever the method.
                 let may_retry = replayable && (idempotent || e.is_connect());
                 if may_retry && budget.take(backoff) {
@@ -314,7 +365,7 @@ async fn forward_inner(
                         continue;
                     }
                     Err(RefreshError::TokenRejectedAfterRefresh { .. }) => {
-                        let mut response = stream_back(upstream, &grant);
+                        let mut response = stream_back(&state, &id, upstream, &grant);
                         response.headers_mut().insert(
                             ERROR_HEADER,
                             HeaderValue::from_static("token_rejected_after_refresh"),
@@ -330,7 +381,14 @@ async fn forward_inner(
             429 | 529 if replayable && !budget.exhausted() => {
                 let wait = retry_after(upstream.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
                 let (code, up_headers) = (upstream.status(), upstream.headers().clone());
-                let (head, rest) = peek(upstream.bytes_stream().boxed(), PEEK_LIMIT).await;
+                let (head, rest) = peek(upstream_body(&state, &id, upstream), PEEK_LIMIT).await;
+                if head
+                    .iter()
+                    .any(|piece| matches!(piece, Err(e) if e.is::<TimeoutError>()))
+                {
+                    // Nothing was passed on yet, so the stall can still be our own answer.
+                    return Err(upstream_timeout(&state));
+                }
                 let blocked =
                     rate_limit_reason(&head).as_deref() == Some("public_api_request_blocked");
                 if !blocked && budget.take(wait) {
@@ -357,8 +415,40 @@ async fn forward_inner(
             }
             _ => {}
         }
-        return Ok(stream_back(upstream, &grant));
+        return Ok(stream_back(&state, &id, upstream, &grant));
     }
+}
+
+fn upstream_timeout(state: &SharedState) -> ApiError {
+    ApiError::new(
+        ErrorCode::UpstreamTimeout,
+        format!(
+            "Notion did not answer within {}",
+            humantime::format_duration(state.proxy_timeouts.first_byte)
+        ),
+    )
+}
+
+/// The body of Notion's answer as a stream that fails when Notion sends nothing for
+/// `ProxyTimeouts::idle` (tower-http's `TimeoutBody` restarts its timer at every piece, which is
+/// exactly an idle timeout), counting each such stall.
+fn upstream_body(
+    state: &SharedState,
+    id: &ConnectionId,
+    upstream: reqwest::Response,
+) -> ByteStream {
+    let body = TimeoutBody::new(state.proxy_timeouts.idle, reqwest::Body::from(upstream));
+    let (state, id) = (state.clone(), id.clone());
+    http_body_util::BodyDataStream::new(body)
+        .inspect_err(move |e| {
+            if e.is::<TimeoutError>() {
+                state
+                    .proxy_upstream_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(connection = %id, "Notion's answer stalled for {}; cutting it off", humantime::format_duration(state.proxy_timeouts.idle));
+            }
+        })
+        .boxed()
 }
 
 fn describe(e: &reqwest::Error) -> &'static str {
@@ -383,7 +473,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// `additional_data.rate_limit_reason` of a 429 whose head was peeked.
-fn rate_limit_reason(head: &[reqwest::Result<Bytes>]) -> Option<String> {
+fn rate_limit_reason(head: &[Result<Bytes, axum::BoxError>]) -> Option<String> {
     let body: Vec<u8> = head
         .iter()
         .flatten()
@@ -396,13 +486,13 @@ fn rate_limit_reason(head: &[reqwest::Result<Bytes>]) -> Option<String> {
         .map(str::to_owned)
 }
 
-type ByteStream = BoxStream<'static, reqwest::Result<Bytes>>;
+type ByteStream = BoxStream<'static, Result<Bytes, axum::BoxError>>;
 
 /// Reads up to `limit` bytes from the head of a body; the rest (if any) stays unread.
 async fn peek(
     mut stream: ByteStream,
     limit: usize,
-) -> (Vec<reqwest::Result<Bytes>>, Option<ByteStream>) {
+) -> (Vec<Result<Bytes, axum::BoxError>>, Option<ByteStream>) {
     let mut head = Vec::new();
     let mut size = 0;
     while size < limit {
@@ -422,7 +512,7 @@ async fn peek(
 }
 
 fn chain(
-    head: Vec<reqwest::Result<Bytes>>,
+    head: Vec<Result<Bytes, axum::BoxError>>,
     rest: Option<ByteStream>,
 ) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
     futures::stream::iter(head)
@@ -430,15 +520,16 @@ fn chain(
         .map_err(std::io::Error::other)
 }
 
-fn stream_back(upstream: reqwest::Response, grant: &OpenGrant) -> Response {
+fn stream_back(
+    state: &SharedState,
+    id: &ConnectionId,
+    upstream: reqwest::Response,
+    grant: &OpenGrant,
+) -> Response {
     let status = upstream.status();
     let headers = upstream.headers().clone();
-    respond(
-        status,
-        &headers,
-        grant,
-        Body::from_stream(upstream.bytes_stream().map_err(std::io::Error::other)),
-    )
+    let body = upstream_body(state, id, upstream).map_err(std::io::Error::other);
+    respond(status, &headers, grant, Body::from_stream(body))
 }
 
 /// Notion's answer, as it came: status, end-to-end headers, body; plus the grant used.
@@ -450,6 +541,7 @@ fn respond(
 ) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = status;
+    response.extensions_mut().insert(FromUpstream);
     let headers = response.headers_mut();
     for (name, value) in from {
         if !HOP_BY_HOP.contains(&name.as_str()) {

@@ -82,7 +82,29 @@ struct Inner {
     read_permits: Arc<tokio::sync::Semaphore>,
 }
 
+/// Creates the database file readable and writable by its owner only, before SQLite opens it:
+/// SQLite would create it with the process's default mode (usually 0644), and it gives the WAL
+/// and shared-memory files it creates beside it the database file's own mode. The tokens inside
+/// are sealed, but the file also holds every connection's metadata and history.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Database(format!(
+            "could not create {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 fn open_connection(path: &Path, writer: bool) -> Result<rusqlite::Connection, StoreError> {
+    if writer {
+        create_private(path)?;
+    }
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);

@@ -76,6 +76,34 @@ async fn bad_settings_stop_the_program_before_it_listens_with_one_line_and_statu
             &[("TOKENKEEPER_PUBLIC_URL", "ftp://x")],
             "TOKENKEEPER_PUBLIC_URL",
         ),
+        (
+            &[("TOKENKEEPER_SESSION_TTL", "ten")],
+            "TOKENKEEPER_SESSION_TTL",
+        ),
+        (
+            &[("TOKENKEEPER_HEADER_READ_TIMEOUT", "soon")],
+            "TOKENKEEPER_HEADER_READ_TIMEOUT",
+        ),
+        (
+            &[("TOKENKEEPER_BODY_READ_TIMEOUT", "0s")],
+            "TOKENKEEPER_BODY_READ_TIMEOUT",
+        ),
+        (
+            &[("TOKENKEEPER_IDLE_TIMEOUT", "1m")],
+            "TOKENKEEPER_IDLE_TIMEOUT",
+        ),
+        (
+            &[("TOKENKEEPER_MAX_CONNECTIONS", "0")],
+            "TOKENKEEPER_MAX_CONNECTIONS",
+        ),
+        (
+            &[("TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT", "-1s")],
+            "TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT",
+        ),
+        (
+            &[("TOKENKEEPER_PROXY_IDLE_TIMEOUT", "30 parsecs")],
+            "TOKENKEEPER_PROXY_IDLE_TIMEOUT",
+        ),
     ];
     for (env, setting) in cases {
         let mut cmd = tokenkeeper(dir.path());
@@ -111,7 +139,7 @@ async fn bad_settings_stop_the_program_before_it_listens_with_one_line_and_statu
 }
 
 #[tokio::test]
-async fn a_first_start_on_sqlite_creates_private_key_files_and_says_where() {
+async fn a_first_start_on_sqlite_creates_private_key_and_database_files_and_says_where() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(BIN)
         .current_dir(dir.path())
@@ -147,7 +175,14 @@ async fn a_first_start_on_sqlite_creates_private_key_files_and_says_where() {
     );
     assert!(text.contains("tokenkeeper.db.api-key"), "{text}");
     use std::os::unix::fs::PermissionsExt;
-    for file in ["tokenkeeper.db.key", "tokenkeeper.db.api-key"] {
+    // The database too, and the WAL and shared-memory files SQLite makes beside it (issue 11 §8).
+    for file in [
+        "tokenkeeper.db.key",
+        "tokenkeeper.db.api-key",
+        "tokenkeeper.db",
+        "tokenkeeper.db-wal",
+        "tokenkeeper.db-shm",
+    ] {
         let mode = std::fs::metadata(dir.path().join(file))
             .unwrap()
             .permissions()

@@ -9,6 +9,7 @@ mod broker;
 mod cli;
 mod key_checks;
 mod ledger_model;
+mod limits;
 mod outage;
 mod proxy;
 mod refusals;

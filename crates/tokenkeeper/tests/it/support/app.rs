@@ -10,6 +10,8 @@ use notion_sim::{SimClock, SimConfig, SimServer};
 use serde_json::{json, Value};
 
 use tokenkeeper::api::auth::ApiKeys;
+use tokenkeeper::api::proxy::ProxyTimeouts;
+use tokenkeeper::api::server::ServerLimits;
 use tokenkeeper::api::SharedState;
 use tokenkeeper::app::StateSettings;
 use tokenkeeper::clock::Clock;
@@ -34,6 +36,10 @@ pub struct Options {
     /// Notion's base URL, when a test plays Notion with a server of its own instead of the
     /// simulator (which still runs, unused). `None`: the simulator.
     pub notion_base_url: Option<String>,
+    /// The server's deadlines and connection cap.
+    pub server: ServerLimits,
+    /// How long the proxy waits on Notion.
+    pub proxy_timeouts: ProxyTimeouts,
 }
 
 impl Default for Options {
@@ -49,6 +55,8 @@ impl Default for Options {
             refresh_budget: Duration::from_secs(20),
             refresh_rate: Default::default(),
             notion_base_url: None,
+            server: ServerLimits::default(),
+            proxy_timeouts: ProxyTimeouts::default(),
         }
     }
 }
@@ -319,6 +327,8 @@ impl TestApp {
                 refresh_rate: options.refresh_rate,
                 notion_version: "2026-03-11".into(),
                 bench_baseline_route: false,
+                server: options.server.clone(),
+                proxy_timeouts: options.proxy_timeouts,
             },
             Clock::System,
             None,
