@@ -96,7 +96,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     if args.public_url.is_none() && config.listen.port() == 0 {
         config.public_url = url::Url::parse(&format!("http://{addr}"))?;
         if args.allowed_return_urls.is_none() {
-            config.allowed_return_urls = vec![config.public_url.as_str().to_owned()];
+            config.allowed_return_urls =
+                tokenkeeper::api::return_to::AllowedReturnUrls::only(&config.public_url);
         }
     }
     let app = tokenkeeper::app::App::build(&config).await?;

@@ -7,6 +7,7 @@ mod connections;
 mod demo;
 pub mod error;
 pub mod proxy;
+pub mod return_to;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use crate::refresh::Coordinator;
 use crate::store::Store;
 use auth::{ApiKeys, Scope};
 use error::{ApiError, ErrorCode};
+use return_to::{AllowedReturnUrls, ReturnTo};
 
 /// Everything a handler may need, built once at start and shared.
 pub struct AppState {
@@ -34,7 +36,7 @@ pub struct AppState {
     pub notion: NotionClient,
     pub api_keys: ApiKeys,
     pub public_url: url::Url,
-    pub allowed_return_urls: Vec<String>,
+    pub allowed_return_urls: AllowedReturnUrls,
     pub session_ttl: Duration,
     pub clock: Clock,
     /// The `Notion-Version` set on proxied calls whose caller sent none.
@@ -59,23 +61,16 @@ impl AppState {
         self.public("/oauth/callback")
     }
 
-    /// Whether `return_to` is under one of the allowed prefixes, ending at a URL boundary so
-    /// that `https://app.example` does not admit `https://app.example.evil.com`.
-    pub fn return_to_allowed(&self, return_to: &str) -> bool {
-        let Ok(url) = url::Url::parse(return_to) else {
-            return false;
-        };
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return false;
-        }
-        self.allowed_return_urls.iter().any(|prefix| {
-            return_to.starts_with(prefix.as_str())
-                && (prefix.ends_with('/')
-                    || matches!(
-                        return_to.as_bytes().get(prefix.len()),
-                        None | Some(b'/' | b'?' | b'#')
-                    ))
-        })
+    /// Where the callback may send the browser back to, for a `return_to` a session stored:
+    /// checked again, so that the redirect is built from a URL that passed the check now (a
+    /// session stored before the allow-list changed, or by an older version, is refused), and
+    /// normalised. tokenkeeper's own pages (the demo's) are always allowed: they are not an
+    /// open redirect.
+    pub fn return_target(&self, stored: &str) -> Option<ReturnTo> {
+        self.allowed_return_urls
+            .check(stored)
+            .or_else(|_| AllowedReturnUrls::only(&self.public_url).check(stored))
+            .ok()
     }
 
     /// Creates a connect (or, with `connection`, reconnect) session; returns it with its link.
@@ -83,7 +78,7 @@ impl AppState {
         &self,
         provider: Provider,
         end_user_id: String,
-        return_to: String,
+        return_to: ReturnTo,
         connection: Option<crate::ids::ConnectionId>,
     ) -> Result<(ConnectSession, String), ApiError> {
         let state = crate::ids::random_token(24);
@@ -95,7 +90,7 @@ impl AppState {
             provider,
             state_hash: connect::state_hash(&state),
             end_user_id,
-            return_to,
+            return_to: return_to.as_str().to_owned(),
             connection_id: connection,
             created_at: now,
             expires_at: now + ttl,

@@ -1,6 +1,7 @@
 //! Providers: the OAuth servers and APIs tokenkeeper speaks to. Notion first.
 
 pub mod notion;
+pub mod text;
 
 use std::time::Duration;
 

@@ -7,6 +7,7 @@ mod support;
 
 mod broker;
 mod cli;
+mod connect_flow;
 mod ledger_model;
 mod proxy;
 mod store_contract;
