@@ -116,36 +116,39 @@ pub async fn create_reconnect_session(
         .into_response())
 }
 
-/// A fresh reconnect link for a connection, for 424 answers.
-pub async fn reconnect_url(state: &SharedState, id: &ConnectionId) -> Result<String, ApiError> {
+/// The connection's reconnect link for 424 answers (see `AppState::reconnect_link`), and when
+/// it expires.
+async fn reconnect_link(
+    state: &SharedState,
+    id: &ConnectionId,
+) -> Result<(String, chrono::DateTime<chrono::Utc>), ApiError> {
     let connection = state
         .store
         .get_connection(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
-    let (_, url) = state
-        .new_session(
-            connection.provider,
-            connection.end_user_id,
-            state.allowed_return_urls.first(),
-            Some(id.clone()),
-        )
+    let (session, url) = state
+        .reconnect_link(connection.provider, connection.end_user_id, id.clone())
         .await?;
-    Ok(url)
+    Ok((url, session.expires_at))
 }
 
 /// The answer for a connection whose user must reconnect: 424 `needs_reauth` with the
-/// diagnosis and a reconnect link (`null`, logged, when one cannot be made).
+/// diagnosis and a reconnect link (`null`, logged, when one cannot be made). The link is the
+/// same for every 424 of the connection until it is used or expires.
 pub async fn needs_reauth(
     state: &SharedState,
     id: &ConnectionId,
     diagnosis: Option<Diagnosis>,
 ) -> ApiError {
-    let link = match reconnect_url(state, id).await {
-        Ok(url) => serde_json::Value::from(url),
+    let (link, expires_at) = match reconnect_link(state, id).await {
+        Ok((url, expires_at)) => (
+            serde_json::Value::from(url),
+            serde_json::to_value(expires_at).expect("a time serializes"),
+        ),
         Err(e) => {
             tracing::error!(connection = %id, "could not make a reconnect link: {}", e.message);
-            serde_json::Value::Null
+            (serde_json::Value::Null, serde_json::Value::Null)
         }
     };
     ApiError::new(
@@ -154,6 +157,7 @@ pub async fn needs_reauth(
     )
     .with("connection_id", id.as_str())
     .with("reconnect_url", link)
+    .with("reconnect_url_expires_at", expires_at)
     .with(
         "diagnosis",
         serde_json::to_value(diagnosis).expect("a diagnosis serializes"),

@@ -79,8 +79,49 @@ impl AppState {
         provider: Provider,
         end_user_id: String,
         return_to: ReturnTo,
-        connection: Option<crate::ids::ConnectionId>,
+        connection: Option<ConnectionId>,
     ) -> Result<(ConnectSession, String), ApiError> {
+        let (session, state) = self.session_candidate(provider, end_user_id, return_to, connection);
+        self.store.create_session(&session).await?;
+        let url = self.link(&session, &state);
+        Ok((session, url))
+    }
+
+    /// The reconnect link that 424 answers carry: the connection's live one, or a new one.
+    /// Reads of a connection that needs its user back must not write a session each (a
+    /// `tokens` key, which may not create sessions, would otherwise make one per read).
+    ///
+    /// Handing the same link out again needs its `state`, and only a hash of the state is
+    /// stored. Two ways were weighed: deriving the state as an HMAC of the session id under a
+    /// key derived from the key ring, or storing the state sealed with the key ring. The state
+    /// is sealed: it reuses the one AEAD and key ring that already seal tokens, with no new
+    /// key derivation and no record of which key derived which state, and the database alone
+    /// still cannot complete anyone's flow.
+    pub async fn reconnect_link(
+        &self,
+        provider: Provider,
+        end_user_id: String,
+        connection: ConnectionId,
+    ) -> Result<(ConnectSession, String), ApiError> {
+        let (candidate, state) = self.session_candidate(
+            provider,
+            end_user_id,
+            self.allowed_return_urls.first(),
+            Some(connection),
+        );
+        let (session, state) = self.store.reconnect_link(&candidate, &state).await?;
+        let url = self.link(&session, &state);
+        Ok((session, url))
+    }
+
+    /// A new session, not stored yet, and its `state` (192 random bits; only its hash is kept).
+    fn session_candidate(
+        &self,
+        provider: Provider,
+        end_user_id: String,
+        return_to: ReturnTo,
+        connection: Option<ConnectionId>,
+    ) -> (ConnectSession, String) {
         let state = crate::ids::random_token(24);
         let now = self.clock.now();
         let ttl =
@@ -96,9 +137,12 @@ impl AppState {
             expires_at: now + ttl,
             used_at: None,
         };
-        self.store.create_session(&session).await?;
-        let url = self.public(&format!("/connect/{}/{state}", session.id));
-        Ok((session, url))
+        (session, state)
+    }
+
+    /// The link to send a user to for `session`.
+    fn link(&self, session: &ConnectSession, state: &str) -> String {
+        self.public(&format!("/connect/{}/{state}", session.id))
     }
 }
 

@@ -27,7 +27,13 @@ use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
 /// The migrations this binary knows, in order. Each is applied in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_ledger.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_ledger.sql")),
+    (
+        3,
+        include_str!("../../migrations/sqlite/0003_reusable_reconnect_links.sql"),
+    ),
+];
 
 /// The schema version this binary runs against.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;

@@ -10,5 +10,6 @@ mod cli;
 mod connect_flow;
 mod ledger_model;
 mod proxy;
+mod reconnect_links;
 mod store_contract;
 mod store_processes;

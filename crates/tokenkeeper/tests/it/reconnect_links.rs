@@ -1,0 +1,157 @@
+//! Reads never write (issue 11 §4): every 424 of a connection that needs its user back carries
+//! the same reconnect link until it is used or expires, however many callers read at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::both_backends;
+use crate::support::app::{Options, TestApp, TOKENS_KEY};
+use crate::support::db::Backend;
+
+both_backends!(
+    two_hundred_concurrent_reads_of_a_needs_reauth_connection_create_one_reconnect_session,
+    a_reconnect_link_is_replaced_only_once_it_expires,
+);
+
+/// Connects a user, then uninstalls the bot at Notion and lets a refresh find out: the
+/// connection is `needs_reauth`. Returns its id and the first 424's reconnect link.
+async fn dead_connection(app: &TestApp) -> (String, String) {
+    let (id, _) = app.connect("user-1").await;
+    revoke_at_notion(app, &id).await;
+    let grant = app.current_grant(&id).await;
+    let (status, body) = app.refresh(&id, &grant).await;
+    assert_eq!(status, 424, "{body}");
+    let link = body["error"]["reconnect_url"].as_str().unwrap().to_owned();
+    (id, link)
+}
+
+async fn revoke_at_notion(app: &TestApp, id: &str) {
+    let bot = app.connection(id).await["bot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.sim_json(Method::POST, &format!("/_sim/bots/{bot}/revoke"), None)
+        .await;
+}
+
+async fn reconnect_sessions(app: &TestApp, id: &str) -> i64 {
+    app.db
+        .count(&format!(
+            "SELECT count(*) FROM connect_sessions WHERE connection_id = '{id}'"
+        ))
+        .await
+}
+
+/// One read with a `tokens` key, by one of the three calls that answer 424.
+async fn read(http: reqwest::Client, url: String, id: String, i: usize) -> (u16, Value) {
+    let request = match i % 3 {
+        0 => http.get(format!("{url}/v1/connections/{id}/access-token")),
+        1 => http
+            .post(format!("{url}/v1/connections/{id}/refresh"))
+            .json(&json!({})),
+        _ => http
+            .get(format!("{url}/v1/proxy/{id}/v1/users/me"))
+            .header("Notion-Version", "2026-03-11"),
+    };
+    let r = request.bearer_auth(TOKENS_KEY).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+async fn two_hundred_concurrent_reads_of_a_needs_reauth_connection_create_one_reconnect_session(
+    backend: Backend,
+) {
+    let app = TestApp::start(backend).await;
+    let (id, first) = dead_connection(&app).await;
+    assert_eq!(reconnect_sessions(&app, &id).await, 1);
+
+    // Another connection's 424s all race for its link: it is marked dead directly, so that no
+    // session exists yet when the reads start.
+    let (id, _) = app.connect("user-2").await;
+    revoke_at_notion(&app, &id).await;
+    app.db
+        .execute(&format!(
+            "UPDATE connections SET status = 'needs_reauth' WHERE id = '{id}'"
+        ))
+        .await;
+    assert_eq!(reconnect_sessions(&app, &id).await, 0);
+    const READS: usize = 200;
+    let start = Arc::new(tokio::sync::Barrier::new(READS));
+    let mut tasks = Vec::new();
+    for i in 0..READS {
+        let (http, url, id, start) = (app.http.clone(), app.url.clone(), id.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            read(http, url, id, i).await
+        }));
+    }
+    let mut links = std::collections::HashSet::new();
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 424, "{body}");
+        links.insert(body["error"]["reconnect_url"].as_str().unwrap().to_owned());
+        assert!(
+            body["error"]["reconnect_url_expires_at"].is_string(),
+            "{body}"
+        );
+    }
+    assert_eq!(links.len(), 1, "every read got the same link: {links:?}");
+    assert_eq!(
+        reconnect_sessions(&app, &id).await,
+        1,
+        "{READS} reads made exactly one session"
+    );
+    assert_ne!(
+        links.iter().next().unwrap(),
+        &first,
+        "one link per connection"
+    );
+
+    // The shared link works, once; the next time the connection dies, a new one is made.
+    let link = links.into_iter().next().unwrap();
+    let landing = app.follow(&link).await;
+    assert_eq!(
+        (landing.connection_id.as_deref(), landing.status.as_str()),
+        (Some(id.as_str()), "reconnected")
+    );
+    revoke_at_notion(&app, &id).await;
+    let grant = app.current_grant(&id).await;
+    let (status, body) = app.refresh(&id, &grant).await;
+    assert_eq!(status, 424, "{body}");
+    let next = body["error"]["reconnect_url"].as_str().unwrap();
+    assert_ne!(next, link, "a used link is not handed out again");
+    assert_eq!(reconnect_sessions(&app, &id).await, 2);
+}
+
+async fn a_reconnect_link_is_replaced_only_once_it_expires(backend: Backend) {
+    let options = Options {
+        session_ttl: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let app = TestApp::with(backend, options).await;
+    let (id, first) = dead_connection(&app).await;
+    let (status, body) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
+    assert_eq!(status, 424, "{body}");
+    assert_eq!(
+        body["error"]["reconnect_url"], first,
+        "a live link is handed out again"
+    );
+    assert_eq!(reconnect_sessions(&app, &id).await, 1);
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, body) = app
+        .get_json(&format!("/v1/connections/{id}/access-token"))
+        .await;
+    assert_eq!(status, 424, "{body}");
+    let second = body["error"]["reconnect_url"].as_str().unwrap().to_owned();
+    assert_ne!(second, first, "an expired link is replaced");
+    assert_eq!(reconnect_sessions(&app, &id).await, 2);
+    let expired = app.http.get(&first).send().await.unwrap();
+    assert_eq!(expired.status(), 410);
+    let landing = app.follow(&second).await;
+    assert_eq!(landing.status, "reconnected");
+}
