@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod ids;
 pub mod ledger;
+pub mod logging;
 pub mod provider;
 pub mod refresh;
 pub mod seal;

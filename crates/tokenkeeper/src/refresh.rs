@@ -26,6 +26,7 @@ use crate::ledger::{
     OpenGrant, RefreshFailure,
 };
 use crate::provider::notion::NotionClient;
+use crate::provider::text::{ProviderCode, ProviderText};
 use crate::provider::ProviderError;
 use crate::store::{Store, StoreError};
 
@@ -52,8 +53,8 @@ pub enum RefreshError {
     /// The provider refused our client or the request (not the grant): a configuration problem.
     #[error("the provider rejected the refresh request: {code}")]
     ProviderRejected {
-        code: String,
-        message: Option<String>,
+        code: ProviderCode,
+        message: Option<ProviderText>,
     },
     /// The database failed. Shared (`Arc`) because every caller of a flight gets the result.
     #[error("storage failed: {0}")]

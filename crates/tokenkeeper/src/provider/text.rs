@@ -49,6 +49,12 @@ impl std::fmt::Display for ProviderCode {
     }
 }
 
+impl PartialEq<str> for ProviderCode {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
 impl PartialEq<&str> for ProviderCode {
     fn eq(&self, other: &&str) -> bool {
         self.0 == *other

@@ -9,6 +9,7 @@ mod broker;
 mod cli;
 mod connect_flow;
 mod ledger_model;
+mod provider_text;
 mod proxy;
 mod reconnect_links;
 mod store_contract;

@@ -370,6 +370,16 @@ impl TestApp {
 
     /// Starts another tokenkeeper process on the same database and simulator.
     pub async fn spawn_peer(&self, extra_env: &[(&str, &str)]) -> Peer {
+        self.spawn_peer_logging(extra_env, false).await
+    }
+
+    /// Like `spawn_peer`, keeping everything the process writes (standard output and error) in
+    /// `Peer::output` instead of passing its log through.
+    pub async fn spawn_logged_peer(&self, extra_env: &[(&str, &str)]) -> Peer {
+        self.spawn_peer_logging(extra_env, true).await
+    }
+
+    async fn spawn_peer_logging(&self, extra_env: &[(&str, &str)], keep: bool) -> Peer {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenkeeper"));
         cmd.arg("serve")
             .env("TOKENKEEPER_DATABASE_URL", &self.db.url)
@@ -396,16 +406,41 @@ impl TestApp {
             )
             .env("TOKENKEEPER_LOG", "warn")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(if keep {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::inherit()
+            })
             .kill_on_drop(true);
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("the tokenkeeper binary starts");
+        let output = Arc::new(std::sync::Mutex::new(String::new()));
+        let keep_line = {
+            let output = output.clone();
+            move |line: &str| {
+                if keep {
+                    let mut all = output.lock().unwrap();
+                    all.push_str(line);
+                    all.push('\n');
+                }
+            }
+        };
+        if let Some(stderr) = child.stderr.take() {
+            let keep_line = keep_line.clone();
+            let mut lines = BufReader::new(stderr).lines();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    keep_line(&line);
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                keep_line(&line);
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     return rest.trim().to_owned();
                 }
@@ -415,8 +450,12 @@ impl TestApp {
         .await
         .expect("the peer starts within 30 s");
         // Keep reading so the peer never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Peer { url, child }
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                keep_line(&line);
+            }
+        });
+        Peer { url, child, output }
     }
 }
 
@@ -424,6 +463,8 @@ impl TestApp {
 pub struct Peer {
     pub url: String,
     pub child: tokio::process::Child,
+    /// What the process wrote, when started with `spawn_logged_peer`.
+    pub output: Arc<std::sync::Mutex<String>>,
 }
 
 impl Peer {
