@@ -154,6 +154,19 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
     let access = format!("ntn_{}", tokenkeeper::ids::random_token(30));
     let refresh = tokenkeeper::ids::random_token(30);
     let code = uuid::Uuid::new_v4().to_string();
+    // Failure messages say where a secret went without printing it: test output is a log too.
+    let secrets = [
+        ("<the refresh token>", refresh.clone()),
+        ("<the code>", code.clone()),
+        ("<the access token>", access.clone()),
+        ("<the Basic credential>", basic.clone()),
+        ("<the client secret>", client_secret.clone()),
+    ];
+    let hide = |text: &str| {
+        secrets.iter().fold(text.to_owned(), |t, (name, secret)| {
+            t.replace(secret.as_str(), name)
+        })
+    };
     let clock = app.db.clock.clone();
     let mut pair = db::minted("bot-echo", "echo", &clock);
     pair.access_token = AccessToken::new(access.clone());
@@ -196,36 +209,21 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
     // Refreshes meeting each kind of hostile answer.
     hostile.set(Mode::EchoAsCode);
     let (status, body) = refresh_once().await;
-    assert_eq!(status, 502, "{body}");
-    let parsed: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        parsed["error"]["provider_code"], "unrecognized_error",
-        "{body}"
-    );
+    assert_eq!(status, 502, "{}", hide(&body.to_string()));
+    let rejected: Value = serde_json::from_str(&body).unwrap();
     answers.push(body);
     hostile.set(Mode::Throttled);
     let (status, body) = refresh_once().await;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 503, "{}", hide(&body.to_string()));
     answers.push(body);
     hostile.set(Mode::Failing);
     let (status, body) = refresh_once().await;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 503, "{}", hide(&body.to_string()));
     answers.push(body);
     hostile.set(Mode::InvalidGrant);
     let (status, body) = refresh_once().await;
-    assert_eq!(status, 424, "{body}");
-    let parsed: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        parsed["error"]["diagnosis"]["code"], "invalid_grant",
-        "{body}"
-    );
-    assert!(
-        parsed["error"]["diagnosis"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("[redacted]"),
-        "the provider's text is kept, scrubbed: {body}"
-    );
+    assert_eq!(status, 424, "{}", hide(&body.to_string()));
+    let needs_reauth: Value = serde_json::from_str(&body).unwrap();
     answers.push(body);
 
     // A code exchange meeting it, in a browser that followed the link on this process.
@@ -239,7 +237,7 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
             .unwrap();
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     };
-    assert_eq!(status, 201, "{session}");
+    assert_eq!(status, 201, "{}", hide(&session.to_string()));
     let link = session["url"]
         .as_str()
         .unwrap()
@@ -260,7 +258,11 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
     let r = browser.get(callback.as_str()).await;
     assert_eq!(r.status(), 502);
     let page = r.text().await.unwrap();
-    assert!(page.contains("invalid_grant"), "{page}");
+    assert!(
+        page.contains("invalid_grant"),
+        "{}",
+        hide(&page.to_string())
+    );
     answers.push(page);
 
     // A revocation meeting it.
@@ -272,7 +274,11 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
         .unwrap();
     assert_eq!(r.status(), 200);
     let body = r.text().await.unwrap();
-    assert!(body.contains("\"upstream_revoked\":false"), "{body}");
+    assert!(
+        body.contains("\"upstream_revoked\":false"),
+        "{}",
+        hide(&body.to_string())
+    );
     answers.push(body);
 
     // What the app and an admin can read afterwards.
@@ -282,14 +288,10 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
         format!("/v1/connections/{id}/events"),
     ] {
         let (status, body) = app.get_json(&path).await;
-        assert_eq!(status, 200, "{body}");
+        assert_eq!(status, 200, "{}", hide(&body.to_string()));
         answers.push(body.to_string());
     }
-    let events = answers.last().unwrap();
-    assert!(
-        events.contains("refresh_failed") && events.contains("[redacted]"),
-        "the provider's text reached the trail, scrubbed: {events}"
-    );
+    let events = answers.last().unwrap().clone();
 
     // The provider did receive every secret: the test exposed them.
     let received = hostile.received.lock().unwrap().join("\n");
@@ -308,8 +310,29 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
     let log = without_colours(&peer.output.lock().unwrap());
     assert!(
         log.contains("code exchange failed"),
-        "the log was captured:\n{log}"
+        "the log was captured:\n{}",
+        hide(&log)
     );
+    let at_rest = String::from_utf8_lossy(&app.db.bytes_at_rest().await).into_owned();
+    for (name, secret) in [
+        ("the refresh token", refresh.as_str()),
+        ("the code", code.as_str()),
+        ("the access token", access.as_str()),
+        ("the Basic credential", basic.as_str()),
+        ("the client secret", client_secret.as_str()),
+    ] {
+        for (place, text) in [("the log", &log), ("the database at rest", &at_rest)] {
+            assert!(!text.contains(secret), "{name} is in {place}");
+        }
+        for answer in &answers {
+            assert!(
+                !answer.contains(secret),
+                "{name} is in an answer: {}",
+                hide(answer)
+            );
+        }
+    }
+
     // The HTTP and database libraries were asked for `trace` and held at `info`; the rest of
     // the process did log at `trace`.
     let level_and_target = |line: &str| {
@@ -331,22 +354,36 @@ async fn a_provider_that_echoes_what_it_received_leaks_no_secret_into_logs_stora
         );
         traced |= level == "TRACE";
     }
-    assert!(traced, "the process logged at trace:\n{log}");
-    let at_rest = String::from_utf8_lossy(&app.db.bytes_at_rest().await).into_owned();
-    for (name, secret) in [
-        ("the refresh token", refresh.as_str()),
-        ("the code", code.as_str()),
-        ("the access token", access.as_str()),
-        ("the Basic credential", basic.as_str()),
-        ("the client secret", client_secret.as_str()),
-    ] {
-        for (place, text) in [("the log", &log), ("the database at rest", &at_rest)] {
-            assert!(!text.contains(secret), "{name} is in {place}");
-        }
-        for answer in &answers {
-            assert!(!answer.contains(secret), "{name} is in an answer: {answer}");
-        }
-    }
+    assert!(traced, "the process logged at trace:\n{}", hide(&log));
+
+    // What the provider said is kept as data: its code when it is shaped like one, its text
+    // scrubbed.
+    assert_eq!(
+        rejected["error"]["provider_code"],
+        "unrecognized_error",
+        "{}",
+        hide(&rejected.to_string())
+    );
+    let diagnosis = &needs_reauth["error"]["diagnosis"];
+    assert_eq!(
+        diagnosis["code"],
+        "invalid_grant",
+        "{}",
+        hide(&diagnosis.to_string())
+    );
+    assert!(
+        diagnosis["message"]
+            .as_str()
+            .unwrap()
+            .contains("[redacted]"),
+        "the provider's text is kept, scrubbed: {}",
+        hide(&diagnosis.to_string())
+    );
+    assert!(
+        events.contains("refresh_failed") && events.contains("[redacted]"),
+        "the provider's text reached the trail, scrubbed: {}",
+        hide(&events)
+    );
 }
 
 /// The log without its ANSI colour codes.
