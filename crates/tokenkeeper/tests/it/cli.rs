@@ -276,7 +276,16 @@ async fn migrate_applies_the_schema_and_serve_refuses_a_newer_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("schema at version 1"));
+    // The newest migration this binary knows, whichever that is.
+    let expected = format!(
+        "schema at version {}",
+        tokenkeeper::store::sqlite::SCHEMA_VERSION
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&expected),
+        "{expected}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let conn = rusqlite::Connection::open(dir.path().join("m.db")).unwrap();
     conn.execute(
