@@ -16,7 +16,8 @@ use super::return_to::ReturnTo;
 use super::{require_admin, ApiJson, ConnectionPath, SharedState};
 use crate::ids::{ConnectionId, SessionId};
 use crate::ledger::{
-    AuthorizationKind, AuthorizationTarget, ConnectionStatus, Diagnosis, NewAuthorization, Provider,
+    AuthorizationKind, AuthorizationTarget, ConnectSession, ConnectionStatus, Diagnosis,
+    NewAuthorization, Provider,
 };
 use crate::provider::text::{ProviderCode, Sent};
 use crate::store::SessionLookup;
@@ -306,7 +307,19 @@ pub struct CallbackQuery {
 
 /// The page for a callback tokenkeeper cannot act on, with a way back to the application.
 fn dead_end(state: &SharedState, title: &str, text: &str) -> Response {
-    let back = state.allowed_return_urls.first();
+    dead_end_to(state, None, title, text)
+}
+
+/// `dead_end`, linking back to the session's own `return_to` when the session is known.
+fn dead_end_to(
+    state: &SharedState,
+    session: Option<&ConnectSession>,
+    title: &str,
+    text: &str,
+) -> Response {
+    let back = session
+        .and_then(|s| state.return_target(&s.return_to))
+        .unwrap_or_else(|| state.allowed_return_urls.first());
     page_with_way_back(
         StatusCode::BAD_REQUEST,
         title,
@@ -344,6 +357,12 @@ pub async fn callback(
                 .iter()
                 .any(|c| bool::from(c.as_bytes().ct_eq(s.as_bytes())))
             {
+                // Worth an operator's notice (an attack, or a user switching browsers); the
+                // state itself is not logged.
+                tracing::info!(
+                    cookies = cookies.len(),
+                    "refused a callback whose state this browser did not start"
+                );
                 return dead_end(
                     &state,
                     "Sign-in not completed",
@@ -385,33 +404,35 @@ pub async fn callback(
                 "This callback does not match any connect link tokenkeeper made. Nothing was stored.",
             )
         }
-        Ok(SessionLookup::AlreadyUsed(_)) => {
-            return dead_end(
+        Ok(SessionLookup::AlreadyUsed(session)) => {
+            return dead_end_to(
                 &state,
+                Some(&session),
                 "Authorization already completed",
                 "This connect link was already used; a callback can be used only once. Nothing was stored.",
             )
         }
-        Ok(SessionLookup::Expired(_)) => {
-            return dead_end(
+        Ok(SessionLookup::Expired(session)) => {
+            return dead_end_to(
                 &state,
+                Some(&session),
                 "Connect link expired",
                 "This connect link expired before the authorization came back. Ask the application for a new one. Nothing was stored.",
             )
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let Some(return_to) = state.return_target(&session.return_to) else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Return address not allowed",
-            "This connect link's return address is no longer allowed by tokenkeeper's settings. Nothing was stored.",
-        );
-    };
     // The attempt is over whatever happens next: the browser forgets it.
     let finish = |mut response: Response| {
         set_attempt_cookie(&state, &mut response, None);
         response
+    };
+    let Some(return_to) = state.return_target(&session.return_to) else {
+        return finish(page(
+            StatusCode::BAD_REQUEST,
+            "Return address not allowed",
+            "This connect link's return address is no longer allowed by tokenkeeper's settings. Nothing was stored.",
+        ));
     };
     if let Some(error) = query.error.as_deref() {
         // The code arrived in the browser's address bar, from anyone: it is kept only if it has
