@@ -9,11 +9,15 @@ use serde_json::{json, Value};
 
 use crate::both_backends;
 use crate::support::app::{Options, TestApp, TOKENS_KEY};
-use crate::support::db::Backend;
+use crate::support::db::{self, Backend, TestDb};
+use tokenkeeper::ids::{ConnectionId, SessionId};
+use tokenkeeper::ledger::{ConnectSession, Provider};
+use tokenkeeper::store::SessionLookup;
 
 both_backends!(
     two_hundred_concurrent_reads_of_a_needs_reauth_connection_create_one_reconnect_session,
     a_reconnect_link_is_replaced_only_once_it_expires,
+    the_store_keeps_one_sealed_reconnect_link_per_connection_until_used_expired_or_unopenable,
 );
 
 /// Connects a user, then uninstalls the bot at Notion and lets a refresh find out: the
@@ -157,4 +161,109 @@ async fn a_reconnect_link_is_replaced_only_once_it_expires(backend: Backend) {
     assert_eq!(expired.status(), 410);
     let landing = app.follow(&second).await;
     assert_eq!(landing.status, "reconnected");
+}
+
+/// A reconnect session for `connection` as the API makes one, keeping only its state's hash.
+fn candidate(db: &TestDb, connection: &ConnectionId, state: &str) -> ConnectSession {
+    ConnectSession {
+        id: SessionId::generate(),
+        provider: Provider::Notion,
+        state_hash: {
+            use sha2::Digest;
+            sha2::Sha256::digest(state.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        },
+        end_user_id: "user-1".into(),
+        return_to: "https://app.example/".into(),
+        connection_id: Some(connection.clone()),
+        created_at: db.clock.now(),
+        expires_at: db.clock.now() + chrono::Duration::minutes(10),
+        used_at: None,
+    }
+}
+
+/// The store's side of the shared link, with a clock the test moves: one per connection,
+/// handed out with its state until it is used or expires, replaced when the key ring can no
+/// longer open its state, and never stored in plaintext.
+async fn the_store_keeps_one_sealed_reconnect_link_per_connection_until_used_expired_or_unopenable(
+    backend: Backend,
+) {
+    let (keys, _) = db::key_ring();
+    let db = TestDb::new(backend, keys, db::manual_clock()).await;
+    let s = &*db.store;
+    let one = s
+        .record_authorization(db::connect("user-1", db::minted("bot-a", "a", &db.clock)))
+        .await
+        .unwrap()
+        .connection
+        .id;
+    let two = s
+        .record_authorization(db::connect("user-2", db::minted("bot-b", "b", &db.clock)))
+        .await
+        .unwrap()
+        .connection
+        .id;
+    let states: Vec<String> = (0..6)
+        .map(|i| format!("state-{i}-{}", tokenkeeper::ids::random_token(16)))
+        .collect();
+
+    let (first, state) = s
+        .reconnect_link(&candidate(&db, &one, &states[0]), &states[0])
+        .await
+        .unwrap();
+    assert_eq!(state, states[0]);
+    let (again, state) = s
+        .reconnect_link(&candidate(&db, &one, &states[1]), &states[1])
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.id.clone(), state.as_str()),
+        (first.id.clone(), states[0].as_str()),
+        "the live link and its state are handed out again"
+    );
+    let (other, _) = s
+        .reconnect_link(&candidate(&db, &two, &states[2]), &states[2])
+        .await
+        .unwrap();
+    assert_ne!(other.id, first.id, "each connection has its own");
+
+    // Used: replaced.
+    assert!(matches!(
+        s.consume_session(&first.state_hash).await.unwrap(),
+        SessionLookup::Consumed(_)
+    ));
+    let (after_use, state) = s
+        .reconnect_link(&candidate(&db, &one, &states[3]), &states[3])
+        .await
+        .unwrap();
+    assert_ne!(after_use.id, first.id);
+    assert_eq!(state, states[3]);
+
+    // Expired: replaced.
+    db.clock.advance(chrono::Duration::minutes(10));
+    let (after_expiry, _) = s
+        .reconnect_link(&candidate(&db, &one, &states[4]), &states[4])
+        .await
+        .unwrap();
+    assert_ne!(after_expiry.id, after_use.id);
+
+    // A process whose key ring cannot open the state makes a new link instead of failing.
+    let (strangers_keys, _) = db::key_ring();
+    let stranger = db.open_another(strangers_keys, db.clock.clone()).await;
+    let (theirs, state) = stranger
+        .reconnect_link(&candidate(&db, &one, &states[5]), &states[5])
+        .await
+        .unwrap();
+    assert_ne!(theirs.id, after_expiry.id);
+    assert_eq!(state, states[5]);
+
+    let at_rest = String::from_utf8_lossy(&db.bytes_at_rest().await).into_owned();
+    for state in &states {
+        assert!(
+            !at_rest.contains(state.as_str()),
+            "a state is stored in plaintext"
+        );
+    }
 }
