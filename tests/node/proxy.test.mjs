@@ -60,10 +60,24 @@ async function api(method, route, body) {
   return { status: response.status, json: await response.json() };
 }
 
-/** GETs `url` as a browser would and returns where it redirects to. */
-async function hop(url) {
-  const response = await fetch(url, { redirect: "manual", signal: AbortSignal.timeout(10_000) });
+/**
+ * GETs `url` as a browser would and returns where it redirects to. `jar` holds the cookies set
+ * so far (name → value) and is sent along: tokenkeeper binds a connect attempt to the browser
+ * that followed the link, with a cookie the callback checks.
+ */
+async function hop(url, jar = new Map()) {
+  const cookie = [...jar].map(([name, value]) => `${name}=${value}`).join("; ");
+  const response = await fetch(url, {
+    redirect: "manual",
+    headers: cookie ? { cookie } : {},
+    signal: AbortSignal.timeout(10_000),
+  });
   assert.ok([302, 303, 307].includes(response.status), `a redirect from ${url}, got ${response.status}`);
+  for (const set of response.headers.getSetCookie()) {
+    const [pair] = set.split(";");
+    const at = pair.indexOf("=");
+    jar.set(pair.slice(0, at).trim(), pair.slice(at + 1).trim());
+  }
   return new URL(response.headers.get("location"), url).toString();
 }
 
@@ -75,11 +89,12 @@ async function connect(endUserId) {
     return_to: `${tokenkeeper.url}/done`,
   });
   assert.equal(session.status, 201, JSON.stringify(session.json));
-  const toNotion = await hop(session.json.url);
+  const jar = new Map();
+  const toNotion = await hop(session.json.url, jar);
   assert.ok(toNotion.startsWith(`${sim.url}/v1/oauth/authorize`), toNotion);
   const toCallback = await hop(toNotion);
   assert.ok(toCallback.startsWith(`${tokenkeeper.url}/oauth/callback`), toCallback);
-  const landing = new URL(await hop(toCallback));
+  const landing = new URL(await hop(toCallback, jar));
   assert.equal(landing.pathname, "/done");
   assert.equal(landing.searchParams.get("status"), "connected");
   const id = landing.searchParams.get("connection_id");

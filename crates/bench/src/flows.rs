@@ -56,6 +56,15 @@ impl Flow {
             .send(request(Method::GET, self.tk_addr, &path_and_query(link)?).empty())
             .await?;
         let authorize = to_notion.location()?.to_owned();
+        // The link binds the attempt to this "browser" with a cookie; the callback refuses a
+        // state presented without it. Only its `name=value` goes back, as a browser sends it.
+        let attempt_cookie = to_notion
+            .headers
+            .get(http::header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .context("the connect link set no attempt cookie")?
+            .to_owned();
         if client::addr_of(&authorize)? != self.sim_addr {
             bail!("the connect link led to {authorize}, not to the simulator");
         }
@@ -66,7 +75,11 @@ impl Flow {
         let callback = consent.location()?.to_owned();
         let back = self
             .tk
-            .send(request(Method::GET, self.tk_addr, &path_and_query(&callback)?).empty())
+            .send(
+                request(Method::GET, self.tk_addr, &path_and_query(&callback)?)
+                    .header("cookie", &attempt_cookie)
+                    .empty(),
+            )
             .await?;
         let landed = url::Url::parse(back.location()?)?;
         let mut id = None;

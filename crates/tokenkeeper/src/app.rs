@@ -46,7 +46,7 @@ pub fn holder_name() -> LeaseHolder {
 /// What the state needs besides the store and Notion's address.
 pub struct StateSettings {
     pub public_url: url::Url,
-    pub allowed_return_urls: Vec<String>,
+    pub allowed_return_urls: crate::api::return_to::AllowedReturnUrls,
     pub api_keys: crate::api::auth::ApiKeys,
     pub session_ttl: Duration,
     pub provider_timeout: Duration,

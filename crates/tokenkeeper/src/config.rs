@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::api::auth::{ApiKey, ApiKeys};
 use crate::api::proxy::ProxyTimeouts;
+use crate::api::return_to::AllowedReturnUrls;
 use crate::api::server::ServerLimits;
 use crate::ids::ClientSecret;
 use crate::provider::notion::NotionSettings;
@@ -92,7 +93,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENKEEPER_API_KEYS_FILE", conflicts_with = "api_keys")]
     pub api_keys_file: Option<PathBuf>,
 
-    /// Comma-separated URL prefixes that a connect session's `return_to` must start with.
+    /// Comma-separated URL prefixes that a connect session's `return_to` must lie under: the
+    /// same scheme, host and port, and a path under the prefix's path at a segment boundary.
+    /// Each is an http(s) URL without user name, query, fragment or dot segments.
     /// Default: tokenkeeper's own public URL.
     #[arg(long, env = "TOKENKEEPER_ALLOWED_RETURN_URLS")]
     pub allowed_return_urls: Option<String>,
@@ -241,7 +244,7 @@ pub struct Config {
     pub keys: KeySource,
     pub api_keys: ApiKeys,
     pub created_api_key_file: Option<PathBuf>,
-    pub allowed_return_urls: Vec<String>,
+    pub allowed_return_urls: AllowedReturnUrls,
     /// `None` means: no Notion credentials; `serve` starts the built-in simulator and fills this in.
     pub notion: Option<NotionSettings>,
     pub notion_version: String,
@@ -386,15 +389,9 @@ impl Config {
             }
         };
         let allowed_return_urls = match &args.allowed_return_urls {
-            Some(list) => {
-                let mut out = Vec::new();
-                for prefix in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    parse_http_url(prefix, "TOKENKEEPER_ALLOWED_RETURN_URLS")?;
-                    out.push(prefix.to_owned());
-                }
-                out
-            }
-            None => vec![public_url.as_str().to_owned()],
+            Some(list) => AllowedReturnUrls::parse(list)
+                .map_err(|m| ConfigError::new("TOKENKEEPER_ALLOWED_RETURN_URLS", m))?,
+            None => AllowedReturnUrls::only(&public_url),
         };
         let notion_base_url = parse_http_url(&args.notion_base_url, "TOKENKEEPER_NOTION_BASE_URL")?;
         let notion = match (&args.notion_client_id, &args.notion_client_secret) {

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod journal;
 pub mod keycheck;
 pub mod ledger;
+pub mod logging;
 pub mod provider;
 pub mod refresh;
 pub mod seal;

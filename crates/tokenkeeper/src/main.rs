@@ -56,13 +56,7 @@ enum KeysCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TOKENKEEPER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tokenkeeper::logging::init();
     let result = match cli.command {
         Command::Serve(args) => serve(&args).await,
         Command::Migrate(args) => migrate(&args).await,
@@ -109,7 +103,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     if args.public_url.is_none() && config.listen.port() == 0 {
         config.public_url = url::Url::parse(&format!("http://{addr}"))?;
         if args.allowed_return_urls.is_none() {
-            config.allowed_return_urls = vec![config.public_url.as_str().to_owned()];
+            config.allowed_return_urls =
+                tokenkeeper::api::return_to::AllowedReturnUrls::only(&config.public_url);
         }
     }
     let app = tokenkeeper::app::App::build(&config, opened).await?;

@@ -28,6 +28,7 @@ use crate::ledger::{
     LeaseOutcome, MintedPair, OpenGrant, RefreshFailure, Rescue, TriedGrant,
 };
 use crate::provider::notion::NotionClient;
+use crate::provider::text::{ProviderCode, ProviderText};
 use crate::provider::ProviderError;
 use crate::store::{Store, StoreError};
 
@@ -54,8 +55,8 @@ pub enum RefreshError {
     /// The provider refused our client or the request (not the grant): a configuration problem.
     #[error("the provider rejected the refresh request: {code}")]
     ProviderRejected {
-        code: String,
-        message: Option<String>,
+        code: ProviderCode,
+        message: Option<ProviderText>,
     },
     /// The grant named in `if_grant` was obtained moments ago (`FRESH_WINDOW`) and the provider
     /// still calls it active: its refusal is about the request, and refreshing again would only

@@ -50,6 +50,9 @@ pub enum SealError {
 pub enum Column {
     AccessToken,
     RefreshToken,
+    /// The `state` of a reusable reconnect session (`connect_sessions.reusable_state`); its
+    /// context names the session where a token's names the grant.
+    ReconnectState,
 }
 
 impl Column {
@@ -57,6 +60,7 @@ impl Column {
         match self {
             Column::AccessToken => "access_token",
             Column::RefreshToken => "refresh_token",
+            Column::ReconnectState => "reconnect_state",
         }
     }
 }

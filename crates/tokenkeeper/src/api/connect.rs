@@ -2,8 +2,9 @@
 //! through the ledger (never an early return for a `bot_id` we already know).
 
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use cookie::{Cookie, SameSite};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -11,11 +12,14 @@ use subtle::ConstantTimeEq;
 
 use super::auth::Scope;
 use super::error::{ApiError, ErrorCode};
+use super::return_to::ReturnTo;
 use super::{require_admin, ApiJson, ConnectionPath, SharedState};
 use crate::ids::{ConnectionId, SessionId};
 use crate::ledger::{
-    AuthorizationKind, AuthorizationTarget, ConnectionStatus, Diagnosis, NewAuthorization, Provider,
+    AuthorizationKind, AuthorizationTarget, ConnectSession, ConnectionStatus, Diagnosis,
+    NewAuthorization, Provider,
 };
+use crate::provider::text::{ProviderCode, Sent};
 use crate::store::SessionLookup;
 
 /// We store only a hash of `state`: the database alone cannot complete anyone's flow.
@@ -41,14 +45,13 @@ fn check_end_user(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_return_to(state: &SharedState, return_to: &str) -> Result<(), ApiError> {
-    if state.return_to_allowed(return_to) {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        ErrorCode::ReturnToNotAllowed,
-        "return_to must start with one of TOKENKEEPER_ALLOWED_RETURN_URLS",
-    ))
+fn check_return_to(state: &SharedState, return_to: &str) -> Result<ReturnTo, ApiError> {
+    state.allowed_return_urls.check(return_to).map_err(|why| {
+        ApiError::new(
+            ErrorCode::ReturnToNotAllowed,
+            format!("return_to is refused: {why}"),
+        )
+    })
 }
 
 pub async fn create_session(
@@ -64,9 +67,9 @@ pub async fn create_session(
         )
     })?;
     check_end_user(&body.end_user_id)?;
-    check_return_to(&state, &body.return_to)?;
+    let return_to = check_return_to(&state, &body.return_to)?;
     let (session, url) = state
-        .new_session(provider, body.end_user_id, body.return_to, None)
+        .new_session(provider, body.end_user_id, return_to, None)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -96,11 +99,8 @@ pub async fn create_reconnect_session(
         .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
     let body: CreateReconnect = super::optional_json(&body)?;
     let return_to = match body.return_to {
-        Some(r) => {
-            check_return_to(&state, &r)?;
-            r
-        }
-        None => default_return_to(&state),
+        Some(r) => check_return_to(&state, &r)?,
+        None => state.allowed_return_urls.first(),
     };
     let (session, url) = state
         .new_session(
@@ -117,45 +117,39 @@ pub async fn create_reconnect_session(
         .into_response())
 }
 
-/// Where a reconnect link made by tokenkeeper itself (in a 424) sends the user back to.
-pub fn default_return_to(state: &SharedState) -> String {
-    state
-        .allowed_return_urls
-        .first()
-        .cloned()
-        .unwrap_or_else(|| state.public("/"))
-}
-
-/// A fresh reconnect link for a connection, for 424 answers.
-pub async fn reconnect_url(state: &SharedState, id: &ConnectionId) -> Result<String, ApiError> {
+/// The connection's reconnect link for 424 answers (see `AppState::reconnect_link`), and when
+/// it expires.
+async fn reconnect_link(
+    state: &SharedState,
+    id: &ConnectionId,
+) -> Result<(String, chrono::DateTime<chrono::Utc>), ApiError> {
     let connection = state
         .store
         .get_connection(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
-    let (_, url) = state
-        .new_session(
-            connection.provider,
-            connection.end_user_id,
-            default_return_to(state),
-            Some(id.clone()),
-        )
+    let (session, url) = state
+        .reconnect_link(connection.provider, connection.end_user_id, id.clone())
         .await?;
-    Ok(url)
+    Ok((url, session.expires_at))
 }
 
 /// The answer for a connection whose user must reconnect: 424 `needs_reauth` with the
-/// diagnosis and a reconnect link (`null`, logged, when one cannot be made).
+/// diagnosis and a reconnect link (`null`, logged, when one cannot be made). The link is the
+/// same for every 424 of the connection until it is used or expires.
 pub async fn needs_reauth(
     state: &SharedState,
     id: &ConnectionId,
     diagnosis: Option<Diagnosis>,
 ) -> ApiError {
-    let link = match reconnect_url(state, id).await {
-        Ok(url) => serde_json::Value::from(url),
+    let (link, expires_at) = match reconnect_link(state, id).await {
+        Ok((url, expires_at)) => (
+            serde_json::Value::from(url),
+            serde_json::to_value(expires_at).expect("a time serializes"),
+        ),
         Err(e) => {
             tracing::error!(connection = %id, "could not make a reconnect link: {}", e.message);
-            serde_json::Value::Null
+            (serde_json::Value::Null, serde_json::Value::Null)
         }
     };
     ApiError::new(
@@ -164,6 +158,7 @@ pub async fn needs_reauth(
     )
     .with("connection_id", id.as_str())
     .with("reconnect_url", link)
+    .with("reconnect_url_expires_at", expires_at)
     .with(
         "diagnosis",
         serde_json::to_value(diagnosis).expect("a diagnosis serializes"),
@@ -172,14 +167,31 @@ pub async fn needs_reauth(
 
 /// A plain page that says what happened, for the user's browser.
 pub fn page(status: StatusCode, title: &str, text: &str) -> Response {
+    page_with_way_back(status, title, text, None)
+}
+
+/// A plain page that says what happened and, with `back`, offers a link out of the dead end.
+fn page_with_way_back(
+    status: StatusCode,
+    title: &str,
+    text: &str,
+    back: Option<(&str, &str)>,
+) -> Response {
+    let link = back
+        .map(|(href, label)| format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(label)))
+        .unwrap_or_default();
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
          <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}</style></head>\
-         <body><h1>{t}</h1><p>{x}</p></body></html>",
+         <body><h1>{t}</h1><p>{x}</p>{link}</body></html>",
         t = escape(title),
         x = escape(text)
     );
-    (status, Html(body)).into_response()
+    let mut response = (status, Html(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 pub fn escape(s: &str) -> String {
@@ -231,13 +243,59 @@ pub async fn follow_link(
             "This connect link has expired. Ask the application for a new one.",
         );
     }
-    Redirect::to(
+    let lifetime = (found.expires_at - state.clock.now()).num_seconds().max(1);
+    let mut response = Redirect::to(
         state
             .notion
             .authorize_url(&secret, &state.callback_url())
             .as_str(),
     )
-    .into_response()
+    .into_response();
+    set_attempt_cookie(&state, &mut response, Some((&secret, lifetime)));
+    response
+}
+
+/// The cookie that binds a connect attempt to the browser that started it (RFC 9700 §4.7:
+/// `state` bound to the user agent). Its value is the attempt's `state`, which the browser
+/// already holds in the link it followed, so the cookie reveals nothing new; the callback
+/// accepts a `state` only from the browser holding the same value, and finds the attempt
+/// through it when Notion sends a cancelled consent back with an empty `state`.
+const ATTEMPT_COOKIE: &str = "tokenkeeper_connect";
+
+/// The attempt cookie (`Some((state, seconds))`), or the header that clears it (`None`). It is
+/// HttpOnly; SameSite=Lax, which still sends it on the top-level redirect from Notion to the
+/// callback; scoped to the callback's path, so no other page of ours receives it; and Secure
+/// when the public URL is https.
+fn attempt_cookie(public_url: &url::Url, value: Option<(&str, i64)>) -> String {
+    let path = format!("{}/oauth/callback", public_url.path().trim_end_matches('/'));
+    let (value, max_age) = value.unwrap_or(("", 0));
+    Cookie::build((ATTEMPT_COOKIE, value))
+        .path(path)
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(public_url.scheme() == "https")
+        .max_age(cookie::time::Duration::seconds(max_age))
+        .build()
+        .to_string()
+}
+
+fn set_attempt_cookie(state: &SharedState, response: &mut Response, value: Option<(&str, i64)>) {
+    if let Ok(v) = HeaderValue::from_str(&attempt_cookie(&state.public_url, value)) {
+        response.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// The attempt cookies the browser sent (normally one; more if someone planted another).
+fn attempt_cookies(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .filter(|c| c.name() == ATTEMPT_COOKIE && !c.value().is_empty())
+        .map(|c| c.value().to_owned())
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -247,79 +305,159 @@ pub struct CallbackQuery {
     error: Option<String>,
 }
 
-fn with_query(return_to: &str, pairs: &[(&str, &str)]) -> String {
-    match url::Url::parse(return_to) {
-        Ok(mut url) => {
-            {
-                let mut q = url.query_pairs_mut();
-                for (k, v) in pairs {
-                    q.append_pair(k, v);
-                }
-            }
-            url.into()
-        }
-        Err(_) => return_to.to_owned(),
-    }
+/// The page for a callback tokenkeeper cannot act on, with a way back to the application.
+fn dead_end(state: &SharedState, title: &str, text: &str) -> Response {
+    dead_end_to(state, None, title, text)
+}
+
+/// `dead_end`, linking back to the session's own `return_to` when the session is known.
+fn dead_end_to(
+    state: &SharedState,
+    session: Option<&ConnectSession>,
+    title: &str,
+    text: &str,
+) -> Response {
+    let back = session
+        .and_then(|s| state.return_target(&s.return_to))
+        .unwrap_or_else(|| state.allowed_return_urls.first());
+    page_with_way_back(
+        StatusCode::BAD_REQUEST,
+        title,
+        text,
+        Some((back.as_str(), "Return to the application")),
+    )
 }
 
 /// `GET /oauth/callback`: Notion sends the user back here.
+///
+/// The `state` must come from the browser that followed the connect link (the attempt cookie
+/// holds the same value); a `state` from any other browser is refused, nothing stored, so that
+/// nobody can make a victim's browser complete the attacker's authorization. A callback with no
+/// `state` but an attempt cookie is Notion's cancelled consent (notion-wire.md §1): the attempt
+/// is consumed and the user goes back to the app with `status=denied`.
 pub async fn callback(
     State(state): State<SharedState>,
+    headers: HeaderMap,
     Query(query): Query<CallbackQuery>,
 ) -> Response {
-    let Some(secret) = query.state.as_deref().filter(|s| !s.is_empty()) else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Missing state",
-            "This callback carries no state, so it cannot be matched to a connect link. Nothing was stored.",
-        );
+    let presented = query.state.as_deref().filter(|s| !s.is_empty());
+    let cookies = attempt_cookies(&headers);
+    let secret = match (presented, cookies.as_slice()) {
+        (None, []) => {
+            return dead_end(
+                &state,
+                "Sign-in not completed",
+                "Notion sent you back without saying which connect attempt this was, and this \
+                 browser holds no connect attempt of tokenkeeper's (it may have expired, or cookies \
+                 may be blocked). Nothing was stored. Go back to the application and connect again.",
+            )
+        }
+        (Some(s), cookies) => {
+            if !cookies
+                .iter()
+                .any(|c| bool::from(c.as_bytes().ct_eq(s.as_bytes())))
+            {
+                // Worth an operator's notice (an attack, or a user switching browsers); the
+                // state itself is not logged.
+                tracing::info!(
+                    cookies = cookies.len(),
+                    "refused a callback whose state this browser did not start"
+                );
+                return dead_end(
+                    &state,
+                    "Sign-in not completed",
+                    "This authorization was not started in this browser, was already completed \
+                     here, or this browser started another connect attempt since. For your safety \
+                     it was not completed and nothing was stored. Go back to the application and \
+                     connect again.",
+                );
+            }
+            s.to_owned()
+        }
+        (None, [only]) => {
+            if query.error.is_none() {
+                // An authorization without `state` is not Notion's: it always echoes it.
+                return dead_end(
+                    &state,
+                    "Sign-in not completed",
+                    "Notion's answer carried no state, so it cannot be matched to your connect \
+                     attempt. Nothing was stored. Go back to the application and connect again.",
+                );
+            }
+            only.clone()
+        }
+        (None, _) => {
+            return dead_end(
+                &state,
+                "Sign-in not completed",
+                "This browser holds several connect attempts, and Notion's answer does not say \
+                 which one it ends. Nothing was stored. Go back to the application and connect again.",
+            )
+        }
     };
-    let session = match state.store.consume_session(&state_hash(secret)).await {
+    let session = match state.store.consume_session(&state_hash(&secret)).await {
         Ok(SessionLookup::Consumed(s)) => s,
         Ok(SessionLookup::Unknown) => {
-            return page(
-                StatusCode::BAD_REQUEST,
+            return dead_end(
+                &state,
                 "Unknown authorization",
                 "This callback does not match any connect link tokenkeeper made. Nothing was stored.",
             )
         }
-        Ok(SessionLookup::AlreadyUsed(_)) => {
-            return page(
-                StatusCode::BAD_REQUEST,
+        Ok(SessionLookup::AlreadyUsed(session)) => {
+            return dead_end_to(
+                &state,
+                Some(&session),
                 "Authorization already completed",
                 "This connect link was already used; a callback can be used only once. Nothing was stored.",
             )
         }
-        Ok(SessionLookup::Expired(_)) => {
-            return page(
-                StatusCode::BAD_REQUEST,
+        Ok(SessionLookup::Expired(session)) => {
+            return dead_end_to(
+                &state,
+                Some(&session),
                 "Connect link expired",
                 "This connect link expired before the authorization came back. Ask the application for a new one. Nothing was stored.",
             )
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
+    // The attempt is over whatever happens next: the browser forgets it.
+    let finish = |mut response: Response| {
+        set_attempt_cookie(&state, &mut response, None);
+        response
+    };
+    let Some(return_to) = state.return_target(&session.return_to) else {
+        return finish(page(
+            StatusCode::BAD_REQUEST,
+            "Return address not allowed",
+            "This connect link's return address is no longer allowed by tokenkeeper's settings. Nothing was stored.",
+        ));
+    };
     if let Some(error) = query.error.as_deref() {
-        let status = if error == "access_denied" {
+        // The code arrived in the browser's address bar, from anyone: it is kept only if it has
+        // the shape of an OAuth error code.
+        let code = ProviderCode::from_untrusted(error, &Sent::nothing());
+        let status = if code == "access_denied" {
             "denied"
         } else {
             "error"
         };
         let mut pairs = vec![("status", status)];
         if status == "error" {
-            pairs.push(("error", error));
+            pairs.push(("error", code.as_str()));
         }
         if let Some(id) = &session.connection_id {
             pairs.push(("connection_id", id.as_str()));
         }
-        return Redirect::to(&with_query(&session.return_to, &pairs)).into_response();
+        return finish(Redirect::to(&return_to.with_query(&pairs)).into_response());
     }
     let Some(code) = query.code.as_deref().filter(|c| !c.is_empty()) else {
-        return page(
+        return finish(page(
             StatusCode::BAD_REQUEST,
             "Missing code",
             "Notion sent neither a code nor an error. Nothing was stored.",
-        );
+        ));
     };
     let pair = match state
         .notion
@@ -329,11 +467,11 @@ pub async fn callback(
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!("code exchange failed: {e}");
-            return page(
+            return finish(page(
                 StatusCode::BAD_GATEWAY,
                 "Notion did not complete the authorization",
                 &format!("Exchanging the authorization code failed ({e}). Nothing was stored; try connecting again."),
-            );
+            ));
         }
     };
     let target = match &session.connection_id {
@@ -352,11 +490,11 @@ pub async fn callback(
         Ok(o) => o,
         Err(e) => {
             tracing::error!("recording an authorization failed: {e}");
-            return page(
+            return finish(page(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Authorization not recorded",
                 &format!("tokenkeeper could not record this authorization: {e}"),
-            );
+            ));
         }
     };
     let status = match outcome.kind {
@@ -364,12 +502,36 @@ pub async fn callback(
         AuthorizationKind::Reauthorized | AuthorizationKind::Confirmed => "reconnected",
     };
     debug_assert_eq!(outcome.connection.status, ConnectionStatus::Active);
-    Redirect::to(&with_query(
-        &session.return_to,
-        &[
+    finish(
+        Redirect::to(&return_to.with_query(&[
             ("connection_id", outcome.connection.id.as_str()),
             ("status", status),
-        ],
-    ))
-    .into_response()
+        ]))
+        .into_response(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_cookie_is_secure_on_https_and_scoped_under_the_public_path() {
+        let https = url::Url::parse("https://auth.example/tk/").unwrap();
+        let cookie = attempt_cookie(&https, Some(("s3", 600)));
+        for part in [
+            "tokenkeeper_connect=s3",
+            "HttpOnly",
+            "SameSite=Lax",
+            "Secure",
+            "Path=/tk/oauth/callback",
+            "Max-Age=600",
+        ] {
+            assert!(cookie.split("; ").any(|p| p == part), "{part} in {cookie}");
+        }
+        let http = url::Url::parse("http://127.0.0.1:8080").unwrap();
+        let cleared = attempt_cookie(&http, None);
+        assert!(!cleared.contains("Secure"), "{cleared}");
+        assert!(cleared.contains("Max-Age=0") && cleared.contains("Path=/oauth/callback"));
+    }
 }

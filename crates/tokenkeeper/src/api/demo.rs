@@ -10,6 +10,7 @@ use axum::Router;
 use serde::Deserialize;
 
 use super::connect::{escape, page};
+use super::return_to::AllowedReturnUrls;
 use super::SharedState;
 use crate::ids::ConnectionId;
 use crate::ledger::Provider;
@@ -62,13 +63,13 @@ async fn connect(State(state): State<SharedState>, Form(form): Form<ConnectForm>
             "Give an end user id of 1 to 256 characters.",
         );
     }
+    // The demo page is tokenkeeper's own, so it is checked against the public URL rather than
+    // the app's allow-list.
+    let return_to = AllowedReturnUrls::only(&state.public_url)
+        .check(&state.public("/demo/connected"))
+        .expect("a page under the public URL is under the public URL");
     match state
-        .new_session(
-            Provider::Notion,
-            end_user.to_owned(),
-            state.public("/demo/connected"),
-            None,
-        )
+        .new_session(Provider::Notion, end_user.to_owned(), return_to, None)
         .await
     {
         Ok((_, url)) => Redirect::to(&url).into_response(),

@@ -7,6 +7,7 @@ mod connections;
 mod demo;
 pub mod error;
 pub mod proxy;
+pub mod return_to;
 pub mod server;
 
 use std::sync::atomic::AtomicU64;
@@ -28,6 +29,7 @@ use crate::refresh::Coordinator;
 use crate::store::Store;
 use auth::{ApiKeys, Scope};
 use error::{ApiError, ErrorCode};
+use return_to::{AllowedReturnUrls, ReturnTo};
 
 /// Everything a handler may need, built once at start and shared.
 pub struct AppState {
@@ -36,7 +38,7 @@ pub struct AppState {
     pub notion: NotionClient,
     pub api_keys: ApiKeys,
     pub public_url: url::Url,
-    pub allowed_return_urls: Vec<String>,
+    pub allowed_return_urls: AllowedReturnUrls,
     pub session_ttl: Duration,
     pub clock: Clock,
     /// The `Notion-Version` set on proxied calls whose caller sent none.
@@ -73,23 +75,16 @@ impl AppState {
         self.public("/oauth/callback")
     }
 
-    /// Whether `return_to` is under one of the allowed prefixes, ending at a URL boundary so
-    /// that `https://app.example` does not admit `https://app.example.evil.com`.
-    pub fn return_to_allowed(&self, return_to: &str) -> bool {
-        let Ok(url) = url::Url::parse(return_to) else {
-            return false;
-        };
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return false;
-        }
-        self.allowed_return_urls.iter().any(|prefix| {
-            return_to.starts_with(prefix.as_str())
-                && (prefix.ends_with('/')
-                    || matches!(
-                        return_to.as_bytes().get(prefix.len()),
-                        None | Some(b'/' | b'?' | b'#')
-                    ))
-        })
+    /// Where the callback may send the browser back to, for a `return_to` a session stored:
+    /// checked again, so that the redirect is built from a URL that passed the check now (a
+    /// session stored before the allow-list changed, or by an older version, is refused), and
+    /// normalised. tokenkeeper's own pages (the demo's) are always allowed: they are not an
+    /// open redirect.
+    pub fn return_target(&self, stored: &str) -> Option<ReturnTo> {
+        self.allowed_return_urls
+            .check(stored)
+            .or_else(|_| AllowedReturnUrls::only(&self.public_url).check(stored))
+            .ok()
     }
 
     /// Creates a connect (or, with `connection`, reconnect) session; returns it with its link.
@@ -97,9 +92,50 @@ impl AppState {
         &self,
         provider: Provider,
         end_user_id: String,
-        return_to: String,
-        connection: Option<crate::ids::ConnectionId>,
+        return_to: ReturnTo,
+        connection: Option<ConnectionId>,
     ) -> Result<(ConnectSession, String), ApiError> {
+        let (session, state) = self.session_candidate(provider, end_user_id, return_to, connection);
+        self.store.create_session(&session).await?;
+        let url = self.link(&session, &state);
+        Ok((session, url))
+    }
+
+    /// The reconnect link that 424 answers carry: the connection's live one, or a new one.
+    /// Reads of a connection that needs its user back must not write a session each (a
+    /// `tokens` key, which may not create sessions, would otherwise make one per read).
+    ///
+    /// Handing the same link out again needs its `state`, and only a hash of the state is
+    /// stored. Two ways were weighed: deriving the state as an HMAC of the session id under a
+    /// key derived from the key ring, or storing the state sealed with the key ring. The state
+    /// is sealed: it reuses the one AEAD and key ring that already seal tokens, with no new
+    /// key derivation and no record of which key derived which state, and the database alone
+    /// still cannot complete anyone's flow.
+    pub async fn reconnect_link(
+        &self,
+        provider: Provider,
+        end_user_id: String,
+        connection: ConnectionId,
+    ) -> Result<(ConnectSession, String), ApiError> {
+        let (candidate, state) = self.session_candidate(
+            provider,
+            end_user_id,
+            self.allowed_return_urls.first(),
+            Some(connection),
+        );
+        let (session, state) = self.store.reconnect_link(&candidate, &state).await?;
+        let url = self.link(&session, &state);
+        Ok((session, url))
+    }
+
+    /// A new session, not stored yet, and its `state` (192 random bits; only its hash is kept).
+    fn session_candidate(
+        &self,
+        provider: Provider,
+        end_user_id: String,
+        return_to: ReturnTo,
+        connection: Option<ConnectionId>,
+    ) -> (ConnectSession, String) {
         let state = crate::ids::random_token(24);
         let now = self.clock.now();
         let ttl =
@@ -109,15 +145,18 @@ impl AppState {
             provider,
             state_hash: connect::state_hash(&state),
             end_user_id,
-            return_to,
+            return_to: return_to.as_str().to_owned(),
             connection_id: connection,
             created_at: now,
             expires_at: now + ttl,
             used_at: None,
         };
-        self.store.create_session(&session).await?;
-        let url = self.public(&format!("/connect/{}/{state}", session.id));
-        Ok((session, url))
+        (session, state)
+    }
+
+    /// The link to send a user to for `session`.
+    fn link(&self, session: &ConnectSession, state: &str) -> String {
+        self.public(&format!("/connect/{}/{state}", session.id))
     }
 }
 

@@ -188,7 +188,10 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => {
+                    tracing::trace!(%peer, "connection accepted");
+                    stream
+                }
                 Err(e) => {
                     server.accept_failed(e).await;
                     continue;

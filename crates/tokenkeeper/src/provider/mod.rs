@@ -1,11 +1,19 @@
 //! Providers: the OAuth servers and APIs tokenkeeper speaks to. Notion first.
 
 pub mod notion;
+pub mod text;
 
 use std::time::Duration;
 
+use text::{ProviderCode, ProviderRequestId, ProviderText};
+
 /// What went wrong talking to a provider's OAuth endpoints. The refresh coordinator's decisions
 /// read from these variants, never from strings.
+///
+/// What the provider said arrives only as `ProviderCode`, `ProviderText` and
+/// `ProviderRequestId`, which are made by scrubbing it (`text.rs`) when the error is built:
+/// the error, its `Display`, and everything made from it (logs, events, diagnoses, 424 bodies,
+/// pages) can hold no unscrubbed provider text.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     /// The provider answered with an OAuth error about this request (`invalid_grant`,
@@ -13,16 +21,16 @@ pub enum ProviderError {
     #[error("the provider rejected the request: {code} ({status}){}", describe(.message))]
     Rejected {
         status: u16,
-        code: String,
-        message: Option<String>,
-        request_id: Option<String>,
+        code: ProviderCode,
+        message: Option<ProviderText>,
+        request_id: Option<ProviderRequestId>,
     },
     /// Throttled (429) or overloaded (529): try again after `retry_after`.
     #[error("the provider is throttling requests ({status}), retry after {retry_after:?}")]
     Throttled {
         status: u16,
         retry_after: Option<Duration>,
-        request_id: Option<String>,
+        request_id: Option<ProviderRequestId>,
     },
     /// The provider could not be reached, timed out, or answered 5xx.
     #[error("the provider is unreachable or failing: {reason}")]
@@ -39,7 +47,7 @@ pub enum ProviderError {
     Unparseable { status: u16, reason: String },
 }
 
-fn describe(message: &Option<String>) -> String {
+fn describe(message: &Option<ProviderText>) -> String {
     message
         .as_ref()
         .map(|m| format!(": {m}"))
@@ -74,7 +82,7 @@ impl ProviderError {
 
     pub fn code(&self) -> String {
         match self {
-            ProviderError::Rejected { code, .. } => code.clone(),
+            ProviderError::Rejected { code, .. } => code.to_string(),
             ProviderError::Throttled { status, .. } => format!("throttled_{status}"),
             ProviderError::Unavailable {
                 status: Some(s), ..
@@ -87,7 +95,9 @@ impl ProviderError {
     pub fn request_id(&self) -> Option<String> {
         match self {
             ProviderError::Rejected { request_id, .. }
-            | ProviderError::Throttled { request_id, .. } => request_id.clone(),
+            | ProviderError::Throttled { request_id, .. } => {
+                request_id.as_ref().map(|r| r.as_str().to_owned())
+            }
             _ => None,
         }
     }

@@ -12,6 +12,7 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::text::{ProviderCode, ProviderRequestId, ProviderText, Sent};
 use super::ProviderError;
 use crate::ids::{AccessToken, BotId, ClientSecret, RefreshToken};
 use crate::ledger::MintedPair;
@@ -30,6 +31,7 @@ pub struct NotionSettings {
 pub struct NotionClient {
     http: reqwest::Client,
     settings: NotionSettings,
+    /// `Basic <base64 of client_id:client_secret>`.
     basic_auth: String,
 }
 
@@ -112,14 +114,15 @@ impl NotionClient {
     ) -> Result<MintedPair, ProviderError> {
         let body =
             json!({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri});
-        self.token_call(body).await
+        self.token_call(body, self.sent(code)).await
     }
 
     /// Uses a refresh token. Notion rotates it: the answer carries a new pair.
     pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<MintedPair, ProviderError> {
         let body =
             json!({"grant_type": "refresh_token", "refresh_token": refresh_token.expose_secret()});
-        self.token_call(body).await
+        self.token_call(body, self.sent(refresh_token.expose_secret()))
+            .await
     }
 
     /// Asks the provider whether an access token is active (RFC 7662 introspection).
@@ -127,7 +130,12 @@ impl NotionClient {
         let body = json!({"token": token.expose_secret()});
         let (status, headers, bytes) = self.post("/v1/oauth/introspect", &body).await?;
         if !status.is_success() {
-            return Err(error_from(status.as_u16(), &headers, &bytes));
+            return Err(error_from(
+                status.as_u16(),
+                &headers,
+                &bytes,
+                &self.sent(token.expose_secret()),
+            ));
         }
         serde_json::from_slice::<Value>(&bytes)
             .ok()
@@ -150,11 +158,26 @@ impl NotionClient {
 
     async fn revoke_secret(&self, token: &str) -> Result<(), ProviderError> {
         let body = json!({"token": token});
-        let (status, _headers, bytes) = self.post("/v1/oauth/revoke", &body).await?;
+        let (status, headers, bytes) = self.post("/v1/oauth/revoke", &body).await?;
         if status.is_success() {
             return Ok(());
         }
-        Err(error_from(status.as_u16(), &_headers, &bytes))
+        Err(error_from(
+            status.as_u16(),
+            &headers,
+            &bytes,
+            &self.sent(token),
+        ))
+    }
+
+    /// The secrets a call sends: `secret` (the code or token in its body) and the client's
+    /// credentials, so that an answer echoing any of them is scrubbed (`text.rs`).
+    fn sent<'a>(&'a self, secret: &'a str) -> Sent<'a> {
+        let encoded = self
+            .basic_auth
+            .strip_prefix("Basic ")
+            .unwrap_or(&self.basic_auth);
+        Sent::new([secret, self.settings.client_secret.expose_secret(), encoded])
     }
 
     async fn post(
@@ -195,10 +218,10 @@ impl NotionClient {
         Ok((status, headers, bytes))
     }
 
-    async fn token_call(&self, body: Value) -> Result<MintedPair, ProviderError> {
+    async fn token_call(&self, body: Value, sent: Sent<'_>) -> Result<MintedPair, ProviderError> {
         let (status, headers, bytes) = self.post("/v1/oauth/token", &body).await?;
         if !status.is_success() {
-            return Err(error_from(status.as_u16(), &headers, &bytes));
+            return Err(error_from(status.as_u16(), &headers, &bytes, &sent));
         }
         parse_token_response(status.as_u16(), &bytes)
     }
@@ -261,11 +284,13 @@ fn field_of(e: &serde_json::Error) -> String {
     }
 }
 
-/// Reads an error answer in either of Notion's shapes.
+/// Reads an error answer in either of Notion's shapes. Everything taken from the answer is
+/// untrusted and goes through `text.rs`, with `sent`, the secrets the request carried.
 pub fn error_from(
     status: u16,
     headers: &reqwest::header::HeaderMap,
     bytes: &[u8],
+    sent: &Sent<'_>,
 ) -> ProviderError {
     let retry_after = headers
         .get("retry-after")
@@ -279,9 +304,13 @@ pub fn error_from(
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
-    let code = field("error").or_else(|| field("code"));
-    let message = field("error_description").or_else(|| field("message"));
-    let request_id = field("request_id");
+    let code = field("error")
+        .or_else(|| field("code"))
+        .map(|c| ProviderCode::from_untrusted(&c, sent));
+    let message = field("error_description")
+        .or_else(|| field("message"))
+        .and_then(|m| ProviderText::from_untrusted(&m, sent));
+    let request_id = field("request_id").and_then(|r| ProviderRequestId::from_untrusted(&r, sent));
     match (status, code) {
         (429 | 529, _) => ProviderError::Throttled {
             status,
@@ -314,30 +343,67 @@ mod tests {
     #[test]
     fn both_error_shapes_parse() {
         let h = reqwest::header::HeaderMap::new();
-        let oauth = error_from(401, &h, br#"{"error":"invalid_client","request_id":"r1"}"#);
+        let none = Sent::nothing();
+        let oauth = error_from(
+            401,
+            &h,
+            br#"{"error":"invalid_client","request_id":"r1"}"#,
+            &none,
+        );
         assert!(
-            matches!(&oauth, ProviderError::Rejected { code, request_id: Some(r), .. } if code == "invalid_client" && r == "r1")
+            matches!(&oauth, ProviderError::Rejected { code, request_id: Some(r), .. } if code == "invalid_client" && r.as_str() == "r1")
         );
         let envelope = error_from(
             400,
             &h,
             br#"{"object":"error","status":400,"code":"invalid_grant","message":"Invalid refresh token."}"#,
+            &none,
         );
         assert!(envelope.is_invalid_grant());
         assert!(!envelope.is_transient());
     }
 
     #[test]
+    fn an_echoing_error_answer_keeps_its_code_and_loses_what_we_sent() {
+        let refresh = "Zk2Pq8Xw4Lm9Tn3Vb7Rc1Yd6Hs5Jf0Ga";
+        let basic = "dG9rZW5rZWVwZXI6c2VjcmV0LXZhbHVlLTAxMjM0NQ==";
+        let sent = Sent::new([refresh, "secret-value-012345", basic]);
+        let body = json!({
+            "error": "invalid_grant",
+            "error_description": format!("you sent Authorization: Basic {basic} and refresh_token={refresh}"),
+            "request_id": refresh,
+        });
+        let e = error_from(
+            400,
+            &reqwest::header::HeaderMap::new(),
+            body.to_string().as_bytes(),
+            &sent,
+        );
+        assert!(e.is_invalid_grant());
+        assert_eq!(e.request_id(), None, "an echoed request id is dropped");
+        let shown = e.to_string();
+        assert!(
+            !shown.contains(refresh) && !shown.contains(basic),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("you sent Authorization: Basic [redacted]"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn throttling_and_5xx_are_transient_even_without_json() {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
-        let e = error_from(429, &h, b"slow down");
+        let none = Sent::nothing();
+        let e = error_from(429, &h, b"slow down", &none);
         assert!(
             matches!(e, ProviderError::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(7))
         );
-        assert!(error_from(503, &h, b"<html>").is_transient());
-        assert!(error_from(529, &h, b"").is_transient());
-        assert!(!error_from(403, &h, b"<html>forbidden</html>").is_transient());
+        assert!(error_from(503, &h, b"<html>", &none).is_transient());
+        assert!(error_from(529, &h, b"", &none).is_transient());
+        assert!(!error_from(403, &h, b"<html>forbidden</html>", &none).is_transient());
     }
 
     #[test]

@@ -326,6 +326,28 @@ impl Store {
         in_transaction!(self, |db| rules::create_session(db, &session))
     }
 
+    /// The reconnect link that 424 answers carry for `candidate.connection_id`: its live
+    /// (unused, unexpired) reusable session with that session's `state`, or else `candidate`,
+    /// stored with `state` sealed, and `state`. One transaction under the connection's lock,
+    /// so a connection has at most one such session alive however many callers ask at once.
+    pub async fn reconnect_link(
+        &self,
+        candidate: &ConnectSession,
+        state: &str,
+    ) -> Result<(ConnectSession, String), StoreError> {
+        // Almost always the link exists already: hand it out from a read, without taking the
+        // connection's lock (on SQLite, the database's write lock). The transaction looks again
+        // under the lock before it makes one.
+        if let Some(connection) = &candidate.connection_id {
+            let live = read_only!(self, |db| reads::live_reconnect_link(db, connection))?;
+            if let Some(live) = live {
+                return Ok(live);
+            }
+        }
+        let (candidate, state) = (candidate.clone(), state.to_owned());
+        in_transaction!(self, |db| rules::reconnect_link(db, &candidate, &state))
+    }
+
     pub async fn get_session(&self, id: &SessionId) -> Result<Option<ConnectSession>, StoreError> {
         read_only!(self, |db| reads::get_session(db, id))
     }

@@ -31,6 +31,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_key_checks.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_reusable_reconnect_links.sql"),
+    ),
     (4, include_str!("../../migrations/postgres/0004_jobs.sql")),
 ];
 

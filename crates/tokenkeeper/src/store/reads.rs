@@ -1,7 +1,7 @@
 //! The store's reads, written once for both backends. None of them locks or writes.
 
 use super::db::{Db, Param};
-use super::sealed::open_grant;
+use super::sealed::{open_grant, open_session_state};
 use super::{sql, StoreError};
 use crate::ids::{ConnectionId, GrantId, SessionId};
 use crate::ledger::{ConnectSession, Connection, ConnectionFilter, Event, GrantRecord, OpenGrant};
@@ -135,4 +135,33 @@ pub(crate) async fn get_session(
         sql::session,
     )
     .await
+}
+
+/// The connection's live reusable reconnect session (unused, unexpired, its state still
+/// opening with our key ring) and its `state`.
+pub(crate) async fn live_reconnect_link(
+    db: &impl Db,
+    connection: &ConnectionId,
+) -> Result<Option<(ConnectSession, String)>, StoreError> {
+    let now = db.now();
+    let Some((session, sealed)) = db
+        .query_opt(
+            sql::REUSABLE_SESSION_OF_CONNECTION,
+            &[Param::Text(connection.as_str())],
+            sql::reusable_session,
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    if session.expires_at <= now {
+        return Ok(None);
+    }
+    // A state sealed with a key this ring no longer has cannot be handed out again: a new
+    // link replaces it rather than failing the caller's read.
+    Ok(
+        open_session_state(db.keys(), connection, &session.id, &sealed)
+            .ok()
+            .map(|state| (session, state)),
+    )
 }

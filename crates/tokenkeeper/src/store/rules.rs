@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::db::{Db, Param};
-use super::sealed::{open_grant, seal_tokens, GrantRow};
+use super::sealed::{open_grant, seal_session_state, seal_tokens, GrantRow};
 use super::{sql, ConnectionRow, RefreshRecorded, SessionLookup, StoreError};
 use crate::ids::{AttemptId, ConnectionId, EventId, GrantId, RefreshToken};
 use crate::ledger::{
@@ -1306,6 +1306,41 @@ pub(crate) async fn create_session(db: &impl Db, s: &ConnectSession) -> Result<(
     )
     .await?;
     Ok(())
+}
+
+/// See `Store::reconnect_link`.
+pub(crate) async fn reconnect_link(
+    db: &impl Db,
+    candidate: &ConnectSession,
+    state: &str,
+) -> Result<(ConnectSession, String), StoreError> {
+    let connection = candidate.connection_id.as_ref().ok_or_else(|| {
+        StoreError::Conflict("a reusable reconnect session needs its connection".into())
+    })?;
+    // Under the connection's lock, so that concurrent 424s of one connection find the session
+    // the first of them made instead of each making its own.
+    lock_connection(db, connection).await?;
+    if let Some(live) = super::reads::live_reconnect_link(db, connection).await? {
+        return Ok(live);
+    }
+    let sealed = seal_session_state(db.keys(), connection, &candidate.id, state);
+    db.execute(
+        sql::INSERT_REUSABLE_SESSION,
+        &[
+            text(candidate.id.as_str()),
+            text(candidate.provider.as_str()),
+            text(&candidate.state_hash),
+            text(&candidate.end_user_id),
+            text(&candidate.return_to),
+            text(connection.as_str()),
+            Param::Time(candidate.created_at),
+            Param::Time(candidate.expires_at),
+            Param::OptTime(candidate.used_at),
+            Param::Bytes(&sealed),
+        ],
+    )
+    .await?;
+    Ok((candidate.clone(), state.to_owned()))
 }
 
 /// See `Store::consume_session`.

@@ -1,7 +1,7 @@
 //! Sealing and opening a grant's tokens for its row: the one place where both backends turn
 //! tokens into sealed bytes and back, bound to `(connection, grant, column)` (see `seal.rs`).
 
-use crate::ids::{AccessToken, ConnectionId, GrantId, RefreshToken};
+use crate::ids::{AccessToken, ConnectionId, GrantId, RefreshToken, SessionId};
 use crate::ledger::{GrantRecord, OpenGrant};
 use crate::seal::{Column, KeyRing, SealContext};
 
@@ -54,4 +54,40 @@ pub(crate) fn seal_tokens(
         .expect("a value just sealed names its key")
         .to_owned();
     (access, refresh, key_id)
+}
+
+/// Seals a reusable reconnect session's `state`, bound to its connection and session (the
+/// session id takes the grant's place in the associated data; ids carry their kind's prefix,
+/// so the two cannot be confused).
+pub(crate) fn seal_session_state(
+    keys: &KeyRing,
+    connection: &ConnectionId,
+    session: &SessionId,
+    state: &str,
+) -> Vec<u8> {
+    keys.seal(
+        context(
+            connection.as_str(),
+            session.as_str(),
+            Column::ReconnectState,
+        ),
+        state,
+    )
+}
+
+/// Opens what `seal_session_state` sealed.
+pub(crate) fn open_session_state(
+    keys: &KeyRing,
+    connection: &ConnectionId,
+    session: &SessionId,
+    sealed: &[u8],
+) -> Result<String, StoreError> {
+    Ok(keys.open(
+        context(
+            connection.as_str(),
+            session.as_str(),
+            Column::ReconnectState,
+        ),
+        sealed,
+    )?)
 }

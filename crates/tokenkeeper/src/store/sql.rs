@@ -286,6 +286,18 @@ pub(crate) const SESSION_BY_STATE_FOR_UPDATE: &str = concat!(
     " FROM connect_sessions WHERE state_hash = $1 FOR UPDATE"
 );
 pub(crate) const MARK_SESSION_USED: &str = "UPDATE connect_sessions SET used_at = $1 WHERE id = $2";
+/// A connection's newest unused reusable reconnect session, with its sealed state.
+pub(crate) const REUSABLE_SESSION_OF_CONNECTION: &str = concat!(
+    "SELECT ",
+    session_columns!(),
+    ", reusable_state FROM connect_sessions \
+     WHERE connection_id = $1 AND reusable_state IS NOT NULL AND used_at IS NULL \
+     ORDER BY created_at DESC LIMIT 1"
+);
+pub(crate) const INSERT_REUSABLE_SESSION: &str =
+    "INSERT INTO connect_sessions (id, provider, state_hash, end_user_id, return_to, \
+         connection_id, created_at, expires_at, used_at, reusable_state) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 // Decoders.
 
@@ -427,6 +439,11 @@ pub(crate) fn job(row: &dyn Row) -> Result<crate::ledger::Job, StoreError> {
     })
 }
 
+/// A row of `REUSABLE_SESSION_OF_CONNECTION`: the session and its sealed state.
+pub(crate) fn reusable_session(row: &dyn Row) -> Result<(ConnectSession, Vec<u8>), StoreError> {
+    Ok((session(row)?, row.bytes(9)?))
+}
+
 pub(crate) fn count(row: &dyn Row) -> Result<i64, StoreError> {
     row.int(0)
 }
@@ -487,4 +504,6 @@ pub(crate) const ALL: &[&str] = &[
     JOBS_OF_CONNECTION,
     CLAIM_JOB,
     FINISH_JOB,
+    REUSABLE_SESSION_OF_CONNECTION,
+    INSERT_REUSABLE_SESSION,
 ];

@@ -33,6 +33,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/sqlite/0002_key_checks.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/sqlite/0003_reusable_reconnect_links.sql"),
+    ),
     (4, include_str!("../../migrations/sqlite/0004_jobs.sql")),
 ];
 

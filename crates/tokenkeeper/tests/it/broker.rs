@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::both_backends;
-use crate::support::app::{Options, TestApp, ADMIN_KEY, TOKENS_KEY};
+use crate::support::app::{Browser, Options, TestApp, ADMIN_KEY, TOKENS_KEY};
 use crate::support::db::Backend;
 use notion_sim::{PreviousPairPolicy, ReauthMode, RefreshReusePolicy, SimConfig};
 
@@ -584,15 +584,16 @@ async fn bad_input_gets_the_documented_status_and_stores_nothing(backend: Backen
     )
     .await;
     let link = app.connect_link("user-2").await;
-    let to_sim = app.redirect(&link).await;
-    let to_callback = app.redirect(&to_sim).await;
-    let landing = app.redirect(&to_callback).await;
+    let browser = Browser::new();
+    let to_sim = browser.redirect(&link).await;
+    let to_callback = browser.redirect(&to_sim).await;
+    let landing = browser.redirect(&to_callback).await;
     assert!(landing.contains("status=connected"), "{landing}");
-    let replay = app.http.get(&to_callback).send().await.unwrap();
+    let replay = browser.get(&to_callback).await;
     assert_eq!(replay.status(), 400, "a replayed callback is refused");
     assert!(replay.text().await.unwrap().contains("already"));
     let forged = to_callback.replace("state=", "state=forged");
-    let forged = app.http.get(&forged).send().await.unwrap();
+    let forged = browser.get(&forged).await;
     assert_eq!(forged.status(), 400);
     let again = app.http.get(&link).send().await.unwrap();
     assert_eq!(

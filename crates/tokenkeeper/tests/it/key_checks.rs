@@ -185,11 +185,11 @@ impl World {
         assert_eq!(r.status(), 201, "connect session on {}", node.url);
         let body: serde_json::Value = r.json().await.unwrap();
         let mut url = body["url"].as_str().unwrap().to_owned();
-        // tokenkeeper → Notion's consent → tokenkeeper's callback → the app's return_to.
+        // tokenkeeper → Notion's consent → tokenkeeper's callback → the app's return_to, in a
+        // browser that keeps the connect attempt's cookie.
+        let browser = crate::support::app::Browser::new();
         for _ in 0..3 {
-            let r = self.http.get(&url).send().await.unwrap();
-            assert!(r.status().is_redirection(), "{url}: {}", r.status());
-            url = r.headers()["location"].to_str().unwrap().to_owned();
+            url = browser.redirect(&url).await;
         }
         let landing = url::Url::parse(&url).unwrap();
         let id = landing

@@ -7,11 +7,14 @@ mod support;
 
 mod broker;
 mod cli;
+mod connect_flow;
 mod key_checks;
 mod ledger_model;
 mod limits;
 mod outage;
+mod provider_text;
 mod proxy;
+mod reconnect_links;
 mod refusals;
 mod rescue;
 mod revocation;

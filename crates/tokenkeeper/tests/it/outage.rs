@@ -119,6 +119,7 @@ async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_resta
         provider_timeout: PROVIDER_TIMEOUT,
         refresh_budget: Duration::from_secs(30),
         env: vec![],
+        capture_output: false,
     };
     let mut broker = spec.start().await;
 

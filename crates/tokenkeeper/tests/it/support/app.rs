@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use tokenkeeper::api::auth::ApiKeys;
 use tokenkeeper::api::proxy::ProxyTimeouts;
+use tokenkeeper::api::return_to::AllowedReturnUrls;
 use tokenkeeper::api::server::ServerLimits;
 use tokenkeeper::api::SharedState;
 use tokenkeeper::app::StateSettings;
@@ -36,6 +37,9 @@ pub struct Options {
     /// Notion's base URL, when a test plays Notion with a server of its own instead of the
     /// simulator (which still runs, unused). `None`: the simulator.
     pub notion_base_url: Option<String>,
+    /// `TOKENKEEPER_ALLOWED_RETURN_URLS`, given the app's URL; `None`: `<app url>/`.
+    pub allowed_return_urls: Option<fn(&str) -> String>,
+    pub session_ttl: Duration,
     /// The server's deadlines and connection cap.
     pub server: ServerLimits,
     /// How long the proxy waits on Notion.
@@ -55,6 +59,8 @@ impl Default for Options {
             refresh_budget: Duration::from_secs(20),
             refresh_rate: Default::default(),
             notion_base_url: None,
+            allowed_return_urls: None,
+            session_ttl: Duration::from_secs(600),
             server: ServerLimits::default(),
             proxy_timeouts: ProxyTimeouts::default(),
         }
@@ -131,41 +137,25 @@ impl Api {
         body["url"].as_str().unwrap().to_owned()
     }
 
-    /// Follows a connect link through the (auto-approving) simulator and the callback.
+    /// Follows a connect link through the (auto-approving) simulator and the callback, in a
+    /// fresh browser.
     pub async fn follow(&self, link: &str) -> Landing {
-        let to_sim = self.redirect(link).await;
+        self.follow_in(&Browser::new(), link).await
+    }
+
+    /// Follows a connect link in `browser`, which keeps the connect attempt's cookie.
+    pub async fn follow_in(&self, browser: &Browser, link: &str) -> Landing {
+        let to_sim = browser.redirect(link).await;
         assert!(
             to_sim.starts_with(&self.sim_url),
             "link goes to Notion: {to_sim}"
         );
-        let to_callback = self.redirect(&to_sim).await;
+        let to_callback = browser.redirect(&to_sim).await;
         assert!(
             to_callback.starts_with(&format!("{}/oauth/callback", self.url)),
             "{to_callback}"
         );
-        let landing = self.redirect(&to_callback).await;
-        let landing = url::Url::parse(&landing).unwrap();
-        let get = |k: &str| {
-            landing
-                .query_pairs()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.into_owned())
-        };
-        Landing {
-            connection_id: get("connection_id"),
-            status: get("status").unwrap_or_default(),
-        }
-    }
-
-    /// GETs `url` and returns the redirect's target, failing on anything else.
-    pub async fn redirect(&self, url: &str) -> String {
-        let r = self.http.get(url).send().await.unwrap();
-        assert!(
-            r.status().is_redirection(),
-            "expected a redirect from {url}, got {}",
-            r.status()
-        );
-        r.headers()["location"].to_str().unwrap().to_owned()
+        Landing::of(&browser.redirect(&to_callback).await)
     }
 
     /// Connects (or re-authorizes) `end_user` end to end; returns the connection id and status.
@@ -280,6 +270,73 @@ impl Drop for TestApp {
 pub struct Landing {
     pub connection_id: Option<String>,
     pub status: String,
+    /// The whole URL the browser was sent to.
+    pub url: url::Url,
+}
+
+impl Landing {
+    pub fn of(location: &str) -> Landing {
+        let url = url::Url::parse(location).expect("the landing is an absolute URL");
+        let get = |k: &str| {
+            url.query_pairs()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.into_owned())
+        };
+        Landing {
+            connection_id: get("connection_id"),
+            status: get("status").unwrap_or_default(),
+            url: url.clone(),
+        }
+    }
+
+    /// A query parameter of the landing URL.
+    pub fn param(&self, name: &str) -> Option<String> {
+        self.url
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+/// A user's browser: keeps cookies (the connect attempt's) and does not follow redirects, so
+/// tests see each hop.
+#[derive(Clone)]
+pub struct Browser {
+    pub client: reqwest::Client,
+}
+
+impl Default for Browser {
+    fn default() -> Self {
+        Browser::new()
+    }
+}
+
+impl Browser {
+    pub fn new() -> Browser {
+        Browser {
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .cookie_store(true)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> reqwest::Response {
+        self.client.get(url).send().await.unwrap()
+    }
+
+    /// GETs `url` and returns the redirect's target, failing on anything else.
+    pub async fn redirect(&self, url: &str) -> String {
+        let r = self.get(url).await;
+        assert!(
+            r.status().is_redirection(),
+            "expected a redirect from {url}, got {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+        r.headers()["location"].to_str().unwrap().to_owned()
+    }
 }
 
 impl TestApp {
@@ -318,10 +375,15 @@ impl TestApp {
             },
             StateSettings {
                 public_url: url::Url::parse(&url).unwrap(),
-                allowed_return_urls: vec![format!("{url}/")],
+                allowed_return_urls: AllowedReturnUrls::parse(
+                    &options
+                        .allowed_return_urls
+                        .map_or_else(|| format!("{url}/"), |list| list(&url)),
+                )
+                .unwrap(),
                 api_keys: ApiKeys::parse(&format!("admin:{ADMIN_KEY},tokens:{TOKENS_KEY}"))
                     .unwrap(),
-                session_ttl: Duration::from_secs(600),
+                session_ttl: options.session_ttl,
                 provider_timeout: options.provider_timeout,
                 refresh_budget: options.refresh_budget,
                 refresh_rate: options.refresh_rate,
@@ -378,7 +440,20 @@ impl TestApp {
             provider_timeout: self.options.provider_timeout,
             refresh_budget: self.options.refresh_budget,
             env: Vec::new(),
+            capture_output: false,
         }
+    }
+
+    /// Starts another tokenkeeper process, keeping everything it writes (`Broker::output`).
+    pub async fn spawn_logged_peer(&self, extra_env: &[(&str, &str)]) -> Broker {
+        let mut spec = self.broker_spec();
+        spec.capture_output = true;
+        spec.env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        spec.start().await
     }
 }
 

@@ -140,6 +140,37 @@ impl TestDb {
         }
     }
 
+    /// Runs a query answering one integer (a `count(*)`), for tests that count rows.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let path = self.sqlite_path.clone().unwrap();
+                let sql = sql.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    let conn = rusqlite::Connection::open(path).unwrap();
+                    conn.busy_timeout(std::time::Duration::from_secs(10))
+                        .unwrap();
+                    conn.query_row(&sql, [], |row| row.get::<_, i64>(0))
+                        .unwrap()
+                })
+                .await
+                .unwrap()
+            }
+            Backend::Postgres => {
+                let (client, connection) =
+                    tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                        .await
+                        .expect("raw PostgreSQL connection");
+                tokio::spawn(connection);
+                client
+                    .query_one(sql, &[])
+                    .await
+                    .expect("the count runs")
+                    .get::<_, i64>(0)
+            }
+        }
+    }
+
     /// Every byte the database holds at rest: the SQLite file and its WAL, or a `pg_dump` of
     /// the test's schema.
     pub async fn bytes_at_rest(&self) -> Vec<u8> {

@@ -2,6 +2,7 @@
 //! crashes (`kill -9`) and restarts.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -23,12 +24,17 @@ pub struct BrokerSpec {
     pub refresh_budget: Duration,
     /// More `TOKENKEEPER_*` settings.
     pub env: Vec<(String, String)>,
+    /// Keep everything the process writes (stdout and stderr) in `Broker::output`, for tests
+    /// that search its log; otherwise stderr goes to the test's.
+    pub capture_output: bool,
 }
 
 /// A running tokenkeeper process; killed when dropped.
 pub struct Broker {
     api: Api,
     pub child: tokio::process::Child,
+    /// What the process wrote, when started with `capture_output`.
+    pub output: Arc<Mutex<String>>,
 }
 
 impl std::ops::Deref for Broker {
@@ -64,7 +70,11 @@ impl BrokerSpec {
             )
             .env("TOKENKEEPER_LOG", "warn")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(if self.capture_output {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::inherit()
+            })
             .kill_on_drop(true);
         if let Some(public) = &self.public_url {
             cmd.env("TOKENKEEPER_PUBLIC_URL", public);
@@ -81,10 +91,32 @@ impl BrokerSpec {
             .command()
             .spawn()
             .expect("the tokenkeeper binary starts");
+        let output = Arc::new(Mutex::new(String::new()));
+        let capture = self.capture_output;
+        let keep = {
+            let output = output.clone();
+            move |line: &str| {
+                if capture {
+                    let mut all = output.lock().unwrap();
+                    all.push_str(line);
+                    all.push('\n');
+                }
+            }
+        };
+        if let Some(stderr) = child.stderr.take() {
+            let keep = keep.clone();
+            let mut lines = BufReader::new(stderr).lines();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    keep(&line);
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                keep(&line);
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     return rest.trim().to_owned();
                 }
@@ -94,10 +126,15 @@ impl BrokerSpec {
         .await
         .expect("tokenkeeper listens within 120 s");
         // Keep reading so the process never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                keep(&line);
+            }
+        });
         Broker {
             api: Api::new(url, self.sim_url.clone()),
             child,
+            output,
         }
     }
 }
