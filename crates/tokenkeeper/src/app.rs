@@ -55,6 +55,8 @@ pub struct StateSettings {
     pub notion_version: String,
     /// Mount the benchmarks' baseline route (`--bench-baseline-route`).
     pub bench_baseline_route: bool,
+    /// Where to deliver webhooks and how to sign them.
+    pub webhooks: Option<crate::webhooks::WebhookSettings>,
     /// The server's deadlines and connection cap.
     pub server: crate::api::server::ServerLimits,
     /// How long the proxy waits on Notion.
@@ -118,7 +120,20 @@ pub fn state(
     journal: Arc<Journal>,
 ) -> SharedState {
     let client = NotionClient::new(notion, settings.provider_timeout);
-    let jobs = Jobs::new(store.clone(), client.clone(), clock.clone());
+    store.set_webhook_endpoints(
+        settings
+            .webhooks
+            .iter()
+            .flat_map(|w| w.endpoints.iter().map(|e| e.to_string()))
+            .collect(),
+    );
+    let jobs = Jobs::new(
+        store.clone(),
+        client.clone(),
+        clock.clone(),
+        settings.webhooks.clone(),
+        settings.provider_timeout,
+    );
     tokio::spawn(jobs.clone().run_worker());
     let coordinator = Coordinator::new(
         store.clone(),
@@ -139,7 +154,7 @@ pub fn state(
         .connect_timeout(Duration::from_secs(5))
         .build()
         .expect("a reqwest client builds");
-    Arc::new(AppState {
+    let state = Arc::new(AppState {
         store,
         coordinator,
         notion: client,
@@ -157,7 +172,9 @@ pub fn state(
         proxy_timeouts: settings.proxy_timeouts,
         proxy_upstream_timeouts: Default::default(),
         server_counters: Default::default(),
-    })
+    });
+    state.jobs.attach(&state);
+    state
 }
 
 impl App {
@@ -217,6 +234,7 @@ impl App {
                 refresh_rate: config.refresh_rate,
                 notion_version: config.notion_version.clone(),
                 bench_baseline_route: config.bench_baseline_route,
+                webhooks: config.webhooks.clone(),
                 server: config.server.clone(),
                 proxy_timeouts: config.proxy,
             },

@@ -170,6 +170,30 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENKEEPER_PROXY_IDLE_TIMEOUT", default_value = "30s")]
     pub proxy_idle_timeout: String,
 
+    /// Endpoints that receive events (webhooks: `connection.created`, `.reauthorized`,
+    /// `.needs_reauth`, `.recovered`, `.revoked`), comma-separated; https URLs (http only to
+    /// loopback). Every process sharing a database should name the same endpoints.
+    #[arg(long, env = "TOKENKEEPER_WEBHOOK_URLS")]
+    pub webhook_urls: Option<String>,
+
+    /// The Standard Webhooks signing secret, `whsec_<base64>`. Required with webhook URLs,
+    /// except with SQLite, where `serve` creates `<database file>.webhook-secret` (mode 0600).
+    #[arg(long, env = "TOKENKEEPER_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// A file holding the webhook signing secret.
+    #[arg(
+        long,
+        env = "TOKENKEEPER_WEBHOOK_SECRET_FILE",
+        conflicts_with = "webhook_secret"
+    )]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// How long one webhook delivery attempt may take; no answer by then is a failed attempt,
+    /// retried later with backoff (for three days).
+    #[arg(long, env = "TOKENKEEPER_WEBHOOK_TIMEOUT", default_value = "15s")]
+    pub webhook_timeout: String,
+
     /// The most refreshes of one connection in a window, whatever callers ask (`<count>/<window>`,
     /// e.g. `10/10m`): a provider that refuses even fresh tokens cannot make tokenkeeper mint
     /// pairs without end. Counted across processes; beyond it refreshes answer 429.
@@ -244,6 +268,10 @@ pub struct Config {
     pub keys: KeySource,
     pub api_keys: ApiKeys,
     pub created_api_key_file: Option<PathBuf>,
+    /// Where to deliver webhooks and how to sign them; `None` without webhook URLs.
+    pub webhooks: Option<crate::webhooks::WebhookSettings>,
+    /// Set when this start created the embedded default's webhook secret file.
+    pub created_webhook_secret_file: Option<PathBuf>,
     pub allowed_return_urls: AllowedReturnUrls,
     /// `None` means: no Notion credentials; `serve` starts the built-in simulator and fills this in.
     pub notion: Option<NotionSettings>,
@@ -432,6 +460,7 @@ impl Config {
             return Err(no_key_ring(&keys));
         }
         let (api_keys, created_api_key_file) = Self::api_keys(args, &database_url)?;
+        let (webhooks, created_webhook_secret_file) = Self::webhooks(args, &database_url)?;
         let spill_dir = match (&args.spill_dir, &database_url) {
             (Some(dir), _) => dir.clone(),
             (None, DatabaseUrl::Sqlite(db)) => sibling(db, "spill"),
@@ -444,6 +473,8 @@ impl Config {
             keys,
             api_keys,
             created_api_key_file,
+            webhooks,
+            created_webhook_secret_file,
             allowed_return_urls,
             notion,
             notion_version: args.notion_version.clone(),
@@ -500,6 +531,69 @@ impl Config {
             idle_timeout: idle,
             max_connections,
         })
+    }
+
+    fn webhooks(
+        args: &ServeArgs,
+        db: &DatabaseUrl,
+    ) -> Result<(Option<crate::webhooks::WebhookSettings>, Option<PathBuf>), ConfigError> {
+        use crate::webhooks::{check_endpoint, WebhookSecret, WebhookSettings};
+        const URLS: &str = "TOKENKEEPER_WEBHOOK_URLS";
+        let endpoints = args
+            .webhook_urls
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| check_endpoint(u).map_err(|m| ConfigError::new(URLS, m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Ok((None, None));
+        }
+        let timeout = duration_setting("TOKENKEEPER_WEBHOOK_TIMEOUT", &args.webhook_timeout)?;
+        let parse = |text: &str, var: &str| {
+            WebhookSecret::parse(text).map_err(|m| ConfigError::new(var, m))
+        };
+        let (secret, created) = if let Some(text) = &args.webhook_secret {
+            (parse(text, "TOKENKEEPER_WEBHOOK_SECRET")?, None)
+        } else if let Some(path) = &args.webhook_secret_file {
+            let var = "TOKENKEEPER_WEBHOOK_SECRET_FILE";
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(var, format!("cannot read {}: {e}", path.display()))
+            })?;
+            (parse(&text, var)?, None)
+        } else {
+            let DatabaseUrl::Sqlite(file) = db else {
+                return Err(ConfigError::new(
+                    "TOKENKEEPER_WEBHOOK_SECRET",
+                    "required with TOKENKEEPER_WEBHOOK_URLS (a `whsec_` secret the endpoints \
+                     verify signatures with)",
+                ));
+            };
+            let var = "TOKENKEEPER_WEBHOOK_SECRET_FILE";
+            let path = sibling(file, "webhook-secret");
+            if path.exists() {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::new(var, format!("cannot read {}: {e}", path.display()))
+                })?;
+                (parse(&text, var)?, None)
+            } else {
+                let text = WebhookSecret::generate();
+                write_private(&path, &format!("{text}\n")).map_err(|e| {
+                    ConfigError::new(var, format!("could not create {}: {e}", path.display()))
+                })?;
+                (parse(&text, var)?, Some(path))
+            }
+        };
+        Ok((
+            Some(WebhookSettings {
+                endpoints,
+                secret,
+                timeout,
+            }),
+            created,
+        ))
     }
 
     fn api_keys(

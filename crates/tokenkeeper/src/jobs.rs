@@ -1,6 +1,6 @@
 //! The job worker: work that must happen at least once after the transaction that called for
-//! it, and survive restarts and crashes (today, revoking tokens upstream when a connection is
-//! revoked; webhooks use the same queue).
+//! it, and survive restarts and crashes: revoking tokens upstream when a connection is revoked,
+//! and delivering webhooks (`webhooks.rs`).
 //!
 //! Jobs are rows (`store`, table `jobs`), written in the same transaction as the ledger change
 //! that calls for them. Every process runs a worker that claims due jobs (claims never overlap
@@ -18,12 +18,15 @@ use serde_json::Value;
 
 use crate::clock::Clock;
 use crate::ids::{ConnectionId, GrantId};
-use crate::ledger::{Job, JobKind, JobOutcome, JobStatus, TokenColumn};
+use crate::ledger::{Job, JobKind, JobOutcome, JobStatus, TokenColumn, WebhookEvent};
 use crate::provider::notion::NotionClient;
 use crate::store::{Store, StoreError};
+use crate::webhooks::{self, WebhookSettings};
 
-/// How long a claimed job is its worker's; longer than any one attempt takes.
-const CLAIM: Duration = Duration::from_secs(60);
+/// How long a claimed job is its worker's beyond the longest an attempt may take (the
+/// provider's or the webhook endpoint's timeout); then it comes due again, in case its worker
+/// died.
+const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 /// Jobs claimed at once by one worker.
 const BATCH: u32 = 16;
 /// How often a worker looks for due jobs that no one woke it for (other processes', retries).
@@ -39,6 +42,14 @@ pub struct Jobs {
     notion: NotionClient,
     clock: Clock,
     wake: tokio::sync::Notify,
+    /// How this process signs and sends webhooks; `None` when none are configured.
+    webhooks: Option<WebhookSettings>,
+    http: reqwest::Client,
+    /// The HTTP state, for the reconnect links of `connection.needs_reauth` events; set once
+    /// it is built (it holds this worker).
+    app: std::sync::OnceLock<std::sync::Weak<crate::api::AppState>>,
+    /// How long a claim lasts: longer than any attempt.
+    claim: Duration,
 }
 
 /// A connection's upstream revocations, counted.
@@ -50,13 +61,37 @@ pub struct Revocations {
 }
 
 impl Jobs {
-    pub fn new(store: Arc<Store>, notion: NotionClient, clock: Clock) -> Arc<Jobs> {
+    /// `longest_attempt`: the longest one attempt may take (the provider call's timeout);
+    /// webhook attempts take at most their own timeout.
+    pub fn new(
+        store: Arc<Store>,
+        notion: NotionClient,
+        clock: Clock,
+        webhooks: Option<WebhookSettings>,
+        longest_attempt: Duration,
+    ) -> Arc<Jobs> {
+        let longest = webhooks
+            .as_ref()
+            .map_or(longest_attempt, |w| w.timeout.max(longest_attempt));
         Arc::new(Jobs {
+            claim: longest + CLAIM_MARGIN,
             store,
             notion,
             clock,
             wake: tokio::sync::Notify::new(),
+            webhooks,
+            // Events are answered by the app's endpoint, never redirected elsewhere.
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("a reqwest client builds"),
+            app: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the worker the HTTP state (for reconnect links), once it exists.
+    pub fn attach(&self, app: &Arc<crate::api::AppState>) {
+        let _ = self.app.set(Arc::downgrade(app));
     }
 
     /// Asks the worker to look for due jobs now.
@@ -67,7 +102,11 @@ impl Jobs {
     /// Runs due jobs until the process ends.
     pub async fn run_worker(self: Arc<Self>) {
         loop {
-            let ran = match self.store.claim_jobs(None, BATCH, CLAIM).await {
+            let ran = match self
+                .store
+                .claim_jobs(None, BATCH, self.claim, self.webhooks.is_some())
+                .await
+            {
                 Ok(jobs) => {
                     let n = jobs.len();
                     futures::future::join_all(jobs.iter().map(|job| self.run(job))).await;
@@ -90,7 +129,10 @@ impl Jobs {
         id: &ConnectionId,
         deadline: Duration,
     ) -> Result<Revocations, StoreError> {
-        let jobs = self.store.claim_jobs(Some(id), 64, CLAIM).await?;
+        let jobs = self
+            .store
+            .claim_jobs(Some(id), 64, self.claim, self.webhooks.is_some())
+            .await?;
         let this = self.clone();
         let run = tokio::spawn(async move {
             futures::future::join_all(jobs.iter().map(|job| this.run(job))).await;
@@ -119,13 +161,24 @@ impl Jobs {
     async fn run(&self, job: &Job) {
         let outcome = match job.kind {
             JobKind::RevokeToken => self.revoke(job).await,
+            JobKind::Webhook => self.deliver(job).await,
         };
         let outcome = match outcome {
             Ok(()) => JobOutcome::Done,
             Err(error) => self.retry_or_give_up(job, error),
         };
-        if let JobOutcome::Failed { error } = &outcome {
-            tracing::error!(job = %job.id, kind = job.kind.as_str(), "gave up on a job: {error}");
+        match &outcome {
+            JobOutcome::Failed { error } => {
+                tracing::error!(job = %job.id, kind = job.kind.as_str(), "gave up on a job: {error}")
+            }
+            JobOutcome::Retry { at, error } if job.kind == JobKind::Webhook => tracing::warn!(
+                job = %job.id,
+                endpoint = %job.subject,
+                attempts = job.attempts,
+                next_attempt_at = %at,
+                "a webhook delivery failed: {error}"
+            ),
+            _ => {}
         }
         if let Err(e) = self.store.finish_job(job, &outcome).await {
             // The claim expires and the job comes due again: at least once.
@@ -168,6 +221,36 @@ impl Jobs {
             },
         };
         result.map_err(|e| e.to_string())
+    }
+}
+
+impl Jobs {
+    /// One attempt at a webhook delivery.
+    async fn deliver(&self, job: &Job) -> Result<(), String> {
+        let settings = self
+            .webhooks
+            .as_ref()
+            .ok_or("this process has no webhook secret configured")?;
+        let mut event = job
+            .payload
+            .get("event")
+            .cloned()
+            .ok_or("the delivery holds no event")?;
+        let is_needs_reauth =
+            event.get("type").and_then(Value::as_str) == Some(WebhookEvent::NeedsReauth.as_str());
+        if let (true, Some(id)) = (is_needs_reauth, &job.connection_id) {
+            // A link that works now: the one made for the first attempt may have expired.
+            let app = self.app.get().and_then(std::sync::Weak::upgrade);
+            let link = match app {
+                Some(app) => crate::api::connect::reconnect_link(&app, id)
+                    .await
+                    .map(|(url, _)| Value::from(url))
+                    .unwrap_or(Value::Null),
+                None => Value::Null,
+            };
+            event["data"]["reconnect_url"] = link;
+        }
+        webhooks::deliver(&self.http, settings, job, &event, self.clock.now()).await
     }
 }
 

@@ -604,18 +604,22 @@ pub struct RotateProgress {
 pub enum JobKind {
     /// Revoke one token of one grant at the provider; `subject` is `<grant id>:<column>`.
     RevokeToken,
+    /// Deliver one event to one webhook endpoint; `subject` is the endpoint's URL.
+    Webhook,
 }
 
 impl JobKind {
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::RevokeToken => "revoke_token",
+            JobKind::Webhook => "webhook",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "revoke_token" => Some(JobKind::RevokeToken),
+            "webhook" => Some(JobKind::Webhook),
             _ => None,
         }
     }
@@ -700,6 +704,34 @@ impl TokenColumn {
             "access_token" => Some(TokenColumn::AccessToken),
             "refresh_token" => Some(TokenColumn::RefreshToken),
             _ => None,
+        }
+    }
+}
+
+/// What a webhook tells the app (DESIGN.md: "Webhooks").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WebhookEvent {
+    #[serde(rename = "connection.created")]
+    Created,
+    #[serde(rename = "connection.reauthorized")]
+    Reauthorized,
+    /// The data adds `diagnosis` and a `reconnect_url`.
+    #[serde(rename = "connection.needs_reauth")]
+    NeedsReauth,
+    #[serde(rename = "connection.recovered")]
+    Recovered,
+    #[serde(rename = "connection.revoked")]
+    Revoked,
+}
+
+impl WebhookEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEvent::Created => "connection.created",
+            WebhookEvent::Reauthorized => "connection.reauthorized",
+            WebhookEvent::NeedsReauth => "connection.needs_reauth",
+            WebhookEvent::Recovered => "connection.recovered",
+            WebhookEvent::Revoked => "connection.revoked",
         }
     }
 }

@@ -16,3 +16,4 @@ pub mod provider;
 pub mod refresh;
 pub mod seal;
 pub mod store;
+pub mod webhooks;

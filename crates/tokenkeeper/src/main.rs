@@ -135,6 +135,12 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             app.registered_keys.join(", ")
         );
     }
+    if let Some(path) = &config.created_webhook_secret_file {
+        println!(
+            "Created the webhook signing secret {} (mode 0600): give it to your endpoints to verify events",
+            path.display()
+        );
+    }
     if let Some(path) = &config.created_api_key_file {
         println!("Created an admin API key in {} (mode 0600)", path.display());
     }

@@ -119,7 +119,7 @@ pub async fn create_reconnect_session(
 
 /// The connection's reconnect link for 424 answers (see `AppState::reconnect_link`), and when
 /// it expires.
-async fn reconnect_link(
+pub(crate) async fn reconnect_link(
     state: &SharedState,
     id: &ConnectionId,
 ) -> Result<(String, chrono::DateTime<chrono::Utc>), ApiError> {

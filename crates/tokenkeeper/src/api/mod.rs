@@ -2,13 +2,14 @@
 //! state every handler shares. One file per group of routes.
 
 pub mod auth;
-mod connect;
+pub(crate) mod connect;
 mod connections;
 mod demo;
 pub mod error;
 pub mod proxy;
 pub mod return_to;
 pub mod server;
+mod webhooks;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -280,6 +281,8 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/connections/{id}/grants", get(connections::grants))
         .route("/connections/{id}/events", get(connections::events))
+        .route("/webhook-deliveries", get(webhooks::list))
+        .route("/webhook-deliveries/{id}/retry", post(webhooks::retry))
         .route("/proxy/{id}", any(proxy::forward))
         .route("/proxy/{id}/{*path}", any(proxy::forward))
         .fallback(|| async { ApiError::not_found("no such API route") })

@@ -151,6 +151,10 @@ pub(crate) trait Db {
     /// The key ring that seals and opens tokens.
     fn keys(&self) -> &KeyRing;
 
+    /// Where this process delivers webhooks: each event the ledger emits becomes one delivery
+    /// job per endpoint, in the transaction of the change.
+    fn webhook_endpoints(&self) -> &[String];
+
     /// The time now, at the database's precision (microseconds). Read it after taking the
     /// lock, so that lease times are ordered like the commits.
     fn now(&self) -> DateTime<Utc>;
@@ -182,4 +186,19 @@ pub(crate) trait Db {
     /// processes starting at once on an empty database cannot both register their own key. A
     /// no-op on SQLite.
     async fn lock_keys(&self) -> Result<(), StoreError>;
+}
+
+/// The webhook endpoints of a store, set once the configuration is known (`Store::
+/// set_webhook_endpoints`) and read by every transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Endpoints(std::sync::RwLock<std::sync::Arc<[String]>>);
+
+impl Endpoints {
+    pub fn get(&self) -> std::sync::Arc<[String]> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, endpoints: Vec<String>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = endpoints.into();
+    }
 }

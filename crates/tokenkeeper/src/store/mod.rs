@@ -28,8 +28,9 @@ use crate::clock::Clock;
 use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
     AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, ConnectionStatus, Event,
-    FailureOutcome, Fence, GrantRecord, Job, JobKind, JobOutcome, LeaseHolder, LeaseOutcome,
-    MintedPair, NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue, RotateProgress,
+    FailureOutcome, Fence, GrantRecord, Job, JobKind, JobOutcome, JobStatus, LeaseHolder,
+    LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue,
+    RotateProgress,
 };
 use crate::seal::{KeyRing, SealError};
 
@@ -261,6 +262,15 @@ impl Store {
                 self.health.up.send_replace(true);
                 return;
             }
+        }
+    }
+
+    /// Where this process delivers webhooks (see `webhooks.rs`): from now on, each event the
+    /// ledger emits becomes one delivery job per endpoint, written with the change.
+    pub fn set_webhook_endpoints(&self, endpoints: Vec<String>) {
+        match &self.engine {
+            Engine::Sqlite(s) => s.endpoints().set(endpoints),
+            Engine::Postgres(p) => p.endpoints().set(endpoints),
         }
     }
 
@@ -604,21 +614,23 @@ impl Store {
         read_only!(self, |db| keys::sealed_key_ids(db))
     }
 
-    /// Claims up to `limit` due jobs (of one connection, or any), for `hold_for`: nobody else
-    /// claims them until then, and they come due again then if their worker died. Workers in
-    /// several processes never claim the same job at once.
+    /// Claims up to `limit` due jobs (of one connection, or any; webhook deliveries only with
+    /// `webhooks`), for `hold_for`: nobody else claims them until then, and they come due again
+    /// then if their worker died. Workers in several processes never claim the same job at once.
     pub async fn claim_jobs(
         &self,
         connection: Option<&ConnectionId>,
         limit: u32,
         hold_for: Duration,
+        webhooks: bool,
     ) -> Result<Vec<Job>, StoreError> {
         let connection = connection.cloned();
         in_transaction!(self, |db| rules::claim_jobs(
             db,
             connection.as_ref(),
             limit,
-            hold_for
+            hold_for,
+            webhooks
         ))
     }
 
@@ -627,6 +639,24 @@ impl Store {
     pub async fn finish_job(&self, job: &Job, outcome: &JobOutcome) -> Result<(), StoreError> {
         let (job, outcome) = (job.clone(), outcome.clone());
         in_transaction!(self, |db| rules::finish_job(db, &job, &outcome))
+    }
+
+    /// Jobs of one kind, newest first (webhook deliveries, for `GET /v1/webhook-deliveries`).
+    pub async fn list_jobs(
+        &self,
+        kind: JobKind,
+        status: Option<JobStatus>,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Job>, StoreError> {
+        read_only!(self, |db| reads::list_jobs(db, kind, status, before, limit))
+    }
+
+    /// Makes a job of `kind` due again now, whatever became of it; `None` when there is no
+    /// such job.
+    pub async fn retry_job(&self, id: &str, kind: JobKind) -> Result<Option<Job>, StoreError> {
+        let id = id.to_owned();
+        in_transaction!(self, |db| rules::retry_job(db, &id, kind))
     }
 
     /// The connection's jobs of one kind, oldest first.

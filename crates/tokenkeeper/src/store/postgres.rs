@@ -18,7 +18,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 
-use super::db::{Cell, Db, Decode, Param, Row, Rows};
+use super::db::{Cell, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
 use crate::ledger::Provider;
@@ -62,9 +62,11 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::QUERY_CANCELED => {
                 StoreError::Timeout
             }
-            // No answer from the server at all (a closed or refused connection), or the server
-            // says it is going away or cannot take us now: an outage, not a bug.
-            None => StoreError::Unavailable(e.to_string()),
+            // No answer from the server at all (a closed or refused connection, a timeout), or
+            // the server says it is going away or cannot take us now: an outage, not a bug. An
+            // error of our own making (a parameter that does not serialize) is neither.
+            None if is_transport(&e) => StoreError::Unavailable(e.to_string()),
+            None => StoreError::Database(e.to_string()),
             Some(c)
                 if c.code().starts_with("08")
                     || *c == SqlState::ADMIN_SHUTDOWN
@@ -80,6 +82,15 @@ impl From<tokio_postgres::Error> for StoreError {
             }),
         }
     }
+}
+
+/// Whether an error without a SQL state comes from the connection itself rather than from us.
+fn is_transport(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error;
+    e.is_closed()
+        || e.source().is_some_and(|s| s.is::<std::io::Error>())
+        || e.to_string().starts_with("error connecting to server")
+        || e.to_string().starts_with("timeout")
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
@@ -99,6 +110,7 @@ pub struct PgStore {
     pool: Pool,
     keys: Arc<KeyRing>,
     clock: Clock,
+    endpoints: Arc<Endpoints>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -172,11 +184,20 @@ impl PgStore {
             })?;
         // Fail at start, with the driver's reason, rather than on the first request.
         drop(pool.get().await?);
-        Ok(PgStore { pool, keys, clock })
+        Ok(PgStore {
+            pool,
+            keys,
+            clock,
+            endpoints: Arc::default(),
+        })
     }
 
     pub(super) fn keys(&self) -> &KeyRing {
         &self.keys
+    }
+
+    pub(super) fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
     }
 
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -189,6 +210,7 @@ impl PgStore {
             client,
             keys: &self.keys,
             clock: &self.clock,
+            endpoints: self.endpoints.get(),
         }
     }
 
@@ -257,6 +279,7 @@ pub(crate) struct PgDb<'a, C> {
     client: &'a C,
     keys: &'a KeyRing,
     clock: &'a Clock,
+    endpoints: Arc<[String]>,
 }
 
 impl ToSql for Param<'_> {
@@ -328,6 +351,10 @@ fn bind<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
 impl<C: GenericClient> Db for PgDb<'_, C> {
     fn keys(&self) -> &KeyRing {
         self.keys
+    }
+
+    fn webhook_endpoints(&self) -> &[String] {
+        &self.endpoints
     }
 
     fn now(&self) -> DateTime<Utc> {

@@ -4,7 +4,10 @@ use super::db::{Db, Param};
 use super::sealed::{open_grant, open_session_state};
 use super::{sql, StoreError};
 use crate::ids::{ConnectionId, GrantId, SessionId};
-use crate::ledger::{ConnectSession, Connection, ConnectionFilter, Event, GrantRecord, OpenGrant};
+use crate::ledger::{
+    ConnectSession, Connection, ConnectionFilter, Event, GrantRecord, Job, JobKind, JobStatus,
+    OpenGrant,
+};
 
 pub(crate) async fn get_connection(
     db: &impl Db,
@@ -164,4 +167,33 @@ pub(crate) async fn live_reconnect_link(
             .ok()
             .map(|state| (session, state)),
     )
+}
+
+/// Jobs of one kind, newest first, optionally of one status, at most `limit` (1 to 1000),
+/// older than the job `before` (keyset pagination by id, which sorts by creation).
+pub(crate) async fn list_jobs(
+    db: &impl Db,
+    kind: JobKind,
+    status: Option<JobStatus>,
+    before: Option<&str>,
+    limit: u32,
+) -> Result<Vec<Job>, StoreError> {
+    let mut clauses = vec!["kind = $1".to_owned()];
+    let mut params: Vec<Param<'_>> = vec![Param::Text(kind.as_str())];
+    if let Some(status) = status {
+        params.push(Param::Text(status.as_str()));
+        clauses.push(format!("status = ${}", params.len()));
+    }
+    if let Some(before) = before {
+        params.push(Param::Text(before));
+        clauses.push(format!("id < ${}", params.len()));
+    }
+    params.push(Param::Int(i64::from(limit.clamp(1, 1000))));
+    let sql = format!(
+        "SELECT {} FROM jobs WHERE {} ORDER BY id DESC LIMIT ${}",
+        sql::JOB_COLUMNS,
+        clauses.join(" AND "),
+        params.len()
+    );
+    db.query(&sql, &params, sql::job).await
 }

@@ -24,7 +24,7 @@ use crate::ledger::{
     Connection, ConnectionStatus, Diagnosis, DiagnosisReason, EventKind, FailureOutcome, Fence,
     GrantOrigin, Job, JobKind, JobOutcome, JobStatus, LeaseHolder, LeaseOutcome, MintedPair,
     NewAuthorization, OpenGrant, Provider, RefreshCommit, RefreshFailure, Rescue, RotateProgress,
-    TokenColumn,
+    TokenColumn, WebhookEvent,
 };
 
 /// An audit record about to be appended.
@@ -361,8 +361,10 @@ async fn connect_new(
             .detail(json!({ "bot_id": pair.bot_id, "workspace_id": pair.workspace_id })),
     )
     .await?;
+    let connection = reload(db, &id).await?;
+    emit(db, WebhookEvent::Created, &connection, json!({}), now).await?;
     Ok(AuthorizationOutcome {
-        connection: reload(db, &id).await?,
+        connection,
         kind: AuthorizationKind::Connected,
         grant_id: grant.clone(),
         recovered: false,
@@ -509,8 +511,14 @@ async fn reauthorize(
         )
         .await?;
     }
+    let connection = reload(db, &conn.id).await?;
+    emit(db, WebhookEvent::Reauthorized, &connection, json!({}), now).await?;
+    if recovered {
+        let from = json!({ "from_status": conn.status, "by": "reauthorization" });
+        emit(db, WebhookEvent::Recovered, &connection, from, now).await?;
+    }
     Ok(AuthorizationOutcome {
-        connection: reload(db, &conn.id).await?,
+        connection,
         kind,
         grant_id,
         recovered,
@@ -907,6 +915,9 @@ pub(crate) async fn record_refresh(
                 })),
             )
             .await?;
+            let connection = reload(db, id).await?;
+            let from = json!({ "from_status": ConnectionStatus::NeedsReauth, "by": "refresh" });
+            emit(db, WebhookEvent::Recovered, &connection, from, now).await?;
         }
         (RefreshCommit::Current, recovered)
     } else {
@@ -1058,15 +1069,20 @@ async fn needs_reauth(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     set_status(db, id, ConnectionStatus::NeedsReauth, Some(diagnosis), now).await?;
+    let detail = serde_json::to_value(diagnosis).expect("a diagnosis serializes");
     insert_event(
         db,
         id,
         now,
         NewEvent::new(EventKind::NeedsReauth, Some(grant))
             .request(diagnosis.provider_request_id.as_deref())
-            .detail(serde_json::to_value(diagnosis).expect("a diagnosis serializes")),
+            .detail(detail.clone()),
     )
-    .await
+    .await?;
+    let connection = reload(db, id).await?;
+    // The reconnect link is added at each delivery attempt (`webhooks.rs`).
+    let data = json!({ "diagnosis": detail });
+    emit(db, WebhookEvent::NeedsReauth, &connection, data, now).await
 }
 
 /// See `Store::mark_revoked`.
@@ -1096,7 +1112,9 @@ pub(crate) async fn mark_revoked(
             .detail(json!({ "reason": reason, "tokens_to_revoke_upstream": queued })),
     )
     .await?;
-    reload(db, id).await
+    let connection = reload(db, id).await?;
+    emit(db, WebhookEvent::Revoked, &connection, json!({}), now).await?;
+    Ok(connection)
 }
 
 /// Queues the upstream revocation of every token of the connection (or of one grant) that may
@@ -1181,20 +1199,61 @@ async fn enqueue_job(
     Ok(())
 }
 
+/// Emits a webhook event about `connection` as it is now: one delivery job per endpoint, in the
+/// transaction of the change (invariant 9: the app is told once per change, durably). `data`
+/// adds to the event's data (a diagnosis, what caused it).
+async fn emit(
+    db: &impl Db,
+    event: WebhookEvent,
+    connection: &Connection,
+    data: Value,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if db.webhook_endpoints().is_empty() {
+        return Ok(());
+    }
+    let mut body_data = json!({ "connection": connection });
+    if let (Some(all), Value::Object(more)) = (body_data.as_object_mut(), data) {
+        all.extend(more);
+    }
+    let payload = json!({
+        "webhook_id": format!("msg_{}", uuid::Uuid::now_v7().simple()),
+        "event": {
+            "type": event,
+            "timestamp": crate::ledger::rfc3339_micros::format(now),
+            "data": body_data,
+        },
+    });
+    for endpoint in db.webhook_endpoints() {
+        enqueue_job(
+            db,
+            JobKind::Webhook,
+            Some(&connection.id),
+            endpoint,
+            &payload,
+            now,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// See `Store::claim_jobs`.
 pub(crate) async fn claim_jobs(
     db: &impl Db,
     connection: Option<&ConnectionId>,
     limit: u32,
     hold_for: Duration,
+    webhooks: bool,
 ) -> Result<Vec<Job>, StoreError> {
     let now = db.now();
     let limit = Param::Int(i64::from(limit));
+    let webhooks = Param::Int(i64::from(webhooks));
     let mut jobs = match connection {
         None => {
             db.query(
                 pick(db, sql::DUE_JOBS, sql::DUE_JOBS_SKIP_LOCKED),
-                &[Param::Time(now), limit],
+                &[Param::Time(now), webhooks, limit],
                 sql::job,
             )
             .await?
@@ -1206,7 +1265,7 @@ pub(crate) async fn claim_jobs(
                     sql::DUE_JOBS_OF_CONNECTION,
                     sql::DUE_JOBS_OF_CONNECTION_SKIP_LOCKED,
                 ),
-                &[text(id.as_str()), Param::Time(now), limit],
+                &[text(id.as_str()), Param::Time(now), webhooks, limit],
                 sql::job,
             )
             .await?
@@ -1459,4 +1518,23 @@ pub(crate) async fn record_token_rejected(
         NewEvent::new(EventKind::TokenRejected, Some(grant)).detail(detail.clone()),
     )
     .await
+}
+
+/// See `Store::retry_job`.
+pub(crate) async fn retry_job(
+    db: &impl Db,
+    id: &str,
+    kind: JobKind,
+) -> Result<Option<Job>, StoreError> {
+    let now = db.now();
+    let changed = db
+        .execute(
+            sql::RETRY_JOB,
+            &[Param::Time(now), text(id), text(kind.as_str())],
+        )
+        .await?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    db.query_opt(sql::JOB_BY_ID, &[text(id)], sql::job).await
 }

@@ -221,35 +221,44 @@ pub(crate) const INSERT_JOB: &str =
     "INSERT INTO jobs (id, kind, connection_id, subject, payload, status, attempts, \
          next_attempt_at, created_at, updated_at) \
      VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6, $6)";
+/// Due jobs, webhook deliveries only when `$2` is 1 (a process without a webhook secret leaves
+/// them to the processes that have one).
 pub(crate) const DUE_JOBS: &str = concat!(
     "SELECT ",
     job_columns!(),
     " FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \
-     ORDER BY next_attempt_at LIMIT $2"
+     AND (kind <> 'webhook' OR CAST($2 AS BIGINT) = 1) ORDER BY next_attempt_at LIMIT $3"
 );
 pub(crate) const DUE_JOBS_SKIP_LOCKED: &str = concat!(
     "SELECT ",
     job_columns!(),
     " FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \
-     ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+     AND (kind <> 'webhook' OR CAST($2 AS BIGINT) = 1) ORDER BY next_attempt_at LIMIT $3 \
+     FOR UPDATE SKIP LOCKED"
 );
 pub(crate) const DUE_JOBS_OF_CONNECTION: &str = concat!(
     "SELECT ",
     job_columns!(),
     " FROM jobs WHERE connection_id = $1 AND status = 'pending' AND next_attempt_at <= $2 \
-     ORDER BY next_attempt_at LIMIT $3"
+     AND (kind <> 'webhook' OR CAST($3 AS BIGINT) = 1) ORDER BY next_attempt_at LIMIT $4"
 );
 pub(crate) const DUE_JOBS_OF_CONNECTION_SKIP_LOCKED: &str = concat!(
     "SELECT ",
     job_columns!(),
     " FROM jobs WHERE connection_id = $1 AND status = 'pending' AND next_attempt_at <= $2 \
-     ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED"
+     AND (kind <> 'webhook' OR CAST($3 AS BIGINT) = 1) ORDER BY next_attempt_at LIMIT $4 \
+     FOR UPDATE SKIP LOCKED"
 );
 pub(crate) const JOBS_OF_CONNECTION: &str = concat!(
     "SELECT ",
     job_columns!(),
     " FROM jobs WHERE connection_id = $1 AND kind = $2 ORDER BY created_at, id"
 );
+pub(crate) const JOB_COLUMNS: &str = job_columns!();
+pub(crate) const RETRY_JOB: &str =
+    "UPDATE jobs SET status = 'pending', next_attempt_at = $1, updated_at = $1 \
+     WHERE id = $2 AND kind = $3";
+pub(crate) const JOB_BY_ID: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1");
 /// A claim: the job is someone's until `next_attempt_at`, when it comes due again if they die.
 pub(crate) const CLAIM_JOB: &str =
     "UPDATE jobs SET attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 WHERE id = $3";
@@ -504,6 +513,8 @@ pub(crate) const ALL: &[&str] = &[
     JOBS_OF_CONNECTION,
     CLAIM_JOB,
     FINISH_JOB,
+    RETRY_JOB,
+    JOB_BY_ID,
     REUSABLE_SESSION_OF_CONNECTION,
     INSERT_REUSABLE_SESSION,
 ];

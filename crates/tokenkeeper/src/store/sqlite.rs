@@ -20,7 +20,7 @@ use futures::FutureExt;
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{params, ErrorCode, TransactionBehavior};
 
-use super::db::{Cell, Db, Decode, Param, Row, Rows};
+use super::db::{Cell, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
 use crate::ledger::Provider;
@@ -78,6 +78,7 @@ struct Inner {
     path: PathBuf,
     keys: Arc<KeyRing>,
     clock: Clock,
+    endpoints: Endpoints,
     /// The one connection that writes; writers in this process queue here, writers in other
     /// processes queue on the file lock (`busy_timeout`).
     writer: Arc<tokio::sync::Mutex<rusqlite::Connection>>,
@@ -150,6 +151,7 @@ impl SqliteStore {
                 path,
                 keys,
                 clock,
+                endpoints: Endpoints::default(),
                 writer: Arc::new(tokio::sync::Mutex::new(writer)),
                 readers: Mutex::new(Vec::new()),
                 read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
@@ -159,6 +161,10 @@ impl SqliteStore {
 
     pub(super) fn keys(&self) -> &KeyRing {
         &self.inner.keys
+    }
+
+    pub(super) fn endpoints(&self) -> &Endpoints {
+        &self.inner.endpoints
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer and commits it; any error
@@ -225,6 +231,7 @@ impl Inner {
             conn,
             keys: &self.keys,
             clock: &self.clock,
+            endpoints: self.endpoints.get(),
         }
     }
 }
@@ -313,6 +320,7 @@ pub(crate) struct SqliteDb<'a> {
     conn: &'a rusqlite::Connection,
     keys: &'a KeyRing,
     clock: &'a Clock,
+    endpoints: Arc<[String]>,
 }
 
 impl SqliteDb<'_> {
@@ -378,6 +386,10 @@ impl Row for SqliteRow<'_, '_> {
 impl Db for SqliteDb<'_> {
     fn keys(&self) -> &KeyRing {
         self.keys
+    }
+
+    fn webhook_endpoints(&self) -> &[String] {
+        &self.endpoints
     }
 
     fn now(&self) -> DateTime<Utc> {

@@ -25,6 +25,8 @@ struct World {
     db: TestDb,
     sim: SimServer,
     http: reqwest::Client,
+    /// The processes' working directory (their spill journal goes there with PostgreSQL).
+    dir: tempfile::TempDir,
 }
 
 /// A `serve` that is listening; killed when dropped.
@@ -62,6 +64,7 @@ impl World {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap(),
+            dir: tempfile::tempdir().unwrap(),
         }
     }
 
@@ -69,7 +72,7 @@ impl World {
     /// embedded default's `<db>.key` on SQLite) and no other `TOKENKEEPER_*` variable.
     fn command(&self, ring: Option<&str>, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.kill_on_drop(true);
+        cmd.kill_on_drop(true).current_dir(self.dir.path());
         for (k, _) in std::env::vars() {
             if k.starts_with("TOKENKEEPER_") {
                 cmd.env_remove(k);

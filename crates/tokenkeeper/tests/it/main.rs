@@ -20,3 +20,4 @@ mod rescue;
 mod revocation;
 mod store_contract;
 mod store_processes;
+mod webhooks;

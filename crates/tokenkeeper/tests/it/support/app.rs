@@ -40,6 +40,8 @@ pub struct Options {
     /// `TOKENKEEPER_ALLOWED_RETURN_URLS`, given the app's URL; `None`: `<app url>/`.
     pub allowed_return_urls: Option<fn(&str) -> String>,
     pub session_ttl: Duration,
+    /// Where to deliver webhooks and how to sign them.
+    pub webhooks: Option<tokenkeeper::webhooks::WebhookSettings>,
     /// The server's deadlines and connection cap.
     pub server: ServerLimits,
     /// How long the proxy waits on Notion.
@@ -60,6 +62,7 @@ impl Default for Options {
             refresh_rate: Default::default(),
             notion_base_url: None,
             allowed_return_urls: None,
+            webhooks: None,
             session_ttl: Duration::from_secs(600),
             server: ServerLimits::default(),
             proxy_timeouts: ProxyTimeouts::default(),
@@ -389,6 +392,7 @@ impl TestApp {
                 refresh_rate: options.refresh_rate,
                 notion_version: "2026-03-11".into(),
                 bench_baseline_route: false,
+                webhooks: options.webhooks.clone(),
                 server: options.server.clone(),
                 proxy_timeouts: options.proxy_timeouts,
             },
