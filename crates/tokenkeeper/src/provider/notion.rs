@@ -43,20 +43,36 @@ impl std::fmt::Debug for NotionClient {
 }
 
 /// The fields of a token response we rely on; everything else is kept as metadata.
+///
+/// Only `access_token`, `bot_id` and `workspace_id` are required (notion-wire.md §2). The others
+/// are read when they are strings and otherwise taken as absent: a refresh has already spent the
+/// old refresh token when this answer arrives, so refusing it over, say, an icon that became an
+/// object would lose the only pair that still works (invariant 1).
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     refresh_token: Option<String>,
     bot_id: String,
     workspace_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     workspace_name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     workspace_icon: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     request_id: Option<String>,
 }
+
+/// An optional field: its text when it is a string, `None` for anything else.
+fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+/// The fields a token response cannot do without.
+const REQUIRED: [&str; 3] = ["access_token", "bot_id", "workspace_id"];
 
 impl NotionClient {
     pub fn new(settings: NotionSettings, timeout: Duration) -> Self {
@@ -199,15 +215,27 @@ pub fn parse_token_response(status: u16, bytes: &[u8]) -> Result<MintedPair, Pro
             status,
             reason: "the token response is not JSON".into(),
         })?;
-    let parsed: TokenResponse =
-        serde_json::from_value(value.clone()).map_err(|e| ProviderError::Unparseable {
-            status,
-            // serde's message names the field, never the value, for missing or mistyped fields.
-            reason: format!(
-                "the token response lacks a required field: {}",
-                field_of(&e)
-            ),
-        })?;
+    // Checked here rather than left to serde, whose message for a mistyped field quotes the
+    // value and not the field; the reason names the field and never quotes the body.
+    let unparseable = |reason: String| ProviderError::Unparseable { status, reason };
+    if !value.is_object() {
+        return Err(unparseable("the token response is not a JSON object".into()));
+    }
+    if let Some(field) = REQUIRED
+        .into_iter()
+        .find(|f| !value.get(f).is_some_and(Value::is_string))
+    {
+        let problem = if value.get(field).is_some() {
+            "is not a string"
+        } else {
+            "is missing"
+        };
+        return Err(unparseable(format!(
+            "the token response's required field `{field}` {problem}"
+        )));
+    }
+    let parsed: TokenResponse = serde_json::from_value(value.clone())
+        .map_err(|_| unparseable("the token response could not be read".into()))?;
     if let Some(map) = value.as_object_mut() {
         map.remove("access_token");
         map.remove("refresh_token");
@@ -224,16 +252,6 @@ pub fn parse_token_response(status: u16, bytes: &[u8]) -> Result<MintedPair, Pro
         obtained_at: Utc::now(),
         expires_at: None,
     })
-}
-
-fn field_of(e: &serde_json::Error) -> String {
-    let s = e.to_string();
-    // "missing field `bot_id` at line …" or "invalid type: …, expected a string": keep the part
-    // that names the field; drop any quoted value.
-    match s.find('`') {
-        Some(start) => s[start..].split(" at ").next().unwrap_or("").to_owned(),
-        None => "a field has the wrong type".into(),
-    }
 }
 
 /// Reads an error answer in either of Notion's shapes.
