@@ -219,7 +219,9 @@ pub fn parse_token_response(status: u16, bytes: &[u8]) -> Result<MintedPair, Pro
     // value and not the field; the reason names the field and never quotes the body.
     let unparseable = |reason: String| ProviderError::Unparseable { status, reason };
     if !value.is_object() {
-        return Err(unparseable("the token response is not a JSON object".into()));
+        return Err(unparseable(
+            "the token response is not a JSON object".into(),
+        ));
     }
     if let Some(field) = REQUIRED
         .into_iter()
@@ -240,18 +242,89 @@ pub fn parse_token_response(status: u16, bytes: &[u8]) -> Result<MintedPair, Pro
         map.remove("access_token");
         map.remove("refresh_token");
     }
+    // The tokens go to their sealed columns only. An answer that repeats one elsewhere (in a
+    // name, a nested object, a key) would otherwise have it stored in plain text with the
+    // metadata and the workspace's fields (invariant 7).
+    let mut tokens: Vec<String> = [Some(&parsed.access_token), parsed.refresh_token.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter(|t| !t.is_empty())
+        .cloned()
+        .collect();
+    tokens.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    redact_value(&mut value, &tokens);
+    let redact = |field: Option<String>| field.map(|f| redact_text(f, &tokens));
     Ok(MintedPair {
+        workspace_name: redact(parsed.workspace_name),
+        workspace_icon: redact(parsed.workspace_icon),
+        provider_request_id: redact(parsed.request_id),
         access_token: AccessToken::new(parsed.access_token),
         refresh_token: parsed.refresh_token.map(RefreshToken::new),
         bot_id: BotId(parsed.bot_id),
         workspace_id: parsed.workspace_id,
-        workspace_name: parsed.workspace_name,
-        workspace_icon: parsed.workspace_icon,
         metadata: value,
-        provider_request_id: parsed.request_id,
         obtained_at: Utc::now(),
         expires_at: None,
     })
+}
+
+/// What stands where a token was.
+const REDACTED: &str = "[redacted]";
+
+/// `text` with every occurrence of `tokens` (longest first) replaced.
+fn redact_text(mut text: String, tokens: &[String]) -> String {
+    for token in tokens {
+        if text.contains(token.as_str()) {
+            text = text.replace(token.as_str(), REDACTED);
+        }
+    }
+    text
+}
+
+/// `redact_text` on every string and key of `value`.
+fn redact_value(value: &mut Value, tokens: &[String]) {
+    match value {
+        Value::String(s) => *s = redact_text(std::mem::take(s), tokens),
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_value(v, tokens)),
+        Value::Object(map) => {
+            if map
+                .keys()
+                .any(|k| tokens.iter().any(|t| k.contains(t.as_str())))
+            {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (redact_text(k, tokens), v))
+                    .collect();
+            }
+            map.values_mut().for_each(|v| redact_value(v, tokens));
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// How Notion's tokens begin (notion-wire.md §2), and internal integration secrets.
+const TOKEN_PREFIXES: [&str; 3] = ["ntn_", "nrt_", "secret_"];
+
+/// `text` with every token-shaped run (a prefix of `TOKEN_PREFIXES` and the letters, digits,
+/// `_` and `-` after it) replaced. An error answer's text reaches logs, the ledger's failure
+/// records and API answers, and an error answer may quote the token it refuses.
+fn without_tokens(text: String) -> String {
+    if !TOKEN_PREFIXES.iter().any(|p| text.contains(p)) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = TOKEN_PREFIXES.iter().filter_map(|p| rest.find(p)).min() {
+        out.push_str(&rest[..at]);
+        out.push_str(REDACTED);
+        let run = &rest[at..];
+        let end = run
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(run.len());
+        rest = &run[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Reads an error answer in either of Notion's shapes.
@@ -270,7 +343,7 @@ pub fn error_from(
         body.as_ref()
             .and_then(|b| b.get(name))
             .and_then(Value::as_str)
-            .map(str::to_owned)
+            .map(|s| without_tokens(s.to_owned()))
     };
     let code = field("error").or_else(|| field("code"));
     let message = field("error_description").or_else(|| field("message"));
