@@ -12,7 +12,9 @@
 //! stays well under a minute on two cores in a debug build, or `TOKENKEEPER_FUZZ_CASES` for
 //! every target (a long local run sets it high).
 
+mod keyring;
 mod provider;
+mod sealed;
 
 use std::path::PathBuf;
 
