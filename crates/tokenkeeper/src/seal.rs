@@ -120,8 +120,12 @@ impl KeyRing {
     pub fn parse(text: &str) -> Result<Self, SealError> {
         let mut active = None;
         let mut keys = HashMap::new();
+        // A comment is a whole line: a comma in it starts no entry, so a key mentioned in a
+        // comment (a retired one, say) is never read.
         let entries = text
-            .split([',', '\n'])
+            .split('\n')
+            .filter(|line| !line.trim_start().starts_with('#'))
+            .flat_map(|line| line.split(','))
             .map(str::trim)
             .filter(|e| !e.is_empty() && !e.starts_with('#'));
         for (index, entry) in entries.enumerate() {
