@@ -90,7 +90,7 @@ fn b64() -> base64::engine::GeneralPurpose {
 }
 
 impl SealedPair {
-    fn seal(keys: &KeyRing, owner: &str, grant: &GrantId, pair: &MintedPair) -> Self {
+    pub(crate) fn seal(keys: &KeyRing, owner: &str, grant: &GrantId, pair: &MintedPair) -> Self {
         let seal = |column, plain: &str| {
             b64().encode(keys.seal(context(owner, grant.as_str(), column), plain))
         };
@@ -141,7 +141,7 @@ impl SealedPair {
 }
 
 impl SpilledRefresh {
-    fn owner(connection: &ConnectionId, parent: &GrantId) -> String {
+    pub(crate) fn owner(connection: &ConnectionId, parent: &GrantId) -> String {
         format!("spill|{connection}|{parent}")
     }
 
@@ -158,7 +158,7 @@ impl SpilledRefresh {
 /// One line of a journal file.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum Entry {
+pub(crate) enum Entry {
     Refresh(Box<SpilledRefresh>),
     /// The record with this grant id is committed.
     Done {
@@ -185,7 +185,7 @@ pub struct FileContents {
     pub damaged: usize,
 }
 
-fn frame(entry: &Entry) -> Vec<u8> {
+pub(crate) fn frame(entry: &Entry) -> Vec<u8> {
     let json = serde_json::to_vec(entry).expect("a journal entry serializes");
     let mut out = Vec::with_capacity(json.len() + 16);
     out.extend_from_slice(MAGIC);
@@ -196,7 +196,7 @@ fn frame(entry: &Entry) -> Vec<u8> {
 }
 
 /// Reads every intact frame of `bytes`; damaged ones are counted and skipped.
-fn parse(bytes: &[u8]) -> FileContents {
+pub(crate) fn parse(bytes: &[u8]) -> FileContents {
     let mut records: Vec<SpilledRefresh> = Vec::new();
     let mut done = HashSet::new();
     let mut damaged = 0;

@@ -12,6 +12,7 @@
 //! stays well under a minute on two cores in a debug build, or `TOKENKEEPER_FUZZ_CASES` for
 //! every target (a long local run sets it high).
 
+mod journal;
 mod keyring;
 mod provider;
 mod sealed;
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
+use serde_json::{json, Value};
 
 /// The proptest settings of a target whose default case count is `default_cases`.
 pub(crate) fn config(default_cases: u32) -> Config {
@@ -245,6 +247,38 @@ pub(crate) fn hostile_text() -> impl Strategy<Value = String> {
         .prop_map(str::to_owned),
         1 => ("\\PC{1,4}", 256usize..4096).prop_map(|(s, n)| s.repeat(n)),
     ]
+}
+
+/// Any JSON value, nested up to about `depth` levels, with hostile strings and keys.
+pub(crate) fn json_value(depth: u32) -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+            .prop_map(Value::from),
+        hostile_text().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(depth, 64, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            proptest::collection::btree_map(hostile_text(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// A value nested `depth` levels deep (arrays and objects alternating) around `inner`.
+pub(crate) fn nested(depth: usize, inner: Value) -> Value {
+    (0..depth).fold(inner, |v, level| {
+        if level % 2 == 0 {
+            json!([v])
+        } else {
+            json!({ "d": v })
+        }
+    })
 }
 
 /// A token-shaped secret with `prefix` (`ntn_`, `nrt_`, …): the prefix and 24 to 48 letters and

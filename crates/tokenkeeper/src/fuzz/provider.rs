@@ -19,7 +19,9 @@ use proptest::prelude::*;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{json, Map, Value};
 
-use super::{config, hostile_text, mutate, mutations, replay_corpus, secret, Mutation};
+use super::{
+    config, hostile_text, json_value, mutate, mutations, nested, replay_corpus, secret, Mutation,
+};
 use crate::ledger::MintedPair;
 use crate::provider::notion::{error_from, parse_token_response};
 use crate::provider::ProviderError;
@@ -86,38 +88,6 @@ fn field(
         weights.3 => Just(None),
     ]
     .boxed()
-}
-
-/// Any JSON value, nested up to about `depth` levels, with hostile strings and keys.
-fn json_value(depth: u32) -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>()
-            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
-            .prop_map(Value::from),
-        hostile_text().prop_map(Value::String),
-    ];
-    leaf.prop_recursive(depth, 64, 6, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            proptest::collection::btree_map(hostile_text(), inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
-
-/// A value nested `depth` levels deep (arrays and objects alternating) around `inner`.
-fn nested(depth: usize, inner: Value) -> Value {
-    (0..depth).fold(inner, |v, level| {
-        if level % 2 == 0 {
-            json!([v])
-        } else {
-            json!({ "d": v })
-        }
-    })
 }
 
 /// Where a secret is planted besides its own field.
