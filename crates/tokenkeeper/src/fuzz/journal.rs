@@ -462,7 +462,9 @@ fn spill_and_read_back(pair: MintedPair) -> Result<(), TestCaseError> {
             );
             prop_assert_eq!(pending.pending.len(), 1);
             let back = pending.pending[0].pair(&keys).unwrap();
-            prop_assert_eq!(&back.metadata, &pair.metadata);
+            // After one trip through JSON text, as in `as_written`.
+            let sent: Value = serde_json::from_str(&pair.metadata.to_string()).unwrap();
+            prop_assert_eq!(&back.metadata, &sent);
             prop_assert_eq!(
                 back.access_token.expose_secret(),
                 pair.access_token.expose_secret()
@@ -522,6 +524,11 @@ fn the_journal_corpus_yields_the_records_its_names_promise() {
         for record in &contents.pending {
             let pair = record.pair(&keys).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(pair.access_token.expose_secret().starts_with("ntn_corpus_"));
+            assert!(
+                pair.metadata.is_object(),
+                "{name}: metadata {}",
+                pair.metadata
+            );
         }
     }
 }
