@@ -210,14 +210,14 @@ async fn current_grant(state: &SharedState, id: &ConnectionId) -> Result<OpenGra
 
 /// The part of the request path after `/v1/proxy/{id}`, raw (still percent-encoded), so that it
 /// reaches Notion as the caller wrote it. Works whether or not the router stripped `/v1`.
-fn rest_of_path(path: &str) -> &str {
+pub(crate) fn rest_of_path(path: &str) -> &str {
     let path = path.strip_prefix("/v1").unwrap_or(path);
     let after = path.strip_prefix("/proxy/").unwrap_or("");
     after.find('/').map_or("", |i| &after[i..])
 }
 
 /// The caller's headers, minus what belongs to this hop or to tokenkeeper.
-fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
+pub(crate) fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
     // Headers the caller listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
     let listed: Vec<String> = from
         .get_all("connection")

@@ -15,7 +15,10 @@
 mod journal;
 mod keyring;
 mod provider;
+mod proxy;
+mod return_to;
 mod sealed;
+pub(crate) mod urls;
 
 use std::path::PathBuf;
 
