@@ -236,11 +236,16 @@ pub(crate) fn target_url(base: &url::Url, path: &str, query: Option<&str>) -> Op
 /// The caller's headers, minus what belongs to this hop or to tokenkeeper.
 pub(crate) fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
     // Headers the caller listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+    // Read from the bytes: a value with one byte that is not ASCII still names the others.
     let listed: Vec<String> = from
         .get_all("connection")
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .collect();
     let mut headers = HeaderMap::new();
     for (name, value) in from {
