@@ -54,9 +54,11 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The first retry of a 5xx or a network failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Headers that describe one hop, not the message: never forwarded, in either direction.
-const HOP_BY_HOP: [&str; 9] = [
+/// Headers that describe one hop, not the message: never forwarded, in either direction
+/// (RFC 9110 §7.6.1 names `Proxy-Connection` among them, though no standard defines it).
+const HOP_BY_HOP: [&str; 10] = [
     "connection",
+    "proxy-connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
