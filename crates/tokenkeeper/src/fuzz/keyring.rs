@@ -312,18 +312,26 @@ fn check_ring(text: &str, keys: &[[u8; 32]], spec: bool) -> Result<(), TestCaseE
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(2048))]
 
     #[test]
     fn rings_are_accepted_exactly_in_the_documented_format_and_round_trip(case in ring_case()) {
         check_ring(&case.text, &case.keys, true)?;
     }
+}
+
+proptest! {
+    #![proptest_config(config(2048))]
 
     #[test]
     fn damaged_rings_never_panic_and_never_show_a_key(case in ring_case(), damage in mutations(3)) {
         let text = String::from_utf8_lossy(&mutate(case.text.as_bytes(), &damage)).into_owned();
         check_ring(&text, &case.keys, true)?;
     }
+}
+
+proptest! {
+    #![proptest_config(config(4096))]
 
     #[test]
     fn arbitrary_text_never_panics(text in "\\PC{0,200}") {

@@ -274,12 +274,16 @@ fn check_headers(from: &HeaderMap, version: &str) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(4096))]
 
     #[test]
     fn forwarded_paths_stay_under_the_base_path(target in request_target()) {
         check_target(&target)?;
     }
+}
+
+proptest! {
+    #![proptest_config(config(4096))]
 
     #[test]
     fn credentials_and_hop_by_hop_headers_never_pass(

@@ -138,7 +138,7 @@ fn refused(result: Result<String, SealError>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(1024))]
 
     #[test]
     fn a_sealed_value_opens_only_in_its_own_place_with_its_own_key(
@@ -185,6 +185,10 @@ proptest! {
         let check = ring.seal_check(&id).unwrap();
         prop_assert_eq!(ring.open(case.place.ctx(), &check), Err(SealError::Forged));
     }
+}
+
+proptest! {
+    #![proptest_config(config(2048))]
 
     #[test]
     fn a_damaged_sealed_value_never_opens(case in sealed(), damage in mutations(4)) {
@@ -200,6 +204,10 @@ proptest! {
             prop_assert!(ring.open_check(&id, &damaged).is_err());
         }
     }
+}
+
+proptest! {
+    #![proptest_config(config(1024))]
 
     #[test]
     fn a_key_id_rewritten_to_another_of_the_ring_never_opens(case in sealed(), pick in any::<prop::sample::Index>()) {
@@ -214,6 +222,10 @@ proptest! {
             prop_assert_eq!(ring.open(case.place.ctx(), &forged), Err(SealError::Forged));
         }
     }
+}
+
+proptest! {
+    #![proptest_config(config(2048))]
 
     #[test]
     fn arbitrary_bytes_never_open(
