@@ -70,10 +70,35 @@ pub struct SealedPair {
     workspace_id: String,
     workspace_name: Option<String>,
     workspace_icon: Option<String>,
+    #[serde(with = "metadata_text")]
     metadata: serde_json::Value,
     provider_request_id: Option<String>,
     obtained_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
+}
+
+/// A pair's metadata is written as JSON text inside the record. As a value it would sit three
+/// levels down in the record, and serde_json refuses to read anything nested deeper than 128
+/// levels, which the provider's answer (parsed with the same limit) may already reach: such a
+/// record would be written, then skipped as damage, and its pair lost. Text read on its own
+/// starts a fresh count.
+mod metadata_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(metadata: &Value, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&metadata.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        match Value::deserialize(d)? {
+            // A provider's metadata is an object, so text that is not JSON was never written by
+            // `serialize`; keep it as it is.
+            Value::String(text) => Ok(serde_json::from_str(&text).unwrap_or(Value::String(text))),
+            // Written before metadata was text.
+            other => Ok(other),
+        }
+    }
 }
 
 /// What a sealed journal value is bound to: `spill|<owner>|<parent>` and the grant id.
@@ -90,7 +115,7 @@ fn b64() -> base64::engine::GeneralPurpose {
 }
 
 impl SealedPair {
-    fn seal(keys: &KeyRing, owner: &str, grant: &GrantId, pair: &MintedPair) -> Self {
+    pub(crate) fn seal(keys: &KeyRing, owner: &str, grant: &GrantId, pair: &MintedPair) -> Self {
         let seal = |column, plain: &str| {
             b64().encode(keys.seal(context(owner, grant.as_str(), column), plain))
         };
@@ -141,7 +166,7 @@ impl SealedPair {
 }
 
 impl SpilledRefresh {
-    fn owner(connection: &ConnectionId, parent: &GrantId) -> String {
+    pub(crate) fn owner(connection: &ConnectionId, parent: &GrantId) -> String {
         format!("spill|{connection}|{parent}")
     }
 
@@ -158,7 +183,7 @@ impl SpilledRefresh {
 /// One line of a journal file.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum Entry {
+pub(crate) enum Entry {
     Refresh(Box<SpilledRefresh>),
     /// The record with this grant id is committed.
     Done {
@@ -174,6 +199,8 @@ pub enum JournalError {
     Seal(#[from] crate::seal::SealError),
     #[error("a journal record is damaged")]
     Damaged,
+    #[error("the record would be larger than a journal frame may be, so it was not written")]
+    Unreadable,
 }
 
 /// What reading a journal file found.
@@ -185,7 +212,7 @@ pub struct FileContents {
     pub damaged: usize,
 }
 
-fn frame(entry: &Entry) -> Vec<u8> {
+pub(crate) fn frame(entry: &Entry) -> Vec<u8> {
     let json = serde_json::to_vec(entry).expect("a journal entry serializes");
     let mut out = Vec::with_capacity(json.len() + 16);
     out.extend_from_slice(MAGIC);
@@ -196,7 +223,7 @@ fn frame(entry: &Entry) -> Vec<u8> {
 }
 
 /// Reads every intact frame of `bytes`; damaged ones are counted and skipped.
-fn parse(bytes: &[u8]) -> FileContents {
+pub(crate) fn parse(bytes: &[u8]) -> FileContents {
     let mut records: Vec<SpilledRefresh> = Vec::new();
     let mut done = HashSet::new();
     let mut damaged = 0;
@@ -336,14 +363,24 @@ impl Journal {
             pair: SealedPair::seal(&self.keys, &owner, grant_id, pair),
             rescue: rescue.cloned(),
         };
-        self.append(&Entry::Refresh(Box::new(record)))?;
+        let framed = frame(&Entry::Refresh(Box::new(record)));
+        // The reader skips a frame it cannot read as damage, so a pair written in one would be
+        // lost; refused here, the pair stays with the coordinator, which retries its commit.
+        if read_frame(&framed).is_none() {
+            return Err(JournalError::Unreadable);
+        }
+        self.write_frame(&framed)?;
         self.spilled.notify_one();
         Ok(())
     }
 
     fn append(&self, entry: &Entry) -> std::io::Result<()> {
+        self.write_frame(&frame(entry))
+    }
+
+    fn write_frame(&self, framed: &[u8]) -> std::io::Result<()> {
         let mut file = self.own.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(&frame(entry))?;
+        file.write_all(framed)?;
         file.sync_data()
     }
 

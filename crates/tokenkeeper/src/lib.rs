@@ -6,6 +6,8 @@ pub mod api;
 pub mod app;
 pub mod clock;
 pub mod config;
+#[cfg(test)]
+mod fuzz;
 pub mod ids;
 pub mod jobs;
 pub mod journal;

@@ -31,12 +31,16 @@ pub enum SealError {
     EmptyKeyRing,
     #[error("key ring entry {0}: expected `<key id>:<base64 of 32 bytes>`")]
     BadEntry(usize),
-    #[error("key {key_id:?} is {len} bytes long; keys are 32 bytes")]
-    BadKeyLength { key_id: String, len: usize },
+    // An entry that fails is named by its number, never by its text: what stands where the key
+    // id should be may be the key itself (an entry written key first).
+    #[error("key ring entry {entry}: the key is {len} bytes long; keys are 32 bytes")]
+    BadKeyLength { entry: usize, len: usize },
     #[error("key id {0:?} appears twice in the key ring")]
     DuplicateKeyId(String),
-    #[error("key id {0:?} is not valid: use 1 to 64 letters, digits, '-' or '_'")]
-    BadKeyId(String),
+    #[error(
+        "key ring entry {0}: the key id is not valid: use 1 to 64 letters, digits, '-' or '_'"
+    )]
+    BadKeyId(usize),
     #[error("sealed value was made with key {0:?}, which is not in the key ring")]
     UnknownKey(String),
     #[error("sealed value is malformed")]
@@ -124,8 +128,12 @@ impl KeyRing {
     pub fn parse(text: &str) -> Result<Self, SealError> {
         let mut active = None;
         let mut keys = HashMap::new();
+        // A comment is a whole line: a comma in it starts no entry, so a key mentioned in a
+        // comment (a retired one, say) is never read.
         let entries = text
-            .split([',', '\n'])
+            .split('\n')
+            .filter(|line| !line.trim_start().starts_with('#'))
+            .flat_map(|line| line.split(','))
             .map(str::trim)
             .filter(|e| !e.is_empty() && !e.starts_with('#'));
         for (index, entry) in entries.enumerate() {
@@ -134,14 +142,14 @@ impl KeyRing {
                 .ok_or(SealError::BadEntry(index + 1))?;
             let (id, b64) = (id.trim(), b64.trim());
             if !valid_key_id(id) {
-                return Err(SealError::BadKeyId(id.to_owned()));
+                return Err(SealError::BadKeyId(index + 1));
             }
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64)
                 .map_err(|_| SealError::BadEntry(index + 1))?;
             if bytes.len() != KEY_LEN {
                 return Err(SealError::BadKeyLength {
-                    key_id: id.to_owned(),
+                    entry: index + 1,
                     len: bytes.len(),
                 });
             }

@@ -89,9 +89,11 @@ impl Default for ProxyTimeouts {
 #[derive(Debug, Clone, Copy)]
 pub struct FromUpstream;
 
-/// Headers that describe one hop, not the message: never forwarded, in either direction.
-const HOP_BY_HOP: [&str; 9] = [
+/// Headers that describe one hop, not the message: never forwarded, in either direction
+/// (RFC 9110 §7.6.1 names `Proxy-Connection` among them, though no standard defines it).
+const HOP_BY_HOP: [&str; 10] = [
     "connection",
+    "proxy-connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
@@ -245,20 +247,42 @@ async fn current_grant(state: &SharedState, id: &ConnectionId) -> Result<OpenGra
 
 /// The part of the request path after `/v1/proxy/{id}`, raw (still percent-encoded), so that it
 /// reaches Notion as the caller wrote it. Works whether or not the router stripped `/v1`.
-fn rest_of_path(path: &str) -> &str {
+pub(crate) fn rest_of_path(path: &str) -> &str {
     let path = path.strip_prefix("/v1").unwrap_or(path);
     let after = path.strip_prefix("/proxy/").unwrap_or("");
     after.find('/').map_or("", |i| &after[i..])
 }
 
+/// Where a request for `path` (the request's path, as routed) and `query` is forwarded: Notion's
+/// base URL with the rest of the path appended. `None` when the rest, once its dot segments are
+/// resolved as a URL parser resolves them (`..`, `%2e%2e`, `.%2E`, …), leaves the base URL's
+/// path: the request carries the connection's token, so it must not reach whatever else the
+/// base URL's host serves beside Notion (a gateway's other routes).
+pub(crate) fn target_url(base: &url::Url, path: &str, query: Option<&str>) -> Option<url::Url> {
+    let mut target = base.clone();
+    let base_path = target.path().trim_end_matches('/').to_owned();
+    target.set_path(&format!("{base_path}{}", rest_of_path(path)));
+    target.set_query(query);
+    let inside = target
+        .path()
+        .strip_prefix(base_path.as_str())
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    inside.then_some(target)
+}
+
 /// The caller's headers, minus what belongs to this hop or to tokenkeeper.
-fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
+pub(crate) fn outgoing_headers(from: &HeaderMap, notion_version: &str) -> HeaderMap {
     // Headers the caller listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+    // Read from the bytes: a value with one byte that is not ASCII still names the others.
     let listed: Vec<String> = from
         .get_all("connection")
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .collect();
     let mut headers = HeaderMap::new();
     for (name, value) in from {
@@ -289,10 +313,14 @@ async fn forward_inner(
     // never costs a call to Notion.
     let mut grant = current_grant(&state, &id).await?;
 
-    let mut target = state.notion.settings().base_url.clone();
-    let base_path = target.path().trim_end_matches('/').to_owned();
-    target.set_path(&format!("{base_path}{}", rest_of_path(parts.uri.path())));
-    target.set_query(parts.uri.query());
+    let target = target_url(
+        &state.notion.settings().base_url,
+        parts.uri.path(),
+        parts.uri.query(),
+    )
+    .ok_or_else(|| {
+        ApiError::invalid("the path goes above Notion's base URL (a `..` segment); it is not sent")
+    })?;
     let headers = outgoing_headers(&parts.headers, &state.notion_version);
 
     let mut body = hold_or_stream(body).await?;

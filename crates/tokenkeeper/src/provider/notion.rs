@@ -45,20 +45,36 @@ impl std::fmt::Debug for NotionClient {
 }
 
 /// The fields of a token response we rely on; everything else is kept as metadata.
+///
+/// Only `access_token`, `bot_id` and `workspace_id` are required (notion-wire.md §2). The others
+/// are read when they are strings and otherwise taken as absent: a refresh has already spent the
+/// old refresh token when this answer arrives, so refusing it over, say, an icon that became an
+/// object would lose the only pair that still works (invariant 1).
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     refresh_token: Option<String>,
     bot_id: String,
     workspace_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     workspace_name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     workspace_icon: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_none")]
     request_id: Option<String>,
 }
+
+/// An optional field: its text when it is a string, `None` for anything else.
+fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+/// The fields a token response cannot do without.
+const REQUIRED: [&str; 3] = ["access_token", "bot_id", "workspace_id"];
 
 impl NotionClient {
     pub fn new(settings: NotionSettings, timeout: Duration) -> Self {
@@ -247,40 +263,90 @@ pub fn parse_token_response(status: u16, bytes: &[u8]) -> Result<MintedPair, Pro
             status,
             reason: "the token response is not JSON".into(),
         })?;
-    let parsed: TokenResponse =
-        serde_json::from_value(value.clone()).map_err(|e| ProviderError::Unparseable {
-            status,
-            // serde's message names the field, never the value, for missing or mistyped fields.
-            reason: format!(
-                "the token response lacks a required field: {}",
-                field_of(&e)
-            ),
-        })?;
+    // Checked here rather than left to serde, whose message for a mistyped field quotes the
+    // value and not the field; the reason names the field and never quotes the body.
+    let unparseable = |reason: String| ProviderError::Unparseable { status, reason };
+    if !value.is_object() {
+        return Err(unparseable(
+            "the token response is not a JSON object".into(),
+        ));
+    }
+    if let Some(field) = REQUIRED
+        .into_iter()
+        .find(|f| !value.get(f).is_some_and(Value::is_string))
+    {
+        let problem = if value.get(field).is_some() {
+            "is not a string"
+        } else {
+            "is missing"
+        };
+        return Err(unparseable(format!(
+            "the token response's required field `{field}` {problem}"
+        )));
+    }
+    let parsed: TokenResponse = serde_json::from_value(value.clone())
+        .map_err(|_| unparseable("the token response could not be read".into()))?;
     if let Some(map) = value.as_object_mut() {
         map.remove("access_token");
         map.remove("refresh_token");
     }
+    // The tokens go to their sealed columns only. An answer that repeats one elsewhere (in a
+    // name, a nested object, a key) would otherwise have it stored in plain text with the
+    // metadata and the workspace's fields (invariant 7).
+    let mut tokens: Vec<String> = [Some(&parsed.access_token), parsed.refresh_token.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter(|t| !t.is_empty())
+        .cloned()
+        .collect();
+    tokens.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    redact_value(&mut value, &tokens);
+    let redact = |field: Option<String>| field.map(|f| redact_text(f, &tokens));
     Ok(MintedPair {
+        workspace_name: redact(parsed.workspace_name),
+        workspace_icon: redact(parsed.workspace_icon),
+        provider_request_id: redact(parsed.request_id),
         access_token: AccessToken::new(parsed.access_token),
         refresh_token: parsed.refresh_token.map(RefreshToken::new),
         bot_id: BotId(parsed.bot_id),
         workspace_id: parsed.workspace_id,
-        workspace_name: parsed.workspace_name,
-        workspace_icon: parsed.workspace_icon,
         metadata: value,
-        provider_request_id: parsed.request_id,
         obtained_at: Utc::now(),
         expires_at: None,
     })
 }
 
-fn field_of(e: &serde_json::Error) -> String {
-    let s = e.to_string();
-    // "missing field `bot_id` at line …" or "invalid type: …, expected a string": keep the part
-    // that names the field; drop any quoted value.
-    match s.find('`') {
-        Some(start) => s[start..].split(" at ").next().unwrap_or("").to_owned(),
-        None => "a field has the wrong type".into(),
+/// What stands where a token was.
+const REDACTED: &str = "[redacted]";
+
+/// `text` with every occurrence of `tokens` (longest first) replaced.
+fn redact_text(mut text: String, tokens: &[String]) -> String {
+    for token in tokens {
+        if text.contains(token.as_str()) {
+            text = text.replace(token.as_str(), REDACTED);
+        }
+    }
+    text
+}
+
+/// `redact_text` on every string and key of `value`.
+fn redact_value(value: &mut Value, tokens: &[String]) {
+    match value {
+        Value::String(s) => *s = redact_text(std::mem::take(s), tokens),
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_value(v, tokens)),
+        Value::Object(map) => {
+            if map
+                .keys()
+                .any(|k| tokens.iter().any(|t| k.contains(t.as_str())))
+            {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (redact_text(k, tokens), v))
+                    .collect();
+            }
+            map.values_mut().for_each(|v| redact_value(v, tokens));
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
 
@@ -302,15 +368,15 @@ pub fn error_from(
         body.as_ref()
             .and_then(|b| b.get(name))
             .and_then(Value::as_str)
-            .map(str::to_owned)
     };
+    // Each piece is scrubbed by its type (`text.rs`), the one place provider text is made safe.
     let code = field("error")
         .or_else(|| field("code"))
-        .map(|c| ProviderCode::from_untrusted(&c, sent));
+        .map(|c| ProviderCode::from_untrusted(c, sent));
     let message = field("error_description")
         .or_else(|| field("message"))
-        .and_then(|m| ProviderText::from_untrusted(&m, sent));
-    let request_id = field("request_id").and_then(|r| ProviderRequestId::from_untrusted(&r, sent));
+        .and_then(|m| ProviderText::from_untrusted(m, sent));
+    let request_id = field("request_id").and_then(|r| ProviderRequestId::from_untrusted(r, sent));
     match (status, code) {
         (429 | 529, _) => ProviderError::Throttled {
             status,
