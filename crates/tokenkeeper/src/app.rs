@@ -144,7 +144,7 @@ pub fn state(
             budget: settings.refresh_budget,
             rate: settings.refresh_rate,
         },
-        journal,
+        journal.clone(),
         jobs.clone(),
     );
     let http = reqwest::Client::builder()
@@ -168,6 +168,7 @@ pub fn state(
         simulator,
         bench_baseline_route: settings.bench_baseline_route,
         jobs,
+        journal,
         server: settings.server,
         proxy_timeouts: settings.proxy_timeouts,
         proxy_upstream_timeouts: Default::default(),

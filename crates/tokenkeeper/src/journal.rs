@@ -36,8 +36,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ids::{AccessToken, AttemptId, BotId, ConnectionId, GrantId, RefreshToken};
-use crate::ledger::{Fence, MintedPair, Rescue};
+use crate::ids::{AccessToken, AttemptId, BotId, ConnectionId, GrantId, RefreshToken, SessionId};
+use crate::ledger::{AuthorizationTarget, Fence, MintedPair, NewAuthorization, Provider, Rescue};
 use crate::seal::{Column, KeyRing, SealContext};
 use crate::store::{Store, StoreError};
 
@@ -180,11 +180,37 @@ impl SpilledRefresh {
     }
 }
 
+/// An authorization whose pair came back from a code exchange in the callback, and waits for
+/// its commit. The browser was told the authorization is kept; `GET /connect/pending/…` sends
+/// it on to the app once the grant is in the ledger.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpilledAuthorization {
+    pub session_id: SessionId,
+    pub provider: Provider,
+    pub target: AuthorizationTarget,
+    /// The grant id the commit uses, chosen before the first try.
+    pub grant_id: GrantId,
+    pub pair: SealedPair,
+}
+
+impl SpilledAuthorization {
+    fn owner(session: &SessionId) -> String {
+        format!("spill|session|{session}")
+    }
+
+    /// The pair, opened.
+    pub fn pair(&self, keys: &KeyRing) -> Result<MintedPair, JournalError> {
+        self.pair
+            .open(keys, &Self::owner(&self.session_id), &self.grant_id)
+    }
+}
+
 /// One line of a journal file.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Entry {
     Refresh(Box<SpilledRefresh>),
+    Authorization(Box<SpilledAuthorization>),
     /// The record with this grant id is committed.
     Done {
         grant_id: GrantId,
@@ -206,8 +232,10 @@ pub enum JournalError {
 /// What reading a journal file found.
 #[derive(Debug, Default)]
 pub struct FileContents {
-    /// Records not yet marked done, in the order they were written.
+    /// Refreshes not yet marked done, in the order they were written.
     pub pending: Vec<SpilledRefresh>,
+    /// Authorizations not yet marked done, in the order they were written.
+    pub authorizations: Vec<SpilledAuthorization>,
     /// Frames that failed their check and were skipped.
     pub damaged: usize,
 }
@@ -225,6 +253,7 @@ pub(crate) fn frame(entry: &Entry) -> Vec<u8> {
 /// Reads every intact frame of `bytes`; damaged ones are counted and skipped.
 pub(crate) fn parse(bytes: &[u8]) -> FileContents {
     let mut records: Vec<SpilledRefresh> = Vec::new();
+    let mut authorizations: Vec<SpilledAuthorization> = Vec::new();
     let mut done = HashSet::new();
     let mut damaged = 0;
     let mut at = 0;
@@ -233,6 +262,7 @@ pub(crate) fn parse(bytes: &[u8]) -> FileContents {
             Some((entry, len)) => {
                 match entry {
                     Entry::Refresh(r) => records.push(*r),
+                    Entry::Authorization(a) => authorizations.push(*a),
                     Entry::Done { grant_id } => {
                         done.insert(grant_id);
                     }
@@ -256,6 +286,10 @@ pub(crate) fn parse(bytes: &[u8]) -> FileContents {
         pending: records
             .into_iter()
             .filter(|r| !done.contains(&r.grant_id))
+            .collect(),
+        authorizations: authorizations
+            .into_iter()
+            .filter(|a| !done.contains(&a.grant_id))
             .collect(),
         damaged,
     }
@@ -363,9 +397,31 @@ impl Journal {
             pair: SealedPair::seal(&self.keys, &owner, grant_id, pair),
             rescue: rescue.cloned(),
         };
-        let framed = frame(&Entry::Refresh(Box::new(record)));
+        self.spill(&Entry::Refresh(Box::new(record)))
+    }
+
+    /// Writes an authorization from the callback and waits until it is on disk; see
+    /// `spill_refresh`.
+    pub fn spill_authorization(
+        &self,
+        session_id: &SessionId,
+        auth: &NewAuthorization,
+    ) -> Result<(), JournalError> {
+        let owner = SpilledAuthorization::owner(session_id);
+        let record = SpilledAuthorization {
+            session_id: session_id.clone(),
+            provider: auth.provider,
+            target: auth.target.clone(),
+            grant_id: auth.grant_id.clone(),
+            pair: SealedPair::seal(&self.keys, &owner, &auth.grant_id, &auth.pair),
+        };
+        self.spill(&Entry::Authorization(Box::new(record)))
+    }
+
+    fn spill(&self, entry: &Entry) -> Result<(), JournalError> {
+        let framed = frame(entry);
         // The reader skips a frame it cannot read as damage, so a pair written in one would be
-        // lost; refused here, the pair stays with the coordinator, which retries its commit.
+        // lost; refused here, the pair stays with its caller, which retries its commit.
         if read_frame(&framed).is_none() {
             return Err(JournalError::Unreadable);
         }
@@ -400,19 +456,13 @@ impl Journal {
             .pending()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         report.damaged += contents.damaged;
-        for record in &contents.pending {
-            if self.commit(store, record, &mut report).await? {
-                self.append(&Entry::Done {
-                    grant_id: record.grant_id.clone(),
-                })
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        for (grant, committed) in self.commit_all(store, &contents, &mut report).await? {
+            if committed {
+                self.append(&Entry::Done { grant_id: grant })
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             }
         }
-        if self
-            .pending()
-            .map(|c| c.pending.is_empty())
-            .unwrap_or(false)
-        {
+        if self.pending().map(|c| c.is_empty()).unwrap_or(false) {
             let file = self.own.lock().unwrap_or_else(|e| e.into_inner());
             if file.metadata().map(|m| m.len() > 0).unwrap_or(false) {
                 file.set_len(0)
@@ -443,13 +493,11 @@ impl Journal {
                 read_file(&mut file).map_err(|e| StoreError::Unavailable(e.to_string()))?;
             report.damaged += contents.damaged;
             let mut all = true;
-            for record in &contents.pending {
-                if self.commit(store, record, &mut report).await? {
-                    file.write_all(&frame(&Entry::Done {
-                        grant_id: record.grant_id.clone(),
-                    }))
-                    .and_then(|()| file.sync_data())
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            for (grant, committed) in self.commit_all(store, &contents, &mut report).await? {
+                if committed {
+                    file.write_all(&frame(&Entry::Done { grant_id: grant }))
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 } else {
                     all = false;
                 }
@@ -459,6 +507,72 @@ impl Journal {
             }
         }
         Ok(report)
+    }
+
+    /// Commits every record of a file, in order; says which were committed (`false`: it could
+    /// not be opened, and stays in the journal).
+    async fn commit_all(
+        &self,
+        store: &Store,
+        contents: &FileContents,
+        report: &mut ReplayReport,
+    ) -> Result<Vec<(GrantId, bool)>, StoreError> {
+        let mut out = Vec::new();
+        for record in &contents.pending {
+            let committed = self.commit(store, record, report).await?;
+            out.push((record.grant_id.clone(), committed));
+        }
+        for record in &contents.authorizations {
+            let committed = self.commit_authorization(store, record, report).await?;
+            out.push((record.grant_id.clone(), committed));
+        }
+        Ok(out)
+    }
+
+    async fn commit_authorization(
+        &self,
+        store: &Store,
+        record: &SpilledAuthorization,
+        report: &mut ReplayReport,
+    ) -> Result<bool, StoreError> {
+        let pair = match record.pair(&self.keys) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::error!(
+                    session = %record.session_id,
+                    grant = %record.grant_id,
+                    "a spilled authorization cannot be opened and stays in the journal: {e}"
+                );
+                report.unopenable += 1;
+                return Ok(false);
+            }
+        };
+        let auth = NewAuthorization {
+            provider: record.provider,
+            target: record.target.clone(),
+            pair,
+            grant_id: record.grant_id.clone(),
+        };
+        match store.record_authorization(auth).await {
+            Ok(outcome) => {
+                tracing::info!(
+                    connection = %outcome.connection.id,
+                    grant = %record.grant_id,
+                    "committed a spilled authorization"
+                );
+            }
+            // Refused for good (its bot now belongs to another live connection): what the
+            // store would have refused at the callback. Kept in the log, not retried forever.
+            Err(StoreError::Conflict(reason)) => {
+                tracing::error!(
+                    grant = %record.grant_id,
+                    "a spilled authorization was refused: {reason}"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        report.committed += 1;
+        Ok(true)
     }
 
     /// Commits one record; `false` when it cannot be opened and stays in the journal.
@@ -533,11 +647,7 @@ impl Journal {
                         );
                     }
                     backoff = Duration::from_millis(200);
-                    if self
-                        .pending()
-                        .map(|c| c.pending.is_empty())
-                        .unwrap_or(false)
-                    {
+                    if self.pending().map(|c| c.is_empty()).unwrap_or(false) {
                         self.spilled.notified().await;
                     } else {
                         tokio::time::sleep(backoff).await;
@@ -550,6 +660,13 @@ impl Journal {
                 }
             }
         }
+    }
+}
+
+impl FileContents {
+    /// Whether nothing waits for a commit.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.authorizations.is_empty()
     }
 }
 

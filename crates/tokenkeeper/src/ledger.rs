@@ -244,7 +244,8 @@ pub struct Event {
 }
 
 /// Where an authorization lands.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AuthorizationTarget {
     /// A plain connect session: a new connection, or a re-authorization of the live connection
     /// that already has this `bot_id`.

@@ -14,13 +14,15 @@ use super::auth::Scope;
 use super::error::{ApiError, ErrorCode};
 use super::return_to::ReturnTo;
 use super::{require_admin, ApiJson, ConnectionPath, SharedState};
-use crate::ids::{ConnectionId, SessionId};
+use std::time::Duration;
+
+use crate::ids::{ConnectionId, GrantId, SessionId};
 use crate::ledger::{
     AuthorizationKind, AuthorizationTarget, ConnectSession, ConnectionStatus, Diagnosis,
     NewAuthorization, Provider,
 };
 use crate::provider::text::{ProviderCode, Sent};
-use crate::store::SessionLookup;
+use crate::store::{SessionLookup, StoreError};
 
 /// We store only a hash of `state`: the database alone cannot complete anyone's flow.
 pub fn state_hash(state: &str) -> String {
@@ -482,13 +484,15 @@ pub async fn callback(
             end_user_id: session.end_user_id.clone(),
         },
     };
-    let outcome = match state
-        .store
-        .record_authorization(NewAuthorization::new(session.provider, target, pair))
-        .await
-    {
-        Ok(o) => o,
-        Err(e) => {
+    let auth = NewAuthorization::new(session.provider, target, pair);
+    let outcome = match record_or_spill(&state, &session.id, auth).await {
+        Recorded::Yes(o) => o,
+        Recorded::Spilled(grant) => {
+            // The pair is kept; the browser waits on a page that sends it on to the app once
+            // the database has it.
+            return finish(kept_page(&pending_url(&state, &session.id, &grant)));
+        }
+        Recorded::Refused(e) => {
             tracing::error!("recording an authorization failed: {e}");
             return finish(page(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -509,6 +513,138 @@ pub async fn callback(
         ]))
         .into_response(),
     )
+}
+
+/// What became of an authorization from the callback.
+#[allow(clippy::large_enum_variant)]
+enum Recorded {
+    Yes(crate::ledger::AuthorizationOutcome),
+    /// The database could not take it: it is in the spill journal as this grant.
+    Spilled(GrantId),
+    Refused(StoreError),
+}
+
+/// How long a callback retries recording an authorization before it spills the pair (the
+/// browser is waiting; the journal is durable).
+const SPILL_AFTER: Duration = Duration::from_secs(2);
+
+/// Records an authorization whose code Notion already exchanged (invariant 1: the pair exists
+/// only here until then). A database that cannot take it is retried for `SPILL_AFTER`, then
+/// the pair goes to the spill journal, which commits it as soon as the database is back.
+async fn record_or_spill(
+    state: &SharedState,
+    session: &SessionId,
+    auth: NewAuthorization,
+) -> Recorded {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match state.store.record_authorization(auth.clone()).await {
+            Ok(outcome) => return Recorded::Yes(outcome),
+            Err(e @ (StoreError::Conflict(_) | StoreError::UnknownConnection(_))) => {
+                return Recorded::Refused(e)
+            }
+            Err(e) if started.elapsed() >= SPILL_AFTER => {
+                let journal = state.journal.clone();
+                let (session, spilled) = (session.clone(), auth.clone());
+                let written = tokio::task::spawn_blocking(move || {
+                    journal.spill_authorization(&session, &spilled)
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {
+                        tracing::warn!(
+                            grant = %auth.grant_id,
+                            "the database cannot take an authorization ({e}); it is kept in the \
+                             spill journal and will be committed when the database is back"
+                        );
+                        return Recorded::Spilled(auth.grant_id);
+                    }
+                    Ok(Err(journal)) => tracing::error!(
+                        "an authorization can be neither recorded ({e}) nor spilled ({journal}); \
+                         retrying"
+                    ),
+                    Err(task) => tracing::error!("spilling an authorization failed: {task}"),
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Where a browser waits for a spilled authorization.
+fn pending_url(state: &SharedState, session: &SessionId, grant: &GrantId) -> String {
+    state.public(&format!("/connect/pending/{session}/{grant}"))
+}
+
+/// "Kept, and on its way": a page that looks again every two seconds.
+fn kept_page(pending: &str) -> Response {
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"2;url={url}\"><title>Authorization kept</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}</style></head>\
+         <body><h1>Authorization kept</h1><p>Notion authorized the connection, and tokenkeeper has kept it. \
+         It is being recorded; this page goes on to the application by itself in a moment.</p>\
+         <p><a href=\"{url}\">Continue</a></p></body></html>",
+        url = escape(pending)
+    );
+    let mut response = (StatusCode::ACCEPTED, Html(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `GET /connect/pending/{session}/{grant}`: once the spilled authorization is in the ledger,
+/// on to the app's `return_to` with the connection; until then, the same waiting page.
+pub async fn pending(
+    State(state): State<SharedState>,
+    Path((session, grant)): Path<(String, String)>,
+) -> Response {
+    let (Some(session), Some(grant)) = (SessionId::parse(&session), GrantId::parse(&grant)) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Unknown authorization",
+            "This address does not name an authorization tokenkeeper kept.",
+        );
+    };
+    let here = pending_url(&state, &session, &grant);
+    let (found, recorded) = match (
+        state.store.get_session(&session).await,
+        state.store.grant_by_id(&grant).await,
+    ) {
+        (Ok(Some(found)), Ok(recorded)) => (found, recorded),
+        (Ok(None), _) => {
+            return page(
+                StatusCode::NOT_FOUND,
+                "Unknown authorization",
+                "This address does not name an authorization tokenkeeper kept.",
+            )
+        }
+        // The database is still away: keep waiting.
+        _ => return kept_page(&here),
+    };
+    let Some(grant) = recorded else {
+        return kept_page(&here);
+    };
+    let Some(return_to) = state.return_target(&found.return_to) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Return address not allowed",
+            "The authorization is recorded, but this connect link's return address is no longer allowed by tokenkeeper's settings.",
+        );
+    };
+    let status = match grant.origin {
+        crate::ledger::GrantOrigin::Authorization => "connected",
+        _ => "reconnected",
+    };
+    Redirect::to(&return_to.with_query(&[
+        ("connection_id", grant.connection_id.as_str()),
+        ("status", status),
+    ]))
+    .into_response()
 }
 
 #[cfg(test)]

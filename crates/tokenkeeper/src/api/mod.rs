@@ -50,8 +50,10 @@ pub struct AppState {
     pub simulator: Option<String>,
     /// Mounts `GET /v1/_baseline` for the benchmarks (`--bench-baseline-route`).
     pub bench_baseline_route: bool,
-    /// Upstream revocations (and other work that must happen at least once).
+    /// Upstream revocations and webhook deliveries (work that must happen at least once).
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Where a pair waits when the database cannot take it (the callback's, here).
+    pub journal: Arc<crate::journal::Journal>,
     /// The server's deadlines and connection cap, read by `serve`.
     pub server: server::ServerLimits,
     /// How long the proxy waits on Notion.
@@ -305,6 +307,7 @@ pub fn router(state: SharedState) -> Router {
     };
     root.nest("/v1", v1)
         .route("/connect/{session}/{state}", get(connect::follow_link))
+        .route("/connect/pending/{session}/{grant}", get(connect::pending))
         .route("/oauth/callback", get(connect::callback))
         .route(
             "/healthz",

@@ -428,6 +428,11 @@ impl Store {
         read_only!(self, |db| reads::get_grant(db, id, grant))
     }
 
+    /// A grant by id, whatever its connection, without its tokens.
+    pub async fn grant_by_id(&self, grant: &GrantId) -> Result<Option<GrantRecord>, StoreError> {
+        read_only!(self, |db| reads::grant_by_id(db, grant))
+    }
+
     /// Every grant of the connection, oldest first.
     pub async fn list_grants(&self, id: &ConnectionId) -> Result<Vec<GrantRecord>, StoreError> {
         read_only!(self, |db| reads::list_grants(db, id))

@@ -197,3 +197,14 @@ pub(crate) async fn list_jobs(
     );
     db.query(&sql, &params, sql::job).await
 }
+
+/// A grant by id, whatever its connection (without its tokens).
+pub(crate) async fn grant_by_id(
+    db: &impl Db,
+    grant: &GrantId,
+) -> Result<Option<GrantRecord>, StoreError> {
+    Ok(db
+        .query_opt(sql::GRANT_BY_ID, &[Param::Text(grant.as_str())], sql::grant)
+        .await?
+        .map(|g| g.record))
+}

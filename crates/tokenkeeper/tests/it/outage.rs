@@ -19,6 +19,7 @@ use serde_json::Value;
 use tokenkeeper::seal::KeyRing;
 
 use crate::both_backends;
+use crate::support::app::{Browser, Landing};
 use crate::support::db::Backend;
 use crate::support::pg_server::PgServer;
 use crate::support::process::BrokerSpec;
@@ -92,7 +93,10 @@ fn outage_length() -> Duration {
         .unwrap_or(LEASE + Duration::from_secs(3))
 }
 
-both_backends!(refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_restart);
+both_backends!(
+    refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_restart,
+    an_authorization_whose_commit_meets_an_outage_is_kept_and_reaches_the_app,
+);
 
 async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_restart(
     backend: Backend,
@@ -260,4 +264,91 @@ async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_resta
         "outage of {:?} (lease {LEASE:?}) with a restart: {CONNECTIONS} pairs minted, {CONNECTIONS} kept",
         outage_started.elapsed()
     );
+}
+
+async fn an_authorization_whose_commit_meets_an_outage_is_kept_and_reaches_the_app(
+    backend: Backend,
+) {
+    let sim = SimServer::start(SimConfig {
+        auto_approve: true,
+        fresh_identity: true,
+        rate_limit_per_connection: 0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut db = Database::new(backend);
+    let spill = tempfile::tempdir().unwrap();
+    let config = sim.config();
+    let broker = BrokerSpec {
+        database_url: db.url(),
+        key_ring: KeyRing::generate_entry(),
+        sim_url: sim.base_url(),
+        client_id: config.client_id.clone(),
+        client_secret: config.client_secret.clone(),
+        public_url: None,
+        spill_dir: spill.path().to_path_buf(),
+        provider_timeout: PROVIDER_TIMEOUT,
+        refresh_budget: Duration::from_secs(30),
+        env: vec![],
+        capture_output: false,
+    }
+    .start()
+    .await;
+
+    // The user consents; Notion's code exchange is held until the database is gone.
+    let link = broker.connect_link("user-1").await;
+    let hold = sim.hold("oauth.token:authorization_code");
+    let browser = Browser::new();
+    let callback = {
+        let browser = browser.clone();
+        tokio::spawn(async move {
+            let to_sim = browser.redirect(&link).await;
+            let to_callback = browser.redirect(&to_sim).await;
+            let r = browser.get(&to_callback).await;
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    hold.arrived(1).await;
+    db.go_away();
+    hold.release_all();
+    let (status, page) = callback.await.unwrap();
+    assert_eq!(status, 202, "{page}");
+    assert!(page.contains("Authorization kept"), "{page}");
+    let pending = page
+        .split("url=")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page goes on by itself")
+        .replace("&amp;", "&");
+    assert!(
+        pending.starts_with(&format!("{}/connect/pending/", broker.url)),
+        "{pending}"
+    );
+    // While the database is away, the page keeps waiting.
+    assert_eq!(browser.get(&pending).await.status().as_u16(), 202);
+
+    db.come_back();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let landing = loop {
+        let r = browser.get(&pending).await;
+        if r.status().is_redirection() {
+            break Landing::of(r.headers()["location"].to_str().unwrap());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the authorization is recorded once the database is back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(landing.status, "connected");
+    let id = landing.connection_id.expect("the app gets the connection");
+    assert_eq!(broker.connection(&id).await["status"], "active");
+    // The pair Notion minted during the outage is the one tokenkeeper serves.
+    let r = broker
+        .api(reqwest::Method::GET, &format!("/v1/proxy/{id}/v1/users/me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
 }
