@@ -6,6 +6,7 @@
 mod support;
 
 mod broker;
+mod chaos;
 mod cli;
 mod connect_flow;
 mod key_checks;
