@@ -12,6 +12,7 @@ pub mod journal;
 pub mod keycheck;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod provider;
 pub mod refresh;
 pub mod seal;

@@ -359,7 +359,10 @@ pub async fn callback(
             {
                 // Worth an operator's notice (an attack, or a user switching browsers); the
                 // state itself is not logged.
+                state.metrics.authorization("foreign_state");
                 tracing::info!(
+                    op = "authorization",
+                    outcome = "foreign_state",
                     cookies = cookies.len(),
                     "refused a callback whose state this browser did not start"
                 );
@@ -443,6 +446,15 @@ pub async fn callback(
         } else {
             "error"
         };
+        state.metrics.authorization(status);
+        tracing::info!(
+            op = "authorization",
+            outcome = status,
+            end_user = %session.end_user_id,
+            connection = session.connection_id.as_ref().map(|c| c.as_str()),
+            provider_code = code.as_str(),
+            "the user did not authorize at Notion"
+        );
         let mut pairs = vec![("status", status)];
         if status == "error" {
             pairs.push(("error", code.as_str()));
@@ -466,7 +478,16 @@ pub async fn callback(
     {
         Ok(pair) => pair,
         Err(e) => {
-            tracing::warn!("code exchange failed: {e}");
+            state.metrics.authorization("failed");
+            tracing::warn!(
+                op = "authorization",
+                outcome = "failed",
+                cause = "provider",
+                provider_code = %e.code(),
+                end_user = %session.end_user_id,
+                connection = session.connection_id.as_ref().map(|c| c.as_str()),
+                "code exchange failed: {e}"
+            );
             return finish(page(
                 StatusCode::BAD_GATEWAY,
                 "Notion did not complete the authorization",
@@ -489,7 +510,15 @@ pub async fn callback(
     {
         Ok(o) => o,
         Err(e) => {
-            tracing::error!("recording an authorization failed: {e}");
+            state.metrics.authorization("failed");
+            tracing::error!(
+                op = "authorization",
+                outcome = "failed",
+                cause = "database",
+                end_user = %session.end_user_id,
+                connection = session.connection_id.as_ref().map(|c| c.as_str()),
+                "recording an authorization failed: {e}"
+            );
             return finish(page(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Authorization not recorded",
@@ -501,6 +530,24 @@ pub async fn callback(
         AuthorizationKind::Connected => "connected",
         AuthorizationKind::Reauthorized | AuthorizationKind::Confirmed => "reconnected",
     };
+    let kind = match outcome.kind {
+        AuthorizationKind::Connected => "connected",
+        AuthorizationKind::Reauthorized => "reauthorized",
+        AuthorizationKind::Confirmed => "confirmed",
+    };
+    state.metrics.authorization(kind);
+    tracing::info!(
+        op = "authorization",
+        outcome = kind,
+        connection = %outcome.connection.id,
+        bot = %outcome.connection.bot_id,
+        end_user = %outcome.connection.end_user_id,
+        grant = %outcome.grant_id,
+        workspace = %outcome.connection.workspace_id,
+        reconnect = session.connection_id.is_some(),
+        recovered = outcome.recovered,
+        "recorded an authorization"
+    );
     debug_assert_eq!(outcome.connection.status, ConnectionStatus::Active);
     finish(
         Redirect::to(&return_to.with_query(&[

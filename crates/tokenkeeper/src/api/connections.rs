@@ -11,6 +11,7 @@ use super::error::{ApiError, ErrorCode};
 use super::{optional_json, parse_connection_id, require_admin, ConnectionPath, SharedState};
 use crate::ids::{ConnectionId, GrantId};
 use crate::ledger::{Connection, ConnectionFilter, ConnectionStatus, OpenGrant, Provider};
+use crate::metrics::TokenRead;
 
 async fn load(state: &SharedState, id: &ConnectionId) -> Result<Connection, ApiError> {
     state
@@ -115,12 +116,17 @@ pub async fn access_token(
     match connection.status {
         ConnectionStatus::Active => {}
         ConnectionStatus::NeedsReauth => {
-            return Err(needs_reauth(&state, &id, connection.diagnosis).await)
+            state.metrics.token_read(TokenRead::NeedsReauth);
+            return Err(needs_reauth(&state, &id, connection.diagnosis).await);
         }
-        ConnectionStatus::Revoked => return Err(revoked(&connection)),
+        ConnectionStatus::Revoked => {
+            state.metrics.token_read(TokenRead::Revoked);
+            return Err(revoked(&connection));
+        }
     }
     let grant =
         grant.ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))?;
+    state.metrics.token_read(TokenRead::Served);
     Ok(Json(token_body(&grant, q.include_refresh_token)))
 }
 
@@ -201,7 +207,28 @@ pub async fn revoke(
         .store
         .mark_revoked(&id, "revoked through the API")
         .await?;
-    let counts = state.jobs.run_for_connection(&id, REVOKE_WAIT).await?;
+    state.metrics.revocation();
+    let counts = state.jobs.run_for_connection(&id, REVOKE_WAIT).await;
+    match &counts {
+        Ok(counts) => tracing::info!(
+            op = "revocation",
+            connection = %id,
+            bot = %connection.bot_id,
+            end_user = %connection.end_user_id,
+            tokens_revoked = counts.revoked,
+            tokens_pending = counts.pending,
+            tokens_failed = counts.failed,
+            "revoked a connection; tokens still pending at Notion are retried in the background"
+        ),
+        Err(e) => tracing::warn!(
+            op = "revocation",
+            connection = %id,
+            bot = %connection.bot_id,
+            end_user = %connection.end_user_id,
+            "revoked a connection; its revocations at Notion are queued but could not be counted: {e}"
+        ),
+    }
+    let counts = counts?;
     Ok(Json(json!({
         "connection": connection,
         "upstream_revoked": counts.pending == 0 && counts.failed == 0,

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -56,11 +56,13 @@ pub struct AppState {
     /// How long the proxy waits on Notion.
     pub proxy_timeouts: proxy::ProxyTimeouts,
     /// Proxied calls that Notion left silent past a deadline: no answer head within the first
-    /// byte timeout, or a body that stalled for the idle timeout. Read by the planned `/metrics`.
-    pub proxy_upstream_timeouts: AtomicU64,
-    /// What the server did about slow, stalled and surplus clients. Read by the planned
-    /// `/metrics`, and by tests, which wait for these rather than for time to pass.
-    pub server_counters: server::ServerCounters,
+    /// byte timeout, or a body that stalled for the idle timeout. Read by `/metrics`.
+    pub proxy_upstream_timeouts: Arc<AtomicU64>,
+    /// What the server did about slow, stalled and surplus clients. Read by `/metrics`, and by
+    /// tests, which wait for these rather than for time to pass.
+    pub server_counters: Arc<server::ServerCounters>,
+    /// Everything `GET /metrics` reports.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -241,6 +243,24 @@ async fn require_api_key(
             next.run(req).await
         }
         None => {
+            // Worth an operator's notice (a misconfigured app, or someone guessing); the key
+            // itself never reaches the log, and the route is its template, not the path.
+            let reason = if presented.is_some() {
+                "unknown"
+            } else {
+                "missing"
+            };
+            state.metrics.api_key_rejected(reason);
+            tracing::info!(
+                op = "api_key_rejected",
+                reason,
+                method = %req.method(),
+                route = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str),
+                "refused a request for its API key"
+            );
             // Marked as ours: through the proxy, a bare 401 would read as Notion's dead token.
             let mut response = ApiError::unauthorized().into_response();
             response.headers_mut().insert(
@@ -300,7 +320,11 @@ pub fn router(state: SharedState) -> Router {
     } else {
         Router::new()
     };
+    let metrics = Router::new().route("/metrics", get(metrics)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), require_api_key),
+    );
     root.nest("/v1", v1)
+        .merge(metrics)
         .route("/connect/{session}/{state}", get(connect::follow_link))
         .route("/oauth/callback", get(connect::callback))
         .route(
@@ -313,7 +337,32 @@ pub fn router(state: SharedState) -> Router {
         // axum adds `Allow` to this answer.
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
+        .layer(axum::middleware::from_fn(note_route))
         .with_state(state)
+}
+
+/// Hands the route template that served a request on to its answer, where `api::server`
+/// counts and logs it (the router has consumed the request by then).
+async fn note_route(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let mut response = next.run(req).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
+}
+
+/// `GET /metrics` (any API key): Prometheus's text format.
+async fn metrics(State(state): State<SharedState>) -> Response {
+    let text = state.metrics.render(&state.store).await;
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn method_not_allowed(method: http::Method) -> ApiError {

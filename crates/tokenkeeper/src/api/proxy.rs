@@ -47,6 +47,7 @@ use super::error::{ApiError, ErrorCode};
 use super::{ConnectionPath, SharedState};
 use crate::ids::ConnectionId;
 use crate::ledger::{ConnectionStatus, OpenGrant};
+use crate::metrics::ProxyRetry;
 use crate::refresh::RefreshError;
 
 /// Request bodies up to this size are kept so that a 401, 429 or 5xx can be retried.
@@ -327,6 +328,7 @@ async fn forward_inner(
                 // Notion may be working on the request behind its silence: only a request that
                 // may be applied twice is sent again.
                 if replayable && idempotent && budget.take(backoff) {
+                    state.metrics.proxy_retry(ProxyRetry::Timeout);
                     tracing::info!(connection = %id, wait_ms = backoff.as_millis() as u64, "Notion sent no answer in time; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
@@ -339,6 +341,7 @@ async fn forward_inner(
                 // A refused connection never reached Notion: safe to retry whatever the method.
                 let may_retry = replayable && (idempotent || e.is_connect());
                 if may_retry && budget.take(backoff) {
+                    state.metrics.proxy_retry(ProxyRetry::Unreachable);
                     tracing::info!(connection = %id, wait_ms = backoff.as_millis() as u64, "Notion unreachable ({}); retrying", describe(&e));
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
@@ -352,6 +355,7 @@ async fn forward_inner(
             }
         };
         let status = upstream.status().as_u16();
+        state.metrics.proxy_answer(status);
         match status {
             // A dead token: one shared refresh and a retry. A token obtained moments ago that is
             // refused again is not refreshed again (the coordinator judges it instead), and no
@@ -360,6 +364,7 @@ async fn forward_inner(
                 refreshes += 1;
                 match state.coordinator.refresh(&id, Some(&grant.record.id)).await {
                     Ok(done) => {
+                        state.metrics.proxy_retry(ProxyRetry::Unauthorized);
                         tracing::info!(connection = %id, refreshed = done.refreshed, "401 from Notion; retrying with grant {}", done.grant.record.id);
                         grant = done.grant;
                         continue;
@@ -392,6 +397,7 @@ async fn forward_inner(
                 let blocked =
                     rate_limit_reason(&head).as_deref() == Some("public_api_request_blocked");
                 if !blocked && budget.take(wait) {
+                    state.metrics.proxy_retry(ProxyRetry::Throttled);
                     tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion is throttling; retrying");
                     tokio::time::sleep(wait).await;
                     continue;
@@ -407,6 +413,7 @@ async fn forward_inner(
             500..=599 if idempotent && replayable => {
                 let wait = retry_after(upstream.headers()).map_or(backoff, |r| r.max(backoff));
                 if budget.take(wait) {
+                    state.metrics.proxy_retry(ProxyRetry::ServerError);
                     tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion failed; retrying");
                     tokio::time::sleep(wait).await;
                     backoff *= 2;
