@@ -5,13 +5,13 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use cookie::{Cookie, SameSite};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Scope;
-use super::error::{ApiError, ErrorCode};
+use super::error::{ApiError, ErrorCode, ErrorEnvelope};
 use super::return_to::ReturnTo;
 use super::{require_admin, ApiJson, ConnectionPath, SharedState};
 use crate::ids::{ConnectionId, SessionId};
@@ -30,16 +30,46 @@ pub fn state_hash(state: &str) -> String {
         .collect()
 }
 
-#[derive(Deserialize)]
+/// A connect session to make.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
+    /// `notion`.
+    #[schema(value_type = Provider)]
     provider: String,
+    /// The app's own id for the user, 1 to 256 characters, not all of them white space.
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     end_user_id: String,
+    /// Where the user's browser goes back to: an http(s) URL under one of
+    /// `TOKENKEEPER_ALLOWED_RETURN_URLS`.
     return_to: String,
 }
 
+/// A one-time link to send a user's own browser to.
+#[derive(Serialize, ToSchema)]
+pub struct SessionCreated {
+    pub id: SessionId,
+    /// The link; it binds the attempt to the browser that follows it.
+    pub url: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl SessionCreated {
+    fn answer(session: &ConnectSession, url: String) -> Response {
+        (
+            StatusCode::CREATED,
+            axum::Json(SessionCreated {
+                id: session.id.clone(),
+                url,
+                expires_at: session.expires_at,
+            }),
+        )
+            .into_response()
+    }
+}
+
 fn check_end_user(id: &str) -> Result<(), ApiError> {
-    if id.trim().is_empty() || id.len() > 256 {
+    if id.trim().is_empty() || id.chars().count() > 256 {
         return Err(ApiError::invalid("end_user_id must be 1 to 256 characters"));
     }
     Ok(())
@@ -54,6 +84,21 @@ fn check_return_to(state: &SharedState, return_to: &str) -> Result<ReturnTo, Api
     })
 }
 
+/// `POST /v1/connect-sessions` (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/connect-sessions",
+    tag = "connect",
+    request_body = CreateSession,
+    responses(
+        (status = 201, description = "A one-time connect link", body = SessionCreated),
+        (status = 400, description = "`invalid_request` (malformed JSON, unknown fields, a bad `end_user_id`, a missing or wrong `Content-Type`), `unsupported_provider` or `return_to_not_allowed`", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 403, description = "`forbidden`: needs an admin key", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 503, description = "`database_unavailable`", body = ErrorEnvelope),
+    )
+)]
 pub async fn create_session(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
@@ -71,20 +116,35 @@ pub async fn create_session(
     let (session, url) = state
         .new_session(provider, body.end_user_id, return_to, None)
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"id": session.id, "url": url, "expires_at": session.expires_at})),
-    )
-        .into_response())
+    Ok(SessionCreated::answer(&session, url))
 }
 
-#[derive(Deserialize, Default)]
+/// A reconnect session to make (the body is optional).
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateReconnect {
+    /// Where the user's browser goes back to; default: the first allowed return URL.
     #[serde(default)]
     return_to: Option<String>,
 }
 
+/// `POST /v1/connections/{id}/reconnect-sessions` (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/connections/{id}/reconnect-sessions",
+    tag = "connect",
+    params(("id" = ConnectionId, Path, description = "The connection's id")),
+    request_body(content = Option<CreateReconnect>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 201, description = "A one-time link that re-authorizes this connection", body = SessionCreated),
+        (status = 400, description = "`invalid_request` or `return_to_not_allowed`", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 403, description = "`forbidden`: needs an admin key", body = ErrorEnvelope),
+        (status = 404, description = "`not_found`: no such connection", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 503, description = "`database_unavailable`", body = ErrorEnvelope),
+    )
+)]
 pub async fn create_reconnect_session(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
@@ -110,11 +170,7 @@ pub async fn create_reconnect_session(
             Some(id),
         )
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"id": session.id, "url": url, "expires_at": session.expires_at})),
-    )
-        .into_response())
+    Ok(SessionCreated::answer(&session, url))
 }
 
 /// The connection's reconnect link for 424 answers (see `AppState::reconnect_link`), and when
@@ -203,6 +259,22 @@ pub fn escape(s: &str) -> String {
 }
 
 /// `GET /connect/{session}/{state}`: the link an app sends its user to.
+#[utoipa::path(
+    get,
+    path = "/connect/{session}/{state}",
+    tag = "connect",
+    security(()),
+    params(
+        ("session" = String, Path, description = "The session's id (`cs_…`)"),
+        ("state" = String, Path, description = "The session's secret state"),
+    ),
+    responses(
+        (status = 303, description = "To Notion's consent page; sets the attempt cookie `tokenkeeper_connect`", headers(("location" = String), ("set-cookie" = String))),
+        (status = 404, description = "An unknown link: a page", body = String, content_type = "text/html"),
+        (status = 410, description = "A used or expired link: a page", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unavailable: a page", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn follow_link(
     State(state): State<SharedState>,
     Path((session, secret)): Path<(String, String)>,
@@ -298,10 +370,14 @@ fn attempt_cookies(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
+    /// The authorization code Notion sends back.
     code: Option<String>,
+    /// The attempt's state; empty when Notion sends a cancelled consent back.
     state: Option<String>,
+    /// Notion's error (`access_denied` when the user cancelled).
     error: Option<String>,
 }
 
@@ -335,6 +411,20 @@ fn dead_end_to(
 /// nobody can make a victim's browser complete the attacker's authorization. A callback with no
 /// `state` but an attempt cookie is Notion's cancelled consent (notion-wire.md §1): the attempt
 /// is consumed and the user goes back to the app with `status=denied`.
+#[utoipa::path(
+    get,
+    path = "/oauth/callback",
+    tag = "connect",
+    security(()),
+    params(CallbackQuery),
+    responses(
+        (status = 303, description = "Back to the session's `return_to` with `connection_id` and `status` (`connected`, `reconnected`, `denied`, `error`)", headers(("location" = String), ("set-cookie" = String))),
+        (status = 400, description = "A callback that cannot be completed (no attempt in this browser, an unknown, used or expired state, no code): a page; nothing is stored", body = String, content_type = "text/html"),
+        (status = 500, description = "The authorization could not be recorded: a page", body = String, content_type = "text/html"),
+        (status = 502, description = "Notion did not complete the code exchange: a page", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unavailable: a page", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn callback(
     State(state): State<SharedState>,
     headers: HeaderMap,

@@ -6,6 +6,7 @@ mod connect;
 mod connections;
 mod demo;
 pub mod error;
+pub mod openapi;
 pub mod proxy;
 pub mod return_to;
 pub mod server;
@@ -192,7 +193,8 @@ pub fn parse_connection_id(s: &str) -> Result<ConnectionId, ApiError> {
 /// are not limited in size, only in time). Every body the API takes is a small JSON object.
 pub const API_BODY_LIMIT: usize = 64 * 1024;
 
-/// A JSON body whose rejection (bad JSON, wrong content type) answers in our envelope.
+/// A JSON body whose rejection (bad JSON, wrong content type) answers in our envelope. The body
+/// must be a JSON object: serde would otherwise read a struct from an array of its fields.
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
@@ -203,8 +205,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => from_object(v).map(ApiJson),
             Err(rejection) if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::new(
                     ErrorCode::PayloadTooLarge,
@@ -216,12 +218,23 @@ where
     }
 }
 
-/// A JSON body that may be absent: an empty body means `T::default()`.
+/// A JSON body that may be absent: an empty body, or JSON's `null`, means `T::default()`.
 pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let text = body.trim_ascii();
+    if text.is_empty() || text == b"null" {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    let value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    from_object(value)
+}
+
+/// Reads a call's body from a JSON value that must be an object (see `ApiJson`).
+fn from_object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    }
+    serde_json::from_value(value)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON for this call: {e}")))
 }
 
@@ -327,11 +340,9 @@ pub fn router(state: SharedState) -> Router {
         .merge(metrics)
         .route("/connect/{session}/{state}", get(connect::follow_link))
         .route("/oauth/callback", get(connect::callback))
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        .route("/openapi.json", get(openapi::serve))
         .route("/", get(demo::home))
         .fallback(|| async { ApiError::not_found("no such route") })
         // axum adds `Allow` to this answer.
@@ -353,6 +364,15 @@ async fn note_route(req: Request, next: Next) -> Response {
 }
 
 /// `GET /metrics` (any API key): Prometheus's text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus's text format (version 0.0.4); docs/OBSERVABILITY.md lists the metrics", body = String, content_type = "text/plain"),
+        (status = 401, description = "`unauthorized`: any API key may read the metrics", body = error::ErrorEnvelope),
+    )
+)]
 async fn metrics(State(state): State<SharedState>) -> Response {
     let text = state.metrics.render(&state.store).await;
     (
@@ -376,13 +396,54 @@ async fn baseline() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"ok": true, "grant_id": "grt_00000000000000000000000000000000"}))
 }
 
-async fn ready(
-    State(state): State<SharedState>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+/// `GET /healthz`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(value_type = String, example = "ok")]
+    pub status: &'static str,
+}
+
+/// `GET /healthz` (no key): the process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    security(()),
+    responses((status = 200, description = "The process is alive", body = Health))
+)]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+/// `GET /readyz`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Ready {
+    /// Always `ready`.
+    #[schema(value_type = String, example = "ready")]
+    pub status: &'static str,
+    pub backend: crate::store::Backend,
+    pub schema_version: i64,
+}
+
+/// `GET /readyz` (no key): the database answers and its schema is the one this binary knows.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    security(()),
+    responses(
+        (status = 200, description = "Ready to serve", body = Ready),
+        (status = 503, description = "`not_ready`: the database is unreachable or its schema is not current", body = error::ErrorEnvelope),
+    )
+)]
+async fn ready(State(state): State<SharedState>) -> Result<axum::Json<Ready>, ApiError> {
     match state.store.check_schema().await {
-        Ok(version) => Ok(axum::Json(
-            serde_json::json!({"status": "ready", "backend": state.store.backend(), "schema_version": version}),
-        )),
+        Ok(version) => Ok(axum::Json(Ready {
+            status: "ready",
+            backend: state.store.backend(),
+            schema_version: version,
+        })),
         Err(e) => Err(ApiError::new(ErrorCode::NotReady, e.to_string())),
     }
 }

@@ -121,6 +121,24 @@ fn proxy_error(e: ApiError) -> Response {
 }
 
 /// `ANY /v1/proxy/{id}` and `ANY /v1/proxy/{id}/{*path}`; the path is read from the URI.
+///
+/// The OpenAPI document describes every method OpenAPI knows (the proxy forwards any) on the
+/// form with a path, and one `default` answer, since whatever Notion answers comes back as it is.
+#[utoipa::path(
+    method(get, post, put, patch, delete, head, options, trace),
+    path = "/v1/proxy/{id}/{path}",
+    tag = "proxy",
+    params(
+        ("id" = crate::ids::ConnectionId, Path, description = "The connection whose token is used"),
+        ("path" = String, Path, description = "Notion's API path (it may contain `/`), e.g. `v1/users/me`; the query string is passed on too"),
+        ("Tokenkeeper-Retries" = Option<u32>, Header, nullable = false, description = "Retries of throttling, 5xx and network failures (default 2; more than 10 count as 10)"),
+        ("Tokenkeeper-Retry-Budget-Ms" = Option<u64>, Header, nullable = false, description = "Time spent waiting for retries in all, in milliseconds (default 10000; more than 120000 count as 120000; 0 turns retries off)"),
+    ),
+    request_body(content = Option<serde_json::Value>, description = "Passed on to Notion as it is", content_type = "application/json"),
+    responses(
+        (status = "default", description = "Notion's answer, passed on unchanged, with `Tokenkeeper-Grant-Id`; or tokenkeeper's own error in the envelope, marked by a `Tokenkeeper-Error` header with its code: 400 `invalid_request`, 401 `unauthorized`, 404 `not_found`, 410 `connection_revoked`, 424 `needs_reauth`, 502 `upstream_unreachable`, 503 `provider_unavailable` or `database_unavailable`, 504 `upstream_timeout`", body = serde_json::Value, content_type = "*/*"),
+    )
+)]
 pub async fn forward(
     State(state): State<SharedState>,
     // Both scopes may call Notion through the proxy: it never reveals a token.
