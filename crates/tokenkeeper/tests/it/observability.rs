@@ -235,7 +235,8 @@ async fn a_refresh_that_waits_for_another_process_is_counted_as_a_lease_wait_the
     backend: Backend,
 ) {
     let app = TestApp::start(backend).await;
-    let peer = app.spawn_peer(&[]).await;
+    // The peer logs text at info to a pipe, which is no terminal: no colour codes.
+    let peer = app.spawn_logged_peer(&[("TOKENKEEPER_LOG", "info")]).await;
     let (id, _) = app.connect("user-1").await;
     let grant = app.current_grant(&id).await;
     // The peer has served a call before the race, so that its first call is not slow.
@@ -277,6 +278,15 @@ async fn a_refresh_that_waits_for_another_process_is_counted_as_a_lease_wait_the
     assert_eq!(
         m.value_or_zero("tokenkeeper_refreshes_total", &[("outcome", "refreshed")]),
         0.0
+    );
+    let log = peer.output.lock().unwrap().clone();
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal's"
+    );
+    assert!(
+        log.contains(r#"op="refresh" outcome="already_rotated""#),
+        "the peer's refresh line: {log}"
     );
     let here = scrape(&app, ADMIN_KEY).await;
     assert_eq!(
