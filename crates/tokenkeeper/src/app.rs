@@ -15,6 +15,7 @@ use crate::jobs::Jobs;
 use crate::journal::Journal;
 use crate::keycheck::Opened;
 use crate::ledger::LeaseHolder;
+use crate::metrics::Metrics;
 use crate::provider::notion::{NotionClient, NotionSettings};
 use crate::refresh::{Coordinator, CoordinatorSettings};
 use crate::store::{Backend, Store, StoreError};
@@ -61,6 +62,8 @@ pub struct StateSettings {
     pub server: crate::api::server::ServerLimits,
     /// How long the proxy waits on Notion.
     pub proxy_timeouts: crate::api::proxy::ProxyTimeouts,
+    /// How old `/metrics`' database-wide gauges may be (`metrics::DEFAULT_GAUGE_INTERVAL`).
+    pub metrics_gauge_interval: Duration,
 }
 
 /// Runs `open` until the database answers: a process (re)started during an outage waits for
@@ -119,7 +122,14 @@ pub fn state(
     simulator: Option<String>,
     journal: Arc<Journal>,
 ) -> SharedState {
-    let client = NotionClient::new(notion, settings.provider_timeout);
+    let server_counters = Arc::new(crate::api::server::ServerCounters::default());
+    let proxy_upstream_timeouts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let metrics = Arc::new(Metrics::new(
+        server_counters.clone(),
+        proxy_upstream_timeouts.clone(),
+        settings.metrics_gauge_interval,
+    ));
+    let client = NotionClient::new(notion, settings.provider_timeout).with_metrics(metrics.clone());
     store.set_webhook_endpoints(
         settings
             .webhooks
@@ -146,6 +156,7 @@ pub fn state(
         },
         journal.clone(),
         jobs.clone(),
+        metrics.clone(),
     );
     let http = reqwest::Client::builder()
         // The proxy hands Notion's answers back as they are, redirects included.
@@ -171,8 +182,9 @@ pub fn state(
         journal,
         server: settings.server,
         proxy_timeouts: settings.proxy_timeouts,
-        proxy_upstream_timeouts: Default::default(),
-        server_counters: Default::default(),
+        proxy_upstream_timeouts,
+        server_counters,
+        metrics,
     });
     state.jobs.attach(&state);
     state
@@ -238,6 +250,7 @@ impl App {
                 webhooks: config.webhooks.clone(),
                 server: config.server.clone(),
                 proxy_timeouts: config.proxy,
+                metrics_gauge_interval: crate::metrics::DEFAULT_GAUGE_INTERVAL,
             },
             clock,
             simulator.as_ref().map(|s| s.base_url()),

@@ -68,6 +68,30 @@ pub struct StoreArgs {
     pub encryption_key_file: Option<PathBuf>,
 }
 
+/// How every command logs (a global flag, so `tokenkeeper serve --log-format json` and
+/// `tokenkeeper --log-format json migrate` both work). `TOKENKEEPER_LOG`, the filter, is read by
+/// `logging` from the environment only.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// The log's format on standard error: `text` (colours only on a terminal) or `json` (one
+    /// object per line, with the stable field names of docs/OBSERVABILITY.md).
+    #[arg(
+        long,
+        env = "TOKENKEEPER_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: String,
+}
+
+impl LogArgs {
+    /// The format, or the one-line error `main` stops with (exit status 2).
+    pub fn format(&self) -> Result<crate::logging::LogFormat, ConfigError> {
+        crate::logging::LogFormat::parse(&self.log_format)
+            .map_err(|e| ConfigError::new("TOKENKEEPER_LOG_FORMAT", e))
+    }
+}
+
 /// The settings of `tokenkeeper serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {

@@ -11,7 +11,7 @@ use crate::ids::{
 };
 
 /// The providers tokenkeeper speaks to. Only Notion for now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Provider {
     Notion,
@@ -32,7 +32,7 @@ impl Provider {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionStatus {
     Active,
@@ -60,7 +60,7 @@ impl ConnectionStatus {
 }
 
 /// How a grant was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GrantOrigin {
     Authorization,
@@ -91,7 +91,7 @@ impl GrantOrigin {
 }
 
 /// What an audit record says happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A new connection was authorized (its first grant).
@@ -183,7 +183,7 @@ pub struct MintedPair {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Connection {
     pub id: ConnectionId,
     pub provider: Provider,
@@ -202,7 +202,7 @@ pub struct Connection {
 }
 
 /// A grant as the ledger shows it: metadata and fingerprints, never tokens.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct GrantRecord {
     pub id: GrantId,
     pub connection_id: ConnectionId,
@@ -230,7 +230,7 @@ pub struct OpenGrant {
     pub refresh_token: Option<RefreshToken>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Event {
     pub id: EventId,
     pub connection_id: ConnectionId,
@@ -326,7 +326,7 @@ pub enum LeaseOutcome {
 
 /// A refresh attempt that never reported back: its holder vanished (or its answer never
 /// arrived) after it may have spent the refresh token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InterruptedAttempt {
     pub attempt_id: AttemptId,
     pub grant_id: GrantId,
@@ -354,7 +354,7 @@ impl std::fmt::Display for Fence {
 }
 
 /// Who holds a refresh lease: a name unique per process (see `app::holder_name`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct LeaseHolder(pub String);
 
@@ -398,7 +398,7 @@ impl AttemptOutcome {
 }
 
 /// Why a connection needs its user back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DiagnosisReason {
     /// The provider refused the refresh of the current grant (`invalid_grant`).
@@ -413,7 +413,7 @@ pub enum DiagnosisReason {
 /// The trail behind a `needs_reauth`: which grant failed, obtained when, what the provider
 /// said, and any earlier attempt with the same refresh token whose answer never arrived
 /// (invariant 5). Shown to the app in 424 answers and stored with the connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Diagnosis {
     pub reason: DiagnosisReason,
     /// The provider's error code (`invalid_grant`, `unauthorized`, …), when it sent one.
@@ -529,7 +529,7 @@ pub struct RefreshFailure {
 
 /// A grant whose refresh token was tried to rescue a connection whose current grant was
 /// refused, and what came of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TriedGrant {
     pub grant_id: GrantId,
     pub origin: GrantOrigin,

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod keycheck;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod provider;
 pub mod refresh;
 pub mod seal;

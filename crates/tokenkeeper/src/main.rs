@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use tokenkeeper::clock::Clock;
-use tokenkeeper::config::{Config, ServeArgs, StoreArgs};
+use tokenkeeper::config::{Config, LogArgs, ServeArgs, StoreArgs};
 use tokenkeeper::keycheck::{self, Command as Checked};
 use tokenkeeper::seal::KeyRing;
 
@@ -20,6 +20,8 @@ use tokenkeeper::seal::KeyRing;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -56,7 +58,15 @@ enum KeysCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tokenkeeper::logging::init();
+    // The log format is needed before anything can log, so it is checked before the rest of
+    // the configuration, with the same one-line error and exit status.
+    match cli.log.format() {
+        Ok(format) => tokenkeeper::logging::init(format),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(&args).await,
         Command::Migrate(args) => migrate(&args).await,

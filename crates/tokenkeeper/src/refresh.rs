@@ -27,6 +27,7 @@ use crate::ledger::{
     ConnectionStatus, Diagnosis, FailureOutcome, Fence, GrantOrigin, GrantRecord, LeaseHolder,
     LeaseOutcome, MintedPair, OpenGrant, RefreshFailure, Rescue, TriedGrant,
 };
+use crate::metrics::{Metrics, RefreshOutcome};
 use crate::provider::notion::NotionClient;
 use crate::provider::text::{ProviderCode, ProviderText};
 use crate::provider::ProviderError;
@@ -148,6 +149,8 @@ pub struct Coordinator {
     /// What was concluded about fresh grants whose tokens the provider refused, so that a
     /// stream of such refusals costs one introspection and one event per grant (bounded).
     judged: Mutex<HashMap<GrantId, (Verdict, Instant)>>,
+    /// Refreshes by outcome and lease waits (`report`).
+    metrics: Arc<Metrics>,
 }
 
 /// What the provider's introspection said of a fresh token it refused.
@@ -179,6 +182,7 @@ impl Coordinator {
         settings: CoordinatorSettings,
         journal: Arc<Journal>,
         jobs: Arc<Jobs>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Coordinator {
             store,
@@ -188,6 +192,7 @@ impl Coordinator {
             journal,
             jobs,
             judged: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -208,6 +213,7 @@ impl Coordinator {
                 .get(&(id.clone(), wanted.clone()))
                 .cloned();
             if let Some(flight) = joined {
+                self.report(id, wanted, RefreshOutcome::Joined, None);
                 let grant = self.wait_for(flight).await?;
                 return Ok(Refreshed {
                     grant,
@@ -225,6 +231,12 @@ impl Coordinator {
             .ok_or_else(|| RefreshError::NotRefreshable("the connection has no grant".into()))?;
         if let Some(wanted) = if_grant {
             if *wanted != current.record.id {
+                self.report(
+                    id,
+                    wanted,
+                    RefreshOutcome::AlreadyRotated,
+                    Some(&current.record.id),
+                );
                 return Ok(Refreshed {
                     grant: current,
                     refreshed: false,
@@ -241,16 +253,21 @@ impl Coordinator {
         }
         self.check_rate(id).await?;
         let key = (id.clone(), current.record.id.clone());
+        let mut started = false;
         let flight = {
             let mut flights = self.flights.lock().expect("flights lock is never poisoned");
             flights
                 .entry(key.clone())
                 .or_insert_with(|| {
+                    started = true;
                     let this = Arc::clone(self);
                     let key = key.clone();
-                    // Spawned, so that it runs to its commit even if every caller goes away.
+                    // Spawned, so that it runs to its commit even if every caller goes away,
+                    // and reported here, so that its outcome is logged even then.
                     let task = tokio::spawn(async move {
-                        let result = this.fly(&key.0, &key.1).await;
+                        let mut note = FlightNote::default();
+                        let result = this.fly(&key.0, &key.1, &mut note).await;
+                        this.report_flight(&key.0, &key.1, &note, &result);
                         this.flights
                             .lock()
                             .expect("flights lock is never poisoned")
@@ -266,6 +283,9 @@ impl Coordinator {
                 })
                 .clone()
         };
+        if !started {
+            self.report(id, &key.1, RefreshOutcome::Joined, None);
+        }
         let grant = self.wait_for(flight).await?;
         Ok(Refreshed {
             grant,
@@ -352,7 +372,12 @@ impl Coordinator {
     }
 
     /// One flight: replace grant `target` of connection `id`, or learn who already did.
-    async fn fly(&self, id: &ConnectionId, target: &GrantId) -> Result<OpenGrant, RefreshError> {
+    async fn fly(
+        &self,
+        id: &ConnectionId,
+        target: &GrantId,
+        note: &mut FlightNote,
+    ) -> Result<OpenGrant, RefreshError> {
         let deadline = Instant::now() + self.settings.budget;
         let mut poll = Duration::from_millis(2);
         let mut backoff = FIRST_BACKOFF;
@@ -380,6 +405,7 @@ impl Coordinator {
                     return Err(RefreshError::NotRefreshable(reason));
                 }
                 LeaseOutcome::Busy { .. } => {
+                    note.lease_wait_since.get_or_insert_with(Instant::now);
                     if Instant::now() + poll > deadline {
                         return Err(RefreshError::LockTimeout);
                     }
@@ -406,6 +432,7 @@ impl Coordinator {
             let parent = grant.record.id.clone();
             match self.provider.refresh(&refresh_token).await {
                 Ok(pair) => {
+                    note.minted = Some(RefreshOutcome::Refreshed);
                     return self
                         .commit(id, &grant, fence, &attempt_id, pair, None)
                         .await;
@@ -417,7 +444,10 @@ impl Coordinator {
                             .rescue(id, &grant, fence, &attempt_id, lease_ends)
                             .await?
                         {
-                            Rescued::Grant(rescued) => return Ok(rescued),
+                            Rescued::Grant(rescued) => {
+                                note.minted = Some(RefreshOutcome::Rescued);
+                                return Ok(rescued);
+                            }
                             Rescued::Tried(tried) => failure.tried = tried,
                             Rescued::NotCurrent | Rescued::Fenced => {}
                             Rescued::Unfinished(reason) => {
@@ -469,6 +499,7 @@ impl Coordinator {
                             },
                         });
                     }
+                    note.throttled = matches!(error, ProviderError::Throttled { .. });
                     let retry_after = match &error {
                         ProviderError::Throttled { retry_after, .. } => *retry_after,
                         _ => None,
@@ -786,6 +817,102 @@ enum Rescued {
     Fenced,
     /// The rescue could not be completed (a transient failure, or the lease ran out).
     Unfinished(String),
+}
+
+/// What a flight learned on its way that its result alone does not say (`report_flight`).
+#[derive(Debug, Default)]
+struct FlightNote {
+    /// This flight minted the pair it returns (a refresh, or a rescue).
+    minted: Option<RefreshOutcome>,
+    /// When the flight first found another process holding the lease.
+    lease_wait_since: Option<Instant>,
+    /// The last provider error was throttling.
+    throttled: bool,
+}
+
+impl Coordinator {
+    /// The one log line and count of a refresh call that did not start a flight (it joined one,
+    /// or its grant was already replaced): docs/OBSERVABILITY.md.
+    fn report(
+        &self,
+        id: &ConnectionId,
+        grant: &GrantId,
+        outcome: RefreshOutcome,
+        current: Option<&GrantId>,
+    ) {
+        self.metrics.refresh(outcome);
+        match current {
+            Some(current) => {
+                tracing::info!(op = "refresh", outcome = outcome.as_str(), connection = %id, grant = %grant, current_grant = %current, "refresh not needed: the grant was already replaced")
+            }
+            None => {
+                tracing::info!(op = "refresh", outcome = outcome.as_str(), connection = %id, grant = %grant, "joined a refresh already in flight")
+            }
+        }
+    }
+
+    /// The one log line and count of a flight, whatever its end (a flight runs to its end even
+    /// when every caller has gone away).
+    fn report_flight(
+        &self,
+        id: &ConnectionId,
+        target: &GrantId,
+        note: &FlightNote,
+        result: &Result<OpenGrant, RefreshError>,
+    ) {
+        let lease_wait_ms = note.lease_wait_since.map(|since| {
+            let waited = since.elapsed();
+            self.metrics.lease_wait(waited);
+            waited.as_millis() as u64
+        });
+        let (outcome, cause) = match result {
+            Ok(_) => (note.minted.unwrap_or(RefreshOutcome::AlreadyRotated), None),
+            Err(RefreshError::NeedsReauth { .. }) => (RefreshOutcome::NeedsReauth, None),
+            Err(RefreshError::ProviderUnavailable { .. }) if note.throttled => {
+                (RefreshOutcome::Throttled, None)
+            }
+            Err(e) => (RefreshOutcome::Failed, Some(refresh_cause(e))),
+        };
+        self.metrics.refresh(outcome);
+        let outcome_name = outcome.as_str();
+        match (result, cause) {
+            (Ok(grant), _) => tracing::info!(
+                op = "refresh",
+                outcome = outcome_name,
+                connection = %id,
+                grant = %target,
+                new_grant = %grant.record.id,
+                lease_wait_ms,
+                "refresh done"
+            ),
+            (Err(e), cause) => tracing::warn!(
+                op = "refresh",
+                outcome = outcome_name,
+                cause,
+                connection = %id,
+                grant = %target,
+                lease_wait_ms,
+                "refresh failed: {e}"
+            ),
+        }
+    }
+}
+
+/// The `cause` field of a failed refresh's log line: a word to group by, the message says more.
+fn refresh_cause(e: &RefreshError) -> &'static str {
+    match e {
+        RefreshError::UnknownConnection(_) => "unknown_connection",
+        RefreshError::NeedsReauth { .. } => "needs_reauth",
+        RefreshError::Revoked => "revoked",
+        RefreshError::NotRefreshable(_) => "not_refreshable",
+        RefreshError::LockTimeout => "lock_timeout",
+        RefreshError::ProviderUnavailable { .. } => "provider_unavailable",
+        RefreshError::ProviderRejected { .. } => "provider_rejected",
+        RefreshError::TokenRejectedAfterRefresh { .. } => "token_rejected_after_refresh",
+        RefreshError::RateLimited { .. } => "rate_limited",
+        RefreshError::Store(_) => "database",
+        RefreshError::Task(_) => "internal",
+    }
 }
 
 /// A provider error as the store records it.

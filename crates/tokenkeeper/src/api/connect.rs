@@ -5,13 +5,13 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use cookie::{Cookie, SameSite};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Scope;
-use super::error::{ApiError, ErrorCode};
+use super::error::{ApiError, ErrorCode, ErrorEnvelope};
 use super::return_to::ReturnTo;
 use super::{require_admin, ApiJson, ConnectionPath, SharedState};
 use std::time::Duration;
@@ -32,16 +32,46 @@ pub fn state_hash(state: &str) -> String {
         .collect()
 }
 
-#[derive(Deserialize)]
+/// A connect session to make.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
+    /// `notion`.
+    #[schema(value_type = Provider)]
     provider: String,
+    /// The app's own id for the user, 1 to 256 characters, not all of them white space.
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     end_user_id: String,
+    /// Where the user's browser goes back to: an http(s) URL under one of
+    /// `TOKENKEEPER_ALLOWED_RETURN_URLS`.
     return_to: String,
 }
 
+/// A one-time link to send a user's own browser to.
+#[derive(Serialize, ToSchema)]
+pub struct SessionCreated {
+    pub id: SessionId,
+    /// The link; it binds the attempt to the browser that follows it.
+    pub url: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl SessionCreated {
+    fn answer(session: &ConnectSession, url: String) -> Response {
+        (
+            StatusCode::CREATED,
+            axum::Json(SessionCreated {
+                id: session.id.clone(),
+                url,
+                expires_at: session.expires_at,
+            }),
+        )
+            .into_response()
+    }
+}
+
 fn check_end_user(id: &str) -> Result<(), ApiError> {
-    if id.trim().is_empty() || id.len() > 256 {
+    if id.trim().is_empty() || id.chars().count() > 256 {
         return Err(ApiError::invalid("end_user_id must be 1 to 256 characters"));
     }
     Ok(())
@@ -56,6 +86,21 @@ fn check_return_to(state: &SharedState, return_to: &str) -> Result<ReturnTo, Api
     })
 }
 
+/// `POST /v1/connect-sessions` (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/connect-sessions",
+    tag = "connect",
+    request_body = CreateSession,
+    responses(
+        (status = 201, description = "A one-time connect link", body = SessionCreated),
+        (status = 400, description = "`invalid_request` (malformed JSON, unknown fields, a bad `end_user_id`, a missing or wrong `Content-Type`), `unsupported_provider` or `return_to_not_allowed`", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 403, description = "`forbidden`: needs an admin key", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 503, description = "`database_unavailable`", body = ErrorEnvelope),
+    )
+)]
 pub async fn create_session(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
@@ -73,20 +118,35 @@ pub async fn create_session(
     let (session, url) = state
         .new_session(provider, body.end_user_id, return_to, None)
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"id": session.id, "url": url, "expires_at": session.expires_at})),
-    )
-        .into_response())
+    Ok(SessionCreated::answer(&session, url))
 }
 
-#[derive(Deserialize, Default)]
+/// A reconnect session to make (the body is optional).
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateReconnect {
+    /// Where the user's browser goes back to; default: the first allowed return URL.
     #[serde(default)]
     return_to: Option<String>,
 }
 
+/// `POST /v1/connections/{id}/reconnect-sessions` (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/connections/{id}/reconnect-sessions",
+    tag = "connect",
+    params(("id" = ConnectionId, Path, description = "The connection's id")),
+    request_body(content = Option<CreateReconnect>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 201, description = "A one-time link that re-authorizes this connection", body = SessionCreated),
+        (status = 400, description = "`invalid_request` or `return_to_not_allowed`", body = ErrorEnvelope),
+        (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
+        (status = 403, description = "`forbidden`: needs an admin key", body = ErrorEnvelope),
+        (status = 404, description = "`not_found`: no such connection", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 503, description = "`database_unavailable`", body = ErrorEnvelope),
+    )
+)]
 pub async fn create_reconnect_session(
     State(state): State<SharedState>,
     Extension(scope): Extension<Scope>,
@@ -112,11 +172,7 @@ pub async fn create_reconnect_session(
             Some(id),
         )
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"id": session.id, "url": url, "expires_at": session.expires_at})),
-    )
-        .into_response())
+    Ok(SessionCreated::answer(&session, url))
 }
 
 /// The connection's reconnect link for 424 answers (see `AppState::reconnect_link`), and when
@@ -205,6 +261,22 @@ pub fn escape(s: &str) -> String {
 }
 
 /// `GET /connect/{session}/{state}`: the link an app sends its user to.
+#[utoipa::path(
+    get,
+    path = "/connect/{session}/{state}",
+    tag = "connect",
+    security(()),
+    params(
+        ("session" = String, Path, description = "The session's id (`cs_…`)"),
+        ("state" = String, Path, description = "The session's secret state"),
+    ),
+    responses(
+        (status = 303, description = "To Notion's consent page; sets the attempt cookie `tokenkeeper_connect`", headers(("location" = String), ("set-cookie" = String))),
+        (status = 404, description = "An unknown link: a page", body = String, content_type = "text/html"),
+        (status = 410, description = "A used or expired link: a page", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unavailable: a page", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn follow_link(
     State(state): State<SharedState>,
     Path((session, secret)): Path<(String, String)>,
@@ -300,10 +372,14 @@ fn attempt_cookies(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
+    /// The authorization code Notion sends back.
     code: Option<String>,
+    /// The attempt's state; empty when Notion sends a cancelled consent back.
     state: Option<String>,
+    /// Notion's error (`access_denied` when the user cancelled).
     error: Option<String>,
 }
 
@@ -337,6 +413,21 @@ fn dead_end_to(
 /// nobody can make a victim's browser complete the attacker's authorization. A callback with no
 /// `state` but an attempt cookie is Notion's cancelled consent (notion-wire.md §1): the attempt
 /// is consumed and the user goes back to the app with `status=denied`.
+#[utoipa::path(
+    get,
+    path = "/oauth/callback",
+    tag = "connect",
+    security(()),
+    params(CallbackQuery),
+    responses(
+        (status = 303, description = "Back to the session's `return_to` with `connection_id` and `status` (`connected`, `reconnected`, `denied`, `error`)", headers(("location" = String), ("set-cookie" = String))),
+        (status = 202, description = "The database could not take the authorization: it is kept in the spill journal, and the page looks again every two seconds at `/connect/pending/{session}/{grant}`", body = String, content_type = "text/html"),
+        (status = 400, description = "A callback that cannot be completed (no attempt in this browser, an unknown, used or expired state, no code): a page; nothing is stored", body = String, content_type = "text/html"),
+        (status = 500, description = "The authorization could not be recorded: a page", body = String, content_type = "text/html"),
+        (status = 502, description = "Notion did not complete the code exchange: a page", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unavailable: a page", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn callback(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -361,7 +452,10 @@ pub async fn callback(
             {
                 // Worth an operator's notice (an attack, or a user switching browsers); the
                 // state itself is not logged.
+                state.metrics.authorization("foreign_state");
                 tracing::info!(
+                    op = "authorization",
+                    outcome = "foreign_state",
                     cookies = cookies.len(),
                     "refused a callback whose state this browser did not start"
                 );
@@ -445,6 +539,15 @@ pub async fn callback(
         } else {
             "error"
         };
+        state.metrics.authorization(status);
+        tracing::info!(
+            op = "authorization",
+            outcome = status,
+            end_user = %session.end_user_id,
+            connection = session.connection_id.as_ref().map(|c| c.as_str()),
+            provider_code = code.as_str(),
+            "the user did not authorize at Notion"
+        );
         let mut pairs = vec![("status", status)];
         if status == "error" {
             pairs.push(("error", code.as_str()));
@@ -468,7 +571,16 @@ pub async fn callback(
     {
         Ok(pair) => pair,
         Err(e) => {
-            tracing::warn!("code exchange failed: {e}");
+            state.metrics.authorization("failed");
+            tracing::warn!(
+                op = "authorization",
+                outcome = "failed",
+                cause = "provider",
+                provider_code = %e.code(),
+                end_user = %session.end_user_id,
+                connection = session.connection_id.as_ref().map(|c| c.as_str()),
+                "code exchange failed: {e}"
+            );
             return finish(page(
                 StatusCode::BAD_GATEWAY,
                 "Notion did not complete the authorization",
@@ -490,10 +602,28 @@ pub async fn callback(
         Recorded::Spilled(grant) => {
             // The pair is kept; the browser waits on a page that sends it on to the app once
             // the database has it.
+            state.metrics.authorization("kept");
+            tracing::warn!(
+                op = "authorization",
+                outcome = "kept",
+                cause = "database",
+                end_user = %session.end_user_id,
+                connection = session.connection_id.as_ref().map(|c| c.as_str()),
+                grant = %grant,
+                "the database could not take an authorization; it is kept in the spill journal until it can"
+            );
             return finish(kept_page(&pending_url(&state, &session.id, &grant)));
         }
         Recorded::Refused(e) => {
-            tracing::error!("recording an authorization failed: {e}");
+            state.metrics.authorization("failed");
+            tracing::error!(
+                op = "authorization",
+                outcome = "failed",
+                cause = "database",
+                end_user = %session.end_user_id,
+                connection = session.connection_id.as_ref().map(|c| c.as_str()),
+                "recording an authorization failed: {e}"
+            );
             return finish(page(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Authorization not recorded",
@@ -505,6 +635,24 @@ pub async fn callback(
         AuthorizationKind::Connected => "connected",
         AuthorizationKind::Reauthorized | AuthorizationKind::Confirmed => "reconnected",
     };
+    let kind = match outcome.kind {
+        AuthorizationKind::Connected => "connected",
+        AuthorizationKind::Reauthorized => "reauthorized",
+        AuthorizationKind::Confirmed => "confirmed",
+    };
+    state.metrics.authorization(kind);
+    tracing::info!(
+        op = "authorization",
+        outcome = kind,
+        connection = %outcome.connection.id,
+        bot = %outcome.connection.bot_id,
+        end_user = %outcome.connection.end_user_id,
+        grant = %outcome.grant_id,
+        workspace = %outcome.connection.workspace_id,
+        reconnect = session.connection_id.is_some(),
+        recovered = outcome.recovered,
+        "recorded an authorization"
+    );
     debug_assert_eq!(outcome.connection.status, ConnectionStatus::Active);
     finish(
         Redirect::to(&return_to.with_query(&[
@@ -599,6 +747,23 @@ fn kept_page(pending: &str) -> Response {
 
 /// `GET /connect/pending/{session}/{grant}`: once the spilled authorization is in the ledger,
 /// on to the app's `return_to` with the connection; until then, the same waiting page.
+#[utoipa::path(
+    get,
+    path = "/connect/pending/{session}/{grant}",
+    operation_id = "pending_authorization",
+    tag = "connect",
+    security(()),
+    params(
+        ("session" = String, Path, description = "The connect session's id (`cs_…`)"),
+        ("grant" = String, Path, description = "The kept grant's id (`grt_…`)"),
+    ),
+    responses(
+        (status = 303, description = "The authorization is recorded: back to the session's `return_to` with `connection_id` and `status`", headers(("location" = String))),
+        (status = 202, description = "The authorization is kept but not recorded yet (the database is away): a page that looks again every two seconds", body = String, content_type = "text/html"),
+        (status = 400, description = "The session's `return_to` is no longer allowed: a page", body = String, content_type = "text/html"),
+        (status = 404, description = "An unknown session or grant: a page", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn pending(
     State(state): State<SharedState>,
     Path((session, grant)): Path<(String, String)>,

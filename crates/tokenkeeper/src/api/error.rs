@@ -4,15 +4,19 @@
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use crate::ids::ConnectionId;
 use crate::refresh::RefreshError;
 use crate::store::StoreError;
 
 /// Every error code tokenkeeper answers with, each with its one HTTP status (docs/API.md
-/// lists them). The code is the contract; the message is for people.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// lists them). The code is the contract; the message is for people. Its serialized form,
+/// which the OpenAPI document lists, is `as_str` (a unit test keeps the two equal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     InvalidRequest,
     UnsupportedProvider,
@@ -43,6 +47,36 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for the test that keeps `as_str` and the serialized form equal.
+    pub const ALL: [ErrorCode; 26] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::UnsupportedProvider,
+        ErrorCode::ReturnToNotAllowed,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+        ErrorCode::NotRefreshable,
+        ErrorCode::ConnectionRevoked,
+        ErrorCode::NeedsReauth,
+        ErrorCode::Internal,
+        ErrorCode::ProviderRejected,
+        ErrorCode::UpstreamUnreachable,
+        ErrorCode::DatabaseUnavailable,
+        ErrorCode::NotReady,
+        ErrorCode::RefreshLockTimeout,
+        ErrorCode::ProviderUnavailable,
+        ErrorCode::TokenRejectedAfterRefresh,
+        ErrorCode::RefreshRateLimited,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UriTooLong,
+        ErrorCode::HeadersTooLarge,
+        ErrorCode::TooManyConnections,
+        ErrorCode::UpstreamTimeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidRequest => "invalid_request",
@@ -122,6 +156,39 @@ impl ErrorCode {
             _ => ErrorCode::Internal,
         }
     }
+}
+
+/// Every error answer's body, as the OpenAPI document describes it. `ApiError` builds the body
+/// from a map rather than from this type, because a few errors add fields of their own; the
+/// unit test `every_error_body_reads_as_the_documented_envelope` keeps the two in step.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+/// The `error` object: `code` and `message` always, and the fields some codes add.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    /// For people; never contains a token or a key.
+    pub message: String,
+    /// The connection concerned (`needs_reauth`, `connection_revoked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_id: Option<crate::ids::ConnectionId>,
+    /// `needs_reauth`: the link to send the user to; null when none could be made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_url_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `needs_reauth`: why the user must reconnect, when it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<crate::ledger::Diagnosis>,
+    /// `provider_rejected`: Notion's error code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_code: Option<String>,
+    /// `token_rejected_after_refresh`: what Notion's introspection said (`active`, `unknown`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introspection: Option<String>,
 }
 
 /// Marks a response whose body is tokenkeeper's envelope, so that the server's last check
@@ -275,6 +342,46 @@ impl From<RefreshError> for ApiError {
             }
             RefreshError::Store(e) => ApiError::from(&*e),
             RefreshError::Task(m) => ApiError::internal(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_serializes_as_its_documented_name() {
+        for code in ErrorCode::ALL {
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                Value::from(code.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn every_error_body_reads_as_the_documented_envelope() {
+        let id = crate::ids::ConnectionId::generate();
+        let bodies = [
+            ApiError::invalid("bad").body(),
+            ApiError::new(ErrorCode::NeedsReauth, "reconnect")
+                .with("connection_id", id.as_str())
+                .with("reconnect_url", "https://tk.example/connect/cs_x/y")
+                .with("reconnect_url_expires_at", "2026-06-08T00:00:00Z")
+                .with("diagnosis", Value::Null)
+                .body(),
+            ApiError::new(ErrorCode::ProviderRejected, "no")
+                .with("provider_code", "invalid_client")
+                .body(),
+            ApiError::new(ErrorCode::TokenRejectedAfterRefresh, "no")
+                .with("introspection", "active")
+                .body(),
+        ];
+        for body in bodies {
+            let read: ErrorEnvelope = serde_json::from_value(body.clone())
+                .unwrap_or_else(|e| panic!("{body} is not the documented envelope: {e}"));
+            assert_eq!(read.error.message, body["error"]["message"]);
         }
     }
 }

@@ -6,6 +6,7 @@ pub(crate) mod connect;
 mod connections;
 mod demo;
 pub mod error;
+pub mod openapi;
 pub mod proxy;
 pub mod return_to;
 pub mod server;
@@ -15,7 +16,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -59,11 +60,13 @@ pub struct AppState {
     /// How long the proxy waits on Notion.
     pub proxy_timeouts: proxy::ProxyTimeouts,
     /// Proxied calls that Notion left silent past a deadline: no answer head within the first
-    /// byte timeout, or a body that stalled for the idle timeout. Read by the planned `/metrics`.
-    pub proxy_upstream_timeouts: AtomicU64,
-    /// What the server did about slow, stalled and surplus clients. Read by the planned
-    /// `/metrics`, and by tests, which wait for these rather than for time to pass.
-    pub server_counters: server::ServerCounters,
+    /// byte timeout, or a body that stalled for the idle timeout. Read by `/metrics`.
+    pub proxy_upstream_timeouts: Arc<AtomicU64>,
+    /// What the server did about slow, stalled and surplus clients. Read by `/metrics`, and by
+    /// tests, which wait for these rather than for time to pass.
+    pub server_counters: Arc<server::ServerCounters>,
+    /// Everything `GET /metrics` reports.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -193,7 +196,8 @@ pub fn parse_connection_id(s: &str) -> Result<ConnectionId, ApiError> {
 /// are not limited in size, only in time). Every body the API takes is a small JSON object.
 pub const API_BODY_LIMIT: usize = 64 * 1024;
 
-/// A JSON body whose rejection (bad JSON, wrong content type) answers in our envelope.
+/// A JSON body whose rejection (bad JSON, wrong content type) answers in our envelope. The body
+/// must be a JSON object: serde would otherwise read a struct from an array of its fields.
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
@@ -204,8 +208,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => from_object(v).map(ApiJson),
             Err(rejection) if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::new(
                     ErrorCode::PayloadTooLarge,
@@ -217,12 +221,23 @@ where
     }
 }
 
-/// A JSON body that may be absent: an empty body means `T::default()`.
+/// A JSON body that may be absent: an empty body, or JSON's `null`, means `T::default()`.
 pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let text = body.trim_ascii();
+    if text.is_empty() || text == b"null" {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    let value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    from_object(value)
+}
+
+/// Reads a call's body from a JSON value that must be an object (see `ApiJson`).
+fn from_object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    }
+    serde_json::from_value(value)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON for this call: {e}")))
 }
 
@@ -244,6 +259,24 @@ async fn require_api_key(
             next.run(req).await
         }
         None => {
+            // Worth an operator's notice (a misconfigured app, or someone guessing); the key
+            // itself never reaches the log, and the route is its template, not the path.
+            let reason = if presented.is_some() {
+                "unknown"
+            } else {
+                "missing"
+            };
+            state.metrics.api_key_rejected(reason);
+            tracing::info!(
+                op = "api_key_rejected",
+                reason,
+                method = %req.method(),
+                route = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str),
+                "refused a request for its API key"
+            );
             // Marked as ours: through the proxy, a bare 401 would read as Notion's dead token.
             let mut response = ApiError::unauthorized().into_response();
             response.headers_mut().insert(
@@ -305,21 +338,57 @@ pub fn router(state: SharedState) -> Router {
     } else {
         Router::new()
     };
+    let metrics = Router::new().route("/metrics", get(metrics)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), require_api_key),
+    );
     root.nest("/v1", v1)
+        .merge(metrics)
         .route("/connect/{session}/{state}", get(connect::follow_link))
         .route("/connect/pending/{session}/{grant}", get(connect::pending))
         .route("/oauth/callback", get(connect::callback))
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        .route("/openapi.json", get(openapi::serve))
         .route("/", get(demo::home))
         .fallback(|| async { ApiError::not_found("no such route") })
         // axum adds `Allow` to this answer.
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
+        .layer(axum::middleware::from_fn(note_route))
         .with_state(state)
+}
+
+/// Hands the route template that served a request on to its answer, where `api::server`
+/// counts and logs it (the router has consumed the request by then).
+async fn note_route(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let mut response = next.run(req).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
+}
+
+/// `GET /metrics` (any API key): Prometheus's text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus's text format (version 0.0.4); docs/OBSERVABILITY.md lists the metrics", body = String, content_type = "text/plain"),
+        (status = 401, description = "`unauthorized`: any API key may read the metrics", body = error::ErrorEnvelope),
+    )
+)]
+async fn metrics(State(state): State<SharedState>) -> Response {
+    let text = state.metrics.render(&state.store).await;
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn method_not_allowed(method: http::Method) -> ApiError {
@@ -333,13 +402,54 @@ async fn baseline() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"ok": true, "grant_id": "grt_00000000000000000000000000000000"}))
 }
 
-async fn ready(
-    State(state): State<SharedState>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+/// `GET /healthz`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(value_type = String, example = "ok")]
+    pub status: &'static str,
+}
+
+/// `GET /healthz` (no key): the process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    security(()),
+    responses((status = 200, description = "The process is alive", body = Health))
+)]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+/// `GET /readyz`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Ready {
+    /// Always `ready`.
+    #[schema(value_type = String, example = "ready")]
+    pub status: &'static str,
+    pub backend: crate::store::Backend,
+    pub schema_version: i64,
+}
+
+/// `GET /readyz` (no key): the database answers and its schema is the one this binary knows.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    security(()),
+    responses(
+        (status = 200, description = "Ready to serve", body = Ready),
+        (status = 503, description = "`not_ready`: the database is unreachable or its schema is not current", body = error::ErrorEnvelope),
+    )
+)]
+async fn ready(State(state): State<SharedState>) -> Result<axum::Json<Ready>, ApiError> {
     match state.store.check_schema().await {
-        Ok(version) => Ok(axum::Json(
-            serde_json::json!({"status": "ready", "backend": state.store.backend(), "schema_version": version}),
-        )),
+        Ok(version) => Ok(axum::Json(Ready {
+            status: "ready",
+            backend: state.store.backend(),
+            schema_version: version,
+        })),
         Err(e) => Err(ApiError::new(ErrorCode::NotReady, e.to_string())),
     }
 }

@@ -47,6 +47,7 @@ use super::error::{ApiError, ErrorCode};
 use super::{ConnectionPath, SharedState};
 use crate::ids::ConnectionId;
 use crate::ledger::{ConnectionStatus, OpenGrant};
+use crate::metrics::ProxyRetry;
 use crate::refresh::RefreshError;
 
 /// Request bodies up to this size are kept so that a 401, 429 or 5xx can be retried.
@@ -122,6 +123,24 @@ fn proxy_error(e: ApiError) -> Response {
 }
 
 /// `ANY /v1/proxy/{id}` and `ANY /v1/proxy/{id}/{*path}`; the path is read from the URI.
+///
+/// The OpenAPI document describes every method OpenAPI knows (the proxy forwards any) on the
+/// form with a path, and one `default` answer, since whatever Notion answers comes back as it is.
+#[utoipa::path(
+    method(get, post, put, patch, delete, head, options, trace),
+    path = "/v1/proxy/{id}/{path}",
+    tag = "proxy",
+    params(
+        ("id" = crate::ids::ConnectionId, Path, description = "The connection whose token is used"),
+        ("path" = String, Path, description = "Notion's API path (it may contain `/`), e.g. `v1/users/me`; the query string is passed on too"),
+        ("Tokenkeeper-Retries" = Option<u32>, Header, nullable = false, description = "Retries of throttling, 5xx and network failures (default 2; more than 10 count as 10)"),
+        ("Tokenkeeper-Retry-Budget-Ms" = Option<u64>, Header, nullable = false, description = "Time spent waiting for retries in all, in milliseconds (default 10000; more than 120000 count as 120000; 0 turns retries off)"),
+    ),
+    request_body(content = Option<serde_json::Value>, description = "Passed on to Notion as it is", content_type = "application/json"),
+    responses(
+        (status = "default", description = "Notion's answer, passed on unchanged, with `Tokenkeeper-Grant-Id`; or tokenkeeper's own error in the envelope, marked by a `Tokenkeeper-Error` header with its code: 400 `invalid_request`, 401 `unauthorized`, 404 `not_found`, 410 `connection_revoked`, 424 `needs_reauth`, 502 `upstream_unreachable`, 503 `provider_unavailable` or `database_unavailable`, 504 `upstream_timeout`", body = serde_json::Value, content_type = "*/*"),
+    )
+)]
 pub async fn forward(
     State(state): State<SharedState>,
     // Both scopes may call Notion through the proxy: it never reveals a token.
@@ -355,6 +374,7 @@ async fn forward_inner(
                 // Notion may be working on the request behind its silence: only a request that
                 // may be applied twice is sent again.
                 if replayable && idempotent && budget.take(backoff) {
+                    state.metrics.proxy_retry(ProxyRetry::Timeout);
                     tracing::info!(connection = %id, wait_ms = backoff.as_millis() as u64, "Notion sent no answer in time; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
@@ -367,6 +387,7 @@ async fn forward_inner(
                 // A refused connection never reached Notion: safe to retry whatever the method.
                 let may_retry = replayable && (idempotent || e.is_connect());
                 if may_retry && budget.take(backoff) {
+                    state.metrics.proxy_retry(ProxyRetry::Unreachable);
                     tracing::info!(connection = %id, wait_ms = backoff.as_millis() as u64, "Notion unreachable ({}); retrying", describe(&e));
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
@@ -380,6 +401,7 @@ async fn forward_inner(
             }
         };
         let status = upstream.status().as_u16();
+        state.metrics.proxy_answer(status);
         match status {
             // A dead token: one shared refresh and a retry. A token obtained moments ago that is
             // refused again is not refreshed again (the coordinator judges it instead), and no
@@ -388,6 +410,7 @@ async fn forward_inner(
                 refreshes += 1;
                 match state.coordinator.refresh(&id, Some(&grant.record.id)).await {
                     Ok(done) => {
+                        state.metrics.proxy_retry(ProxyRetry::Unauthorized);
                         tracing::info!(connection = %id, refreshed = done.refreshed, "401 from Notion; retrying with grant {}", done.grant.record.id);
                         grant = done.grant;
                         continue;
@@ -420,6 +443,7 @@ async fn forward_inner(
                 let blocked =
                     rate_limit_reason(&head).as_deref() == Some("public_api_request_blocked");
                 if !blocked && budget.take(wait) {
+                    state.metrics.proxy_retry(ProxyRetry::Throttled);
                     tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion is throttling; retrying");
                     tokio::time::sleep(wait).await;
                     continue;
@@ -435,6 +459,7 @@ async fn forward_inner(
             500..=599 if idempotent && replayable => {
                 let wait = retry_after(upstream.headers()).map_or(backoff, |r| r.max(backoff));
                 if budget.take(wait) {
+                    state.metrics.proxy_retry(ProxyRetry::ServerError);
                     tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion failed; retrying");
                     tokio::time::sleep(wait).await;
                     backoff *= 2;

@@ -38,6 +38,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::MatchedPath;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request};
@@ -53,6 +54,7 @@ use tower::ServiceExt;
 use super::error::{ApiError, Enveloped, ErrorCode};
 use super::proxy::FromUpstream;
 use super::SharedState;
+use crate::metrics::Route;
 
 /// The server's deadlines and its connection cap (`TOKENKEEPER_HEADER_READ_TIMEOUT`,
 /// `_BODY_READ_TIMEOUT`, `_IDLE_TIMEOUT`, `_MAX_CONNECTIONS`).
@@ -342,12 +344,15 @@ impl Server {
         }
     }
 
-    /// One request: our head limits, then the router with the body deadline, then `finish`.
+    /// One request: our head limits, then the router with the body deadline, then `finish`;
+    /// then counted and logged (at `debug`) by route template, method and status.
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         busy: Busy,
     ) -> Result<Response<Guarded>, Infallible> {
+        let started = Instant::now();
+        let method = req.method().clone();
         let face = Face::of(req.uri().path());
         let response = match check_head(&req) {
             Err(e) => e.into_response(),
@@ -391,10 +396,29 @@ impl Server {
             }
         };
         let response = finish(face, response).await;
+        self.observe(&method, &response, started.elapsed());
         Ok(response.map(|body| Guarded {
             inner: body,
             _busy: busy,
         }))
+    }
+
+    /// Counts an answer and logs it at `debug`: the route template (never the path, which may
+    /// hold a connect link's state) and how long the answer's head took.
+    fn observe(&self, method: &http::Method, response: &Response, elapsed: Duration) {
+        let route = Route(response.extensions().get::<MatchedPath>().cloned());
+        let status = response.status().as_u16();
+        tracing::debug!(
+            op = "request",
+            method = %method,
+            route = route.as_str(),
+            status,
+            latency_ms = elapsed.as_micros() as f64 / 1000.0,
+            "answered"
+        );
+        self.state
+            .metrics
+            .http_request(route, method, status, elapsed);
     }
 
     /// Answers 503 `too_many_connections` on a connection that finds every slot busy.

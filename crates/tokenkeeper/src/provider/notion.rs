@@ -5,6 +5,7 @@
 //! required) and errors are parsed in both shapes Notion uses: OAuth style (`error`,
 //! `error_description`) and its own envelope (`code`, `message`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -16,6 +17,7 @@ use super::text::{ProviderCode, ProviderRequestId, ProviderText, Sent};
 use super::ProviderError;
 use crate::ids::{AccessToken, BotId, ClientSecret, RefreshToken};
 use crate::ledger::MintedPair;
+use crate::metrics::{Metrics, ProviderEndpoint};
 
 /// How tokenkeeper reaches Notion: its OAuth client registration, where, and which API version.
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct NotionClient {
     settings: NotionSettings,
     /// `Basic <base64 of client_id:client_secret>`.
     basic_auth: String,
+    /// Where each call's endpoint, status class and latency are counted, when set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for NotionClient {
@@ -96,7 +100,14 @@ impl NotionClient {
             http,
             settings,
             basic_auth,
+            metrics: None,
         }
+    }
+
+    /// The same client, counting its calls in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn settings(&self) -> &NotionSettings {
@@ -130,21 +141,28 @@ impl NotionClient {
     ) -> Result<MintedPair, ProviderError> {
         let body =
             json!({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri});
-        self.token_call(body, self.sent(code)).await
+        self.token_call(ProviderEndpoint::TokenExchange, body, self.sent(code))
+            .await
     }
 
     /// Uses a refresh token. Notion rotates it: the answer carries a new pair.
     pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<MintedPair, ProviderError> {
         let body =
             json!({"grant_type": "refresh_token", "refresh_token": refresh_token.expose_secret()});
-        self.token_call(body, self.sent(refresh_token.expose_secret()))
-            .await
+        self.token_call(
+            ProviderEndpoint::TokenRefresh,
+            body,
+            self.sent(refresh_token.expose_secret()),
+        )
+        .await
     }
 
     /// Asks the provider whether an access token is active (RFC 7662 introspection).
     pub async fn introspect(&self, token: &AccessToken) -> Result<bool, ProviderError> {
         let body = json!({"token": token.expose_secret()});
-        let (status, headers, bytes) = self.post("/v1/oauth/introspect", &body).await?;
+        let (status, headers, bytes) = self
+            .post(ProviderEndpoint::Introspect, "/v1/oauth/introspect", &body)
+            .await?;
         if !status.is_success() {
             return Err(error_from(
                 status.as_u16(),
@@ -174,7 +192,9 @@ impl NotionClient {
 
     async fn revoke_secret(&self, token: &str) -> Result<(), ProviderError> {
         let body = json!({"token": token});
-        let (status, headers, bytes) = self.post("/v1/oauth/revoke", &body).await?;
+        let (status, headers, bytes) = self
+            .post(ProviderEndpoint::Revoke, "/v1/oauth/revoke", &body)
+            .await?;
         if status.is_success() {
             return Ok(());
         }
@@ -196,7 +216,34 @@ impl NotionClient {
         Sent::new([secret, self.settings.client_secret.expose_secret(), encoded])
     }
 
+    /// One call to an OAuth endpoint, counted in the metrics whatever its end.
     async fn post(
+        &self,
+        endpoint: ProviderEndpoint,
+        path: &str,
+        body: &Value,
+    ) -> Result<
+        (
+            reqwest::StatusCode,
+            reqwest::header::HeaderMap,
+            bytes::Bytes,
+        ),
+        ProviderError,
+    > {
+        let started = std::time::Instant::now();
+        let result = self.post_uncounted(path, body).await;
+        if let Some(metrics) = &self.metrics {
+            let status = match &result {
+                Ok((status, _, _)) => Some(status.as_u16()),
+                Err(ProviderError::Unavailable { status, .. }) => *status,
+                Err(_) => None,
+            };
+            metrics.provider_call(endpoint, status, started.elapsed());
+        }
+        result
+    }
+
+    async fn post_uncounted(
         &self,
         path: &str,
         body: &Value,
@@ -234,8 +281,13 @@ impl NotionClient {
         Ok((status, headers, bytes))
     }
 
-    async fn token_call(&self, body: Value, sent: Sent<'_>) -> Result<MintedPair, ProviderError> {
-        let (status, headers, bytes) = self.post("/v1/oauth/token", &body).await?;
+    async fn token_call(
+        &self,
+        endpoint: ProviderEndpoint,
+        body: Value,
+        sent: Sent<'_>,
+    ) -> Result<MintedPair, ProviderError> {
+        let (status, headers, bytes) = self.post(endpoint, "/v1/oauth/token", &body).await?;
         if !status.is_success() {
             return Err(error_from(status.as_u16(), &headers, &bytes, &sent));
         }

@@ -74,7 +74,7 @@ pub enum StoreError {
 }
 
 /// Which database a store runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     Sqlite,
@@ -103,6 +103,15 @@ pub(crate) struct ConnectionRow {
     pub lease_holder: Option<LeaseHolder>,
     pub lease_until: Option<DateTime<Utc>>,
     pub lease_fence: Fence,
+}
+
+/// Rows counted by their state, database-wide (`Store::status_counts`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// `(status, connections)`.
+    pub connections: Vec<(String, i64)>,
+    /// `(kind, status, jobs)`.
+    pub jobs: Vec<(String, String, i64)>,
 }
 
 /// The result of consuming a connect session's `state`.
@@ -234,7 +243,10 @@ impl Store {
                 .send_if_modified(|up| std::mem::replace(up, false));
             if started {
                 tracing::error!(
+                    op = "database_outage",
+                    phase = "start",
                     backend = %self.backend(),
+                    reason = %reason,
                     "the database is unavailable ({reason}); calls that need it answer 503 \
                      database_unavailable until it is back"
                 );
@@ -255,6 +267,8 @@ impl Store {
             };
             if probe.is_ok() {
                 tracing::warn!(
+                    op = "database_outage",
+                    phase = "end",
                     backend = %self.backend(),
                     outage_ms = since.elapsed().as_millis() as u64,
                     "the database is back"
@@ -327,6 +341,33 @@ impl Store {
             Engine::Sqlite(s) => s.ping().await,
             Engine::Postgres(p) => p.ping().await,
         }
+    }
+
+    /// Connections by status and jobs by kind and status, database-wide, for the metrics'
+    /// gauges. Each count scans (at a million connections, tens of milliseconds), so on SQLite
+    /// it runs on the blocking pool rather than inline like the other reads, and the metrics
+    /// call it at most once per interval, not per scrape.
+    pub async fn status_counts(&self) -> Result<StatusCounts, StoreError> {
+        let result = match &self.engine {
+            Engine::Sqlite(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || {
+                    tokio::runtime::Handle::current()
+                        .block_on(s.read(|db| sqlite::drive(reads::status_counts(db))))
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Database(format!("counting failed: {e}"))))
+            }
+            Engine::Postgres(p) => {
+                async {
+                    let client = p.client().await?;
+                    let db = &p.session(&client);
+                    reads::status_counts(db).await
+                }
+                .await
+            }
+        };
+        self.observe(result)
     }
 
     // Connect sessions.

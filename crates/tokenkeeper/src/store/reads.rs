@@ -2,7 +2,7 @@
 
 use super::db::{Db, Param};
 use super::sealed::{open_grant, open_session_state};
-use super::{sql, StoreError};
+use super::{sql, StatusCounts, StoreError};
 use crate::ids::{ConnectionId, GrantId, SessionId};
 use crate::ledger::{
     ConnectSession, Connection, ConnectionFilter, Event, GrantRecord, Job, JobKind, JobStatus,
@@ -207,4 +207,17 @@ pub(crate) async fn grant_by_id(
         .query_opt(sql::GRANT_BY_ID, &[Param::Text(grant.as_str())], sql::grant)
         .await?
         .map(|g| g.record))
+}
+
+/// What the metrics' gauges report: connections by status, jobs by kind and status. Each is a
+/// scan (of an index, for connections), so the metrics call it at most once per interval.
+pub(crate) async fn status_counts(db: &impl Db) -> Result<StatusCounts, StoreError> {
+    Ok(StatusCounts {
+        connections: db
+            .query(sql::CONNECTIONS_BY_STATUS, &[], sql::status_count)
+            .await?,
+        jobs: db
+            .query(sql::JOBS_BY_KIND_AND_STATUS, &[], sql::kind_status_count)
+            .await?,
+    })
 }

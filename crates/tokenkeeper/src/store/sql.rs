@@ -50,6 +50,14 @@ pub(crate) const CONNECTION_BY_ID: &str = concat!(
     connection_columns!(),
     " FROM connections c WHERE c.id = $1"
 );
+/// Connections by status, for the metrics' gauge (`reads::status_counts`); an index-only scan
+/// of `connections_status`.
+pub(crate) const CONNECTIONS_BY_STATUS: &str =
+    "SELECT status, count(*) FROM connections GROUP BY status ORDER BY status";
+/// Jobs by kind and status, for the metrics' gauge of the job queue (its pending jobs are the
+/// outbox's depth).
+pub(crate) const JOBS_BY_KIND_AND_STATUS: &str =
+    "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind, status";
 pub(crate) const CONNECTION_BY_ID_FOR_UPDATE: &str = concat!(
     "SELECT ",
     connection_columns!(),
@@ -457,6 +465,16 @@ pub(crate) fn count(row: &dyn Row) -> Result<i64, StoreError> {
     row.int(0)
 }
 
+/// A row of `CONNECTIONS_BY_STATUS`.
+pub(crate) fn status_count(row: &dyn Row) -> Result<(String, i64), StoreError> {
+    Ok((row.text(0)?, row.int(1)?))
+}
+
+/// A row of `JOBS_BY_KIND_AND_STATUS`.
+pub(crate) fn kind_status_count(row: &dyn Row) -> Result<(String, String, i64), StoreError> {
+    Ok((row.text(0)?, row.text(1)?, row.int(2)?))
+}
+
 pub(crate) fn key_id(row: &dyn Row) -> Result<String, StoreError> {
     row.text(0)
 }
@@ -470,6 +488,8 @@ pub(crate) fn key_check(row: &dyn Row) -> Result<(String, Vec<u8>), StoreError> 
 #[cfg(test)]
 pub(crate) const ALL: &[&str] = &[
     CONNECTION_BY_ID,
+    CONNECTIONS_BY_STATUS,
+    JOBS_BY_KIND_AND_STATUS,
     LIVE_CONNECTION_OF_BOT,
     INSERT_CONNECTION,
     SET_BOT,

@@ -104,6 +104,10 @@ async fn bad_settings_stop_the_program_before_it_listens_with_one_line_and_statu
             &[("TOKENKEEPER_PROXY_IDLE_TIMEOUT", "30 parsecs")],
             "TOKENKEEPER_PROXY_IDLE_TIMEOUT",
         ),
+        (
+            &[("TOKENKEEPER_LOG_FORMAT", "xml")],
+            "TOKENKEEPER_LOG_FORMAT",
+        ),
     ];
     for (env, setting) in cases {
         let mut cmd = tokenkeeper(dir.path());

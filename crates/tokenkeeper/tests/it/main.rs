@@ -12,6 +12,8 @@ mod connect_flow;
 mod key_checks;
 mod ledger_model;
 mod limits;
+mod observability;
+mod openapi;
 mod outage;
 mod provider_text;
 mod proxy;

@@ -122,8 +122,12 @@ async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_resta
         spill_dir: spill.path().to_path_buf(),
         provider_timeout: PROVIDER_TIMEOUT,
         refresh_budget: Duration::from_secs(30),
-        env: vec![],
-        capture_output: false,
+        // The outage's start is one JSON log line an operator can find (docs/OBSERVABILITY.md).
+        env: vec![
+            ("TOKENKEEPER_LOG_FORMAT".into(), "json".into()),
+            ("TOKENKEEPER_LOG".into(), "warn".into()),
+        ],
+        capture_output: true,
     };
     let mut broker = spec.start().await;
 
@@ -204,6 +208,19 @@ async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_resta
         assert_eq!(r.status().as_u16(), 503);
         assert!(r.headers().contains_key("retry-after"));
     }
+
+    let started_line = format!(
+        r#""op":"database_outage","phase":"start","backend":"{}""#,
+        match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    );
+    assert!(
+        broker.output.lock().unwrap().contains(&started_line),
+        "the outage's start is logged: {}",
+        broker.output.lock().unwrap()
+    );
 
     // The process dies in the middle of the outage; a new one starts while it lasts.
     broker.kill().await;

@@ -395,6 +395,8 @@ impl TestApp {
                 webhooks: options.webhooks.clone(),
                 server: options.server.clone(),
                 proxy_timeouts: options.proxy_timeouts,
+                // Tests read the gauges right after the flow that moved them.
+                metrics_gauge_interval: Duration::ZERO,
             },
             Clock::System,
             None,
