@@ -36,6 +36,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0003_reusable_reconnect_links.sql"),
     ),
     (4, include_str!("../../migrations/postgres/0004_jobs.sql")),
+    // 0005 is the webhooks' (added on another branch); a gap is fine: each migration above
+    // the database's version is applied in order.
+    (
+        6,
+        include_str!("../../migrations/postgres/0006_import_and_health_checks.sql"),
+    ),
 ];
 
 /// The schema version this binary runs against.
