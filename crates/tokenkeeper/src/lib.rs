@@ -7,6 +7,7 @@ pub mod app;
 pub mod clock;
 pub mod config;
 pub mod ids;
+pub mod import;
 pub mod jobs;
 pub mod journal;
 pub mod keycheck;

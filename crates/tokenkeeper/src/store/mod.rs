@@ -736,6 +736,15 @@ impl Store {
             .collect())
     }
 
+    /// The fingerprints (access, refresh) of every pair the ledger holds for each bot, in the
+    /// order given: what lets `import --verify` skip bots an earlier run already imported.
+    pub async fn held_pairs(
+        &self,
+        bots: &[String],
+    ) -> Result<Vec<Vec<(String, Option<String>)>>, StoreError> {
+        read_only!(self, |db| reads::held_pairs(db, bots))
+    }
+
     /// Records what the health check found of `grant`'s access token, if `grant` is still the
     /// connection's current grant (an inactive token is also a `token_inactive` event). Says
     /// what the connection is now.
