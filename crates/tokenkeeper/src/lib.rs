@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod health;
 pub mod ids;
 pub mod import;
 pub mod jobs;
