@@ -43,6 +43,9 @@ pub const LEASE: Duration = Duration::from_secs(30);
 /// How often the active connections are counted again (the spacing follows their number).
 const RECOUNT: Duration = Duration::from_secs(10);
 
+/// The most a connection's check may come early (see `sweep`).
+const MAX_SLACK: Duration = Duration::from_secs(5);
+
 /// Starts the sweeper of this process, unless the interval is zero. Every process runs one;
 /// the lease lets one of them work at a time.
 pub fn spawn(state: SharedState, settings: HealthSettings) -> Option<tokio::task::JoinHandle<()>> {
@@ -61,7 +64,9 @@ async fn sweep(state: SharedState, settings: HealthSettings, holder: LeaseHolder
     let mut held_since: Option<Instant> = None;
     let mut spacing = settings.rate.spacing();
     let mut counted: Option<Instant> = None;
-    let mut next_check = Instant::now();
+    // Recount often enough that a change in the number of connections soon changes the pace.
+    let recount = RECOUNT.min(settings.interval);
+    let mut last_check: Option<Instant> = None;
     loop {
         if held_since.is_none_or(|t| t.elapsed() >= LEASE / 3) {
             match store.take_sweeper_lease(SWEEPER, &holder, LEASE).await {
@@ -84,7 +89,7 @@ async fn sweep(state: SharedState, settings: HealthSettings, holder: LeaseHolder
                 }
             }
         }
-        if counted.is_none_or(|t| t.elapsed() >= RECOUNT) {
+        if counted.is_none_or(|t| t.elapsed() >= recount) {
             if let Ok((active, _)) = store.check_schedule().await {
                 let even = settings.interval / u32::try_from(active.max(1)).unwrap_or(u32::MAX);
                 spacing = even.max(settings.rate.spacing());
@@ -98,13 +103,22 @@ async fn sweep(state: SharedState, settings: HealthSettings, holder: LeaseHolder
                 counted = Some(Instant::now());
             }
         }
-        let now = Instant::now();
-        if now < next_check {
-            tokio::time::sleep((next_check - now).min(idle)).await;
-            continue;
+        // The next check comes `spacing` after the last one began, with the spacing as it is
+        // now (it follows the number of active connections).
+        if let Some(next) = last_check.map(|t| t + spacing) {
+            let now = Instant::now();
+            if now < next {
+                tokio::time::sleep((next - now).min(idle).min(recount)).await;
+                continue;
+            }
         }
-        let before = state.clock.now()
-            - chrono::Duration::from_std(settings.interval).unwrap_or(chrono::Duration::days(1));
+        // A check is recorded when its answer arrives, a moment after it began; without some
+        // slack a connection checked at t would not be due at t + interval, and would wait
+        // for the next look.
+        let slack = (spacing / 2).min(MAX_SLACK);
+        let period = chrono::Duration::from_std(settings.interval - slack)
+            .unwrap_or(chrono::Duration::days(1));
+        let before = state.clock.now() - period;
         let due = match store.due_checks(before, 1).await {
             Ok(due) => due,
             Err(e) => {
@@ -114,13 +128,21 @@ async fn sweep(state: SharedState, settings: HealthSettings, holder: LeaseHolder
             }
         };
         let Some((id, grant)) = due.into_iter().next() else {
-            // Nothing due: look again a little later (a new connection is due at once).
-            next_check = Instant::now() + idle;
+            // Nothing due: sleep until the least recently checked connection is (a new
+            // connection is due at once, and is noticed within `idle`).
+            let wake = match store.check_schedule().await {
+                Ok((_, Some(oldest))) => (oldest + period - state.clock.now())
+                    .to_std()
+                    .unwrap_or_default(),
+                _ => idle,
+            };
+            tokio::time::sleep(wake.clamp(Duration::from_millis(20), idle)).await;
             continue;
         };
         let started = Instant::now();
+        last_check = Some(started);
         check(&state, &id, &grant).await;
-        next_check = started + spacing;
+        tracing::debug!(connection = %id, took_ms = started.elapsed().as_millis() as u64, spacing_ms = spacing.as_millis() as u64, "checked");
     }
 }
 
@@ -179,7 +201,9 @@ pub async fn check(state: &SharedState, id: &ConnectionId, grant: &GrantId) {
                     "the health check found a dead connection without a refresh token: needs_reauth"
                 ),
                 Ok(false) => {}
-                Err(e) => tracing::debug!(connection = %id, "could not mark a dead connection: {e}"),
+                Err(e) => {
+                    tracing::debug!(connection = %id, "could not mark a dead connection: {e}")
+                }
             }
         }
         Err(e) => tracing::info!(

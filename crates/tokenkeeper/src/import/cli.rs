@@ -341,7 +341,10 @@ pub async fn import(args: &ImportArgs) -> anyhow::Result<()> {
     let valid_rows = (plan.rows - plan.invalid.len()) as u64;
     let bars = Bars {
         verify: verification.as_ref().map(|_| bar(tokens as u64, "verify")),
-        import: Some(bar(valid_rows, if args.dry_run { "dry run" } else { "import" })),
+        import: Some(bar(
+            valid_rows,
+            if args.dry_run { "dry run" } else { "import" },
+        )),
     };
     let importer = Importer {
         store: &store,

@@ -394,8 +394,13 @@ impl ImportReport {
         use std::fmt::Write;
         let i = &self.imported;
         let mut w = self.audit.words();
-        let verb = if i.dry_run { "would import" } else { "imported" };
-        let _ = writeln!(
+        let verb = if i.dry_run {
+            "would import"
+        } else {
+            "imported"
+        };
+        let _ =
+            writeln!(
             w,
             "{}{verb} {} connections and {} grants; {} rows skipped as duplicates ({} already in \
              the ledger); {} existing connections got pairs they lacked.",
@@ -407,7 +412,10 @@ impl ImportReport {
             i.connections_added_to,
         );
         if i.imported_connections + i.imported_grants == 0 && !i.dry_run {
-            let _ = writeln!(w, "Nothing new to import: every pair is in the ledger already.");
+            let _ = writeln!(
+                w,
+                "Nothing new to import: every pair is in the ledger already."
+            );
         }
         let _ = writeln!(
             w,
@@ -571,9 +579,7 @@ impl Importer<'_> {
                         }
                         match status {
                             Some(ConnectionStatus::Active) => i.connections_active += 1,
-                            Some(ConnectionStatus::NeedsReauth) => {
-                                i.connections_needs_reauth += 1
-                            }
+                            Some(ConnectionStatus::NeedsReauth) => i.connections_needs_reauth += 1,
                             _ => {}
                         }
                     }
@@ -648,10 +654,7 @@ impl Importer<'_> {
             }
         }
         progress.verified(skipped);
-        Ok(
-            verify::verify_all(v.notion, v.pacer, tokens, v.state, &|| progress.verified(1))
-                .await,
-        )
+        Ok(verify::verify_all(v.notion, v.pacer, tokens, v.state, &|| progress.verified(1)).await)
     }
 
     /// Refreshes a new connection whose tokens were all dead, through the coordinator, which
@@ -721,8 +724,12 @@ fn choose(bot: &PlannedBot, verdicts: Option<&HashMap<String, CheckResult>>) -> 
             rescue: false,
         };
     };
-    let verdict =
-        |p: &PlannedPair| verdicts.get(&p.access_fingerprint()).copied().unwrap_or(CheckResult::Unknown);
+    let verdict = |p: &PlannedPair| {
+        verdicts
+            .get(&p.access_fingerprint())
+            .copied()
+            .unwrap_or(CheckResult::Unknown)
+    };
     if let Some(live) = newest(&|p| verdict(p) == CheckResult::Active) {
         return Choice {
             current: live,
@@ -782,18 +789,16 @@ pub struct ApiRow {
 impl ApiRow {
     /// The row as a source row (numbered from 1, like a file's).
     pub fn into_source_row(self, number: usize) -> SourceRow {
-        source::row_of_fields(number, |name| {
-            match name {
-                "bot_id" => self.bot_id.clone(),
-                "access_token" => self.access_token.clone(),
-                "refresh_token" => self.refresh_token.clone(),
-                "workspace_id" => self.workspace_id.clone(),
-                "workspace_name" => self.workspace_name.clone(),
-                "end_user_id" => self.end_user_id.clone(),
-                "authorized_at" => self.authorized_at.clone(),
-                "revoked_at" => self.revoked_at.clone(),
-                _ => None,
-            }
+        source::row_of_fields(number, |name| match name {
+            "bot_id" => self.bot_id.clone(),
+            "access_token" => self.access_token.clone(),
+            "refresh_token" => self.refresh_token.clone(),
+            "workspace_id" => self.workspace_id.clone(),
+            "workspace_name" => self.workspace_name.clone(),
+            "end_user_id" => self.end_user_id.clone(),
+            "authorized_at" => self.authorized_at.clone(),
+            "revoked_at" => self.revoked_at.clone(),
+            _ => None,
         })
     }
 }

@@ -337,8 +337,7 @@ fn read_sqlite(path: &Path, query: &str) -> Result<SourceData, SourceError> {
     conn.authorizer(None::<fn(rusqlite::hooks::AuthContext<'_>) -> Authorization>);
     if !stmt.readonly() {
         return Err(SourceError::Usage(
-            "--query must only read (a SELECT): audit and import never write to the source"
-                .into(),
+            "--query must only read (a SELECT): audit and import never write to the source".into(),
         ));
     }
     let headers: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
@@ -553,7 +552,10 @@ mod tests {
         let rows = read_csv(text.as_bytes(), "test").unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].bot_id.as_deref(), Some("b1"));
-        assert_eq!(rows[0].access_token.as_ref().unwrap().expose_secret(), "ntn_a");
+        assert_eq!(
+            rows[0].access_token.as_ref().unwrap().expose_secret(),
+            "ntn_a"
+        );
         assert!(!rows[0].revoked && rows[0].problem.is_none());
         assert!(rows[1].refresh_token.is_none() && rows[1].revoked);
         assert!(rows[1].revoked_at.is_some());
@@ -565,7 +567,10 @@ mod tests {
     #[test]
     fn sources_are_told_apart_and_database_sources_need_a_query() {
         assert!(matches!(Source::parse("x.csv", None), Ok(Source::Csv(_))));
-        assert!(matches!(Source::parse("x.JSONL", None), Ok(Source::Jsonl(_))));
+        assert!(matches!(
+            Source::parse("x.JSONL", None),
+            Ok(Source::Jsonl(_))
+        ));
         assert!(Source::parse("x.txt", None).is_err());
         assert!(Source::parse("sqlite://x.db", None).is_err());
         assert!(Source::parse("x.csv", Some("SELECT 1")).is_err());

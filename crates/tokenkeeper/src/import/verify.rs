@@ -40,12 +40,7 @@ impl Rate {
 
 impl std::fmt::Display for Rate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            self.count,
-            humantime::format_duration(self.per)
-        )
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
     }
 }
 
@@ -257,8 +252,14 @@ mod tests {
     fn rates_parse_with_or_without_a_number_in_the_window() {
         let r = parse_rate("2/s").unwrap();
         assert_eq!(r.spacing(), Duration::from_millis(500));
-        assert_eq!(parse_rate("120/1m").unwrap().spacing(), Duration::from_millis(500));
-        assert_eq!(parse_rate("5/10s").unwrap().spacing(), Duration::from_secs(2));
+        assert_eq!(
+            parse_rate("120/1m").unwrap().spacing(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_rate("5/10s").unwrap().spacing(),
+            Duration::from_secs(2)
+        );
         assert!(parse_rate("0/s").is_err());
         assert!(parse_rate("2").is_err());
         assert!(parse_rate("fast/s").is_err());

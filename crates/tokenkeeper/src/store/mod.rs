@@ -722,10 +722,8 @@ impl Store {
             .iter()
             .map(|&i| sorted[i].take().expect("each index once"))
             .collect();
-        let outcomes = in_transaction_then!(self, commit, |db| rules::import_bots(
-            db,
-            &sorted_batch
-        ))?;
+        let outcomes =
+            in_transaction_then!(self, commit, |db| rules::import_bots(db, &sorted_batch))?;
         let mut answered: Vec<Option<BotImportOutcome>> = vec![None; order.len()];
         for (outcome, &i) in outcomes.into_iter().zip(&order) {
             answered[i] = Some(outcome);

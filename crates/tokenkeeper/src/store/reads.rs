@@ -177,11 +177,9 @@ pub(crate) async fn held_pairs(
     let mut inflight = FuturesOrdered::new();
     for bot in bots {
         inflight.push_back(async move {
-            db.query(
-                sql::GRANT_FINGERPRINTS_OF_BOT,
-                &[Param::Text(bot)],
-                |row| Ok((row.text(1)?, row.opt_text(2)?)),
-            )
+            db.query(sql::GRANT_FINGERPRINTS_OF_BOT, &[Param::Text(bot)], |row| {
+                Ok((row.text(1)?, row.opt_text(2)?))
+            })
             .await
         });
     }

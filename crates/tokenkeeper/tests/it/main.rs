@@ -8,6 +8,8 @@ mod support;
 mod broker;
 mod cli;
 mod connect_flow;
+mod health_check;
+mod import;
 mod key_checks;
 mod ledger_model;
 mod limits;
