@@ -256,6 +256,7 @@ impl App {
             simulator.as_ref().map(|s| s.base_url()),
             journal,
         );
+        crate::health::spawn(state.clone(), config.health_check);
         Ok(App {
             state,
             simulator,

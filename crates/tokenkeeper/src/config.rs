@@ -231,6 +231,19 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENKEEPER_SPILL_DIR")]
     pub spill_dir: Option<PathBuf>,
 
+    /// How often each active connection's current access token is introspected at Notion, so
+    /// that a dead connection is found (and refreshed, or marked needs_reauth) before the app
+    /// meets it. The checks are spread evenly over the interval, one process at a time.
+    /// `0` turns them off.
+    #[arg(long, env = "TOKENKEEPER_HEALTH_CHECK_INTERVAL", default_value = "24h")]
+    pub health_check_interval: String,
+
+    /// The most health checks, across every process, as `<count>/<window>` (`2/s`, `60/1m`).
+    /// Notion's documented average is about 3 requests a second per integration; with more
+    /// active connections than the interval allows at this rate, each is checked less often.
+    #[arg(long, env = "TOKENKEEPER_HEALTH_CHECK_RATE", default_value = "2/s")]
+    pub health_check_rate: String,
+
     /// Mounts `GET /v1/_baseline`, a constant answer behind the API-key check, which the
     /// benchmarks compare token reads with. Not for production.
     #[arg(long, env = "TOKENKEEPER_BENCH_BASELINE_ROUTE", hide = true)]
@@ -310,6 +323,8 @@ pub struct Config {
     /// Deadlines of the proxy's calls to Notion.
     pub proxy: ProxyTimeouts,
     pub bench_baseline_route: bool,
+    /// The health check (`interval` zero: off).
+    pub health_check: crate::health::HealthSettings,
 }
 
 /// Where the key ring comes from. Whether a start may use it is decided with the database in
@@ -511,6 +526,14 @@ impl Config {
                 .map_err(|m| ConfigError::new("TOKENKEEPER_REFRESH_RATE", m))?,
             spill_dir,
             bench_baseline_route: args.bench_baseline_route,
+            health_check: crate::health::HealthSettings {
+                interval: any_duration(
+                    "TOKENKEEPER_HEALTH_CHECK_INTERVAL",
+                    &args.health_check_interval,
+                )?,
+                rate: crate::import::verify::parse_rate(&args.health_check_rate)
+                    .map_err(|m| ConfigError::new("TOKENKEEPER_HEALTH_CHECK_RATE", m))?,
+            },
         })
     }
 
@@ -561,17 +584,8 @@ impl Config {
         args: &ServeArgs,
         db: &DatabaseUrl,
     ) -> Result<(Option<crate::webhooks::WebhookSettings>, Option<PathBuf>), ConfigError> {
-        use crate::webhooks::{check_endpoint, WebhookSecret, WebhookSettings};
-        const URLS: &str = "TOKENKEEPER_WEBHOOK_URLS";
-        let endpoints = args
-            .webhook_urls
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(|u| check_endpoint(u).map_err(|m| ConfigError::new(URLS, m)))
-            .collect::<Result<Vec<_>, _>>()?;
+        use crate::webhooks::{WebhookSecret, WebhookSettings};
+        let endpoints = webhook_endpoints(args.webhook_urls.as_deref())?;
         if endpoints.is_empty() {
             return Ok((None, None));
         }
@@ -686,6 +700,19 @@ fn parse_http_url(s: &str, var: &str) -> Result<url::Url, ConfigError> {
         ));
     }
     Ok(url)
+}
+
+/// `TOKENKEEPER_WEBHOOK_URLS`: comma-separated endpoints, each checked (`webhooks::check_endpoint`).
+pub fn webhook_endpoints(urls: Option<&str>) -> Result<Vec<url::Url>, ConfigError> {
+    urls.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            crate::webhooks::check_endpoint(u)
+                .map_err(|m| ConfigError::new("TOKENKEEPER_WEBHOOK_URLS", m))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -120,6 +120,11 @@ pub enum EventKind {
     /// The provider refused a token it had issued moments before; refreshing again would not
     /// help (see `refresh::FRESH_WINDOW`).
     TokenRejected,
+    /// Pairs from an existing token store were recorded (`tokenkeeper import`).
+    Imported,
+    /// The health check (or an import's verification) found the current access token inactive
+    /// at the provider; a refresh decides what that means.
+    TokenInactive,
 }
 
 impl EventKind {
@@ -139,6 +144,8 @@ impl EventKind {
             EventKind::Rescued => "rescued",
             EventKind::UpstreamRevocation => "upstream_revocation",
             EventKind::TokenRejected => "token_rejected",
+            EventKind::Imported => "imported",
+            EventKind::TokenInactive => "token_inactive",
         }
     }
 
@@ -158,6 +165,8 @@ impl EventKind {
             "rescued" => EventKind::Rescued,
             "upstream_revocation" => EventKind::UpstreamRevocation,
             "token_rejected" => EventKind::TokenRejected,
+            "imported" => EventKind::Imported,
+            "token_inactive" => EventKind::TokenInactive,
             _ => return None,
         })
     }
@@ -199,6 +208,42 @@ pub struct Connection {
     pub diagnosis: Option<Diagnosis>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the health check (or an import's verification) last introspected the current
+    /// access token, and what the provider said.
+    pub last_checked_at: Option<DateTime<Utc>>,
+    pub last_check_result: Option<CheckResult>,
+}
+
+/// What introspecting an access token found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckResult {
+    /// The provider calls the token active.
+    Active,
+    /// The provider calls the token inactive (expired, revoked, uninstalled).
+    Inactive,
+    /// The question failed (throttled, unavailable, unreadable): nothing is known, and nothing
+    /// changes because of it.
+    Unknown,
+}
+
+impl CheckResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckResult::Active => "active",
+            CheckResult::Inactive => "inactive",
+            CheckResult::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(CheckResult::Active),
+            "inactive" => Some(CheckResult::Inactive),
+            "unknown" => Some(CheckResult::Unknown),
+            _ => None,
+        }
+    }
 }
 
 /// A grant as the ledger shows it: metadata and fingerprints, never tokens.
@@ -405,6 +450,12 @@ pub enum DiagnosisReason {
     RefreshRejected,
     /// The provider refused the current grant's access token itself.
     TokenRejected,
+    /// Introspection found the current access token inactive, and no refresh brought the
+    /// connection back.
+    IntrospectionInactive,
+    /// Imported from an existing token store with nothing alive: every row revoked in the
+    /// source, or (with `--verify`) every access token inactive and no refresh token to try.
+    ImportedDead,
     /// A reason this binary does not know (written by a newer one).
     #[serde(other)]
     Unknown,
@@ -735,4 +786,81 @@ impl WebhookEvent {
             WebhookEvent::Revoked => "connection.revoked",
         }
     }
+}
+
+/// One bot of an existing token store, as `import` hands it to the store: its distinct pairs,
+/// oldest first, and what is known of them.
+#[derive(Debug, Clone)]
+pub struct ImportedBot {
+    pub provider: Provider,
+    pub bot_id: BotId,
+    /// Empty when the source had none (the connections table needs a value).
+    pub workspace_id: String,
+    pub workspace_name: Option<String>,
+    /// Empty when the source had none.
+    pub end_user_id: String,
+    pub pairs: Vec<ImportedPair>,
+    /// The pair to make current if the bot gets a new connection (an index into `pairs`): the
+    /// newest live one. A pair the ledger already holds is never made current again.
+    pub current: usize,
+    /// Set when nothing alive is known: the new connection starts `needs_reauth` with it.
+    pub dead: Option<Diagnosis>,
+    /// What a verification found of the current pair's access token, and when: recorded as the
+    /// connection's last check.
+    pub checked: Option<(DateTime<Utc>, CheckResult)>,
+}
+
+/// One distinct pair of an imported bot.
+#[derive(Debug, Clone)]
+pub struct ImportedPair {
+    /// Chosen before the first attempt to record it, as for authorizations.
+    pub grant_id: GrantId,
+    pub access_token: AccessToken,
+    pub refresh_token: Option<RefreshToken>,
+    /// `authorized_at` from the source, else the import's time.
+    pub obtained_at: DateTime<Utc>,
+    /// `revoked_at` from the source: the pair is recorded superseded from then.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// What importing one bot did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BotImportKind {
+    /// A new connection, with every pair as a grant.
+    Created,
+    /// The bot already had a live connection: the pairs it lacked were added to it, superseded
+    /// (kept, and tried by a rescue, but never made current by an import).
+    Added,
+    /// Every pair was in the ledger already: nothing was written.
+    Known,
+}
+
+/// What happened to one pair of an imported bot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImportedPairOutcome {
+    /// The pair's grant: the new one, or the one the ledger already had.
+    pub grant_id: GrantId,
+    /// False when the ledger already held this pair.
+    pub new: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BotImportOutcome {
+    pub kind: BotImportKind,
+    /// The bot's live connection after the import, if it has one.
+    pub connection_id: Option<ConnectionId>,
+    pub status: Option<ConnectionStatus>,
+    /// The connection's current grant after the import.
+    pub current: Option<GrantId>,
+    /// One per pair, in the order of `ImportedBot::pairs`.
+    pub pairs: Vec<ImportedPairOutcome>,
+}
+
+/// What recording a health check found of the connection.
+#[derive(Debug, Clone)]
+pub struct CheckRecorded {
+    pub status: ConnectionStatus,
+    /// Whether the checked grant is still the connection's current grant.
+    pub still_current: bool,
 }

@@ -8,7 +8,9 @@ pub mod clock;
 pub mod config;
 #[cfg(test)]
 mod fuzz;
+pub mod health;
 pub mod ids;
+pub mod import;
 pub mod jobs;
 pub mod journal;
 pub mod keycheck;

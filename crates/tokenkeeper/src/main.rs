@@ -36,6 +36,13 @@ enum Command {
     Keys(KeysCommand),
     /// Run notion-sim, a faithful simulator of Notion's OAuth endpoints and a slice of its API.
     NotionSim(notion_sim::SimArgs),
+    /// Read an existing token store (a CSV or JSONL file, or a table through --query) and say
+    /// what is wrong with it; with --verify, ask Notion which access tokens are alive. Writes
+    /// nothing.
+    Audit(Box<tokenkeeper::import::cli::AuditArgs>),
+    /// Record an existing token store in the ledger: one connection per bot, every distinct pair
+    /// a grant, the newest live one current. Idempotent, and safe while `serve` runs.
+    Import(Box<tokenkeeper::import::cli::ImportArgs>),
 }
 
 #[derive(Subcommand)]
@@ -76,6 +83,8 @@ async fn main() -> ExitCode {
         }
         Command::Keys(KeysCommand::Rotate { store, batch }) => rotate(&store, batch).await,
         Command::NotionSim(args) => notion_sim::run_cli(args).await,
+        Command::Audit(args) => tokenkeeper::import::cli::audit(&args).await,
+        Command::Import(args) => tokenkeeper::import::cli::import(&args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -333,6 +333,12 @@ impl Collector for StateCollector {
 impl Metrics {
     /// The metrics, reading `server` and `proxy_upstream_timeouts` at every scrape, and
     /// counting database-wide gauges at most every `gauge_interval`.
+    /// Metrics nobody scrapes: for a command (`import`) that runs the coordinator without
+    /// serving `/metrics`.
+    pub fn detached() -> Metrics {
+        Metrics::new(Default::default(), Default::default(), Duration::ZERO)
+    }
+
     pub fn new(
         server: Arc<ServerCounters>,
         proxy_upstream_timeouts: Arc<AtomicU64>,

@@ -6,6 +6,7 @@ pub(crate) mod connect;
 mod connections;
 mod demo;
 pub mod error;
+mod import;
 pub mod openapi;
 pub mod proxy;
 pub mod return_to;
@@ -301,6 +302,10 @@ pub fn router(state: SharedState) -> Router {
     let v1 = Router::new()
         .route("/connect-sessions", post(connect::create_session))
         .route("/connections", get(connections::list))
+        .route(
+            "/connections/import",
+            post(import::import).layer(axum::extract::DefaultBodyLimit::max(import::BODY_LIMIT)),
+        )
         .route(
             "/connections/{id}",
             get(connections::get_one).delete(connections::revoke),

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{connect, connections, error, proxy, webhooks};
+use super::{connect, connections, error, import, proxy, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +30,7 @@ use super::{connect, connections, error, proxy, webhooks};
         connections::list,
         connections::get_one,
         connections::revoke,
+        import::import,
         connections::access_token,
         connections::refresh,
         connect::create_reconnect_session,

@@ -32,6 +32,7 @@ use crate::ledger::{
     LeaseOutcome, MintedPair, NewAuthorization, OpenGrant, RefreshCommit, RefreshFailure, Rescue,
     RotateProgress,
 };
+use crate::ledger::{BotImportOutcome, CheckRecorded, CheckResult, ImportedBot};
 use crate::seal::{KeyRing, SealError};
 
 mod db;
@@ -103,6 +104,9 @@ pub(crate) struct ConnectionRow {
     pub lease_holder: Option<LeaseHolder>,
     pub lease_until: Option<DateTime<Utc>>,
     pub lease_fence: Fence,
+    /// The grant the last health check introspected (`connection.last_check_result` says what
+    /// it found).
+    pub last_checked_grant: Option<GrantId>,
 }
 
 /// Rows counted by their state, database-wide (`Store::status_counts`).
@@ -196,6 +200,34 @@ macro_rules! in_transaction {
                         $body.await?
                     };
                     tx.commit().await?;
+                    Ok(out)
+                }
+                .await
+            }
+        };
+        $store.observe(result)
+    }};
+}
+
+/// `in_transaction!`, committed only if `$commit`; otherwise rolled back once `$body` is done.
+macro_rules! in_transaction_then {
+    ($store:expr, $commit:expr, |$db:ident| $body:expr) => {{
+        let commit: bool = $commit;
+        let result = match &$store.engine {
+            Engine::Sqlite(s) => s.write_then(move |$db| sqlite::drive($body), commit).await,
+            Engine::Postgres(p) => {
+                async {
+                    let mut client = p.client().await?;
+                    let tx = client.transaction().await?;
+                    let out = {
+                        let $db = &p.session(&tx);
+                        $body.await?
+                    };
+                    if commit {
+                        tx.commit().await?;
+                    } else {
+                        tx.rollback().await?;
+                    }
                     Ok(out)
                 }
                 .await
@@ -736,6 +768,113 @@ impl Store {
         in_transaction!(self, |db| rules::record_token_rejected(
             db, &id, &grant, &detail
         ))
+    }
+
+    /// Records bots of an existing token store (`tokenkeeper import`), in one transaction,
+    /// each under its bot's lock as every ledger write is, so an import can run while `serve`
+    /// does. A pair the ledger already holds for the bot is recognised by its fingerprints and
+    /// not written again (a second import writes nothing); a bot with a live connection gets
+    /// the pairs it lacks, superseded; any other bot gets a new connection (see
+    /// `rules::import_bot`). The batch must name distinct bots; it is sorted by bot id here.
+    /// With `commit` false everything is rolled back at the end (`--dry-run`), and the outcomes
+    /// say what would have been written.
+    pub async fn import_bots(
+        &self,
+        mut batch: Vec<ImportedBot>,
+        commit: bool,
+    ) -> Result<Vec<BotImportOutcome>, StoreError> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|&a, &b| batch[a].bot_id.0.cmp(&batch[b].bot_id.0));
+        if order.windows(2).any(|w| {
+            batch[w[0]].provider == batch[w[1]].provider && batch[w[0]].bot_id == batch[w[1]].bot_id
+        }) {
+            return Err(StoreError::Conflict(
+                "an import batch names one bot twice".into(),
+            ));
+        }
+        // Sorted for the locks; answered in the caller's order.
+        let mut sorted: Vec<Option<ImportedBot>> = batch.drain(..).map(Some).collect();
+        let sorted_batch: Vec<ImportedBot> = order
+            .iter()
+            .map(|&i| sorted[i].take().expect("each index once"))
+            .collect();
+        let outcomes =
+            in_transaction_then!(self, commit, |db| rules::import_bots(db, &sorted_batch))?;
+        let mut answered: Vec<Option<BotImportOutcome>> = vec![None; order.len()];
+        for (outcome, &i) in outcomes.into_iter().zip(&order) {
+            answered[i] = Some(outcome);
+        }
+        Ok(answered
+            .into_iter()
+            .map(|o| o.expect("every bot answered"))
+            .collect())
+    }
+
+    /// The fingerprints (access, refresh) of every pair the ledger holds for each bot, in the
+    /// order given: what lets `import --verify` skip bots an earlier run already imported.
+    pub async fn held_pairs(
+        &self,
+        bots: &[String],
+    ) -> Result<Vec<Vec<(String, Option<String>)>>, StoreError> {
+        read_only!(self, |db| reads::held_pairs(db, bots))
+    }
+
+    /// Records what the health check found of `grant`'s access token, if `grant` is still the
+    /// connection's current grant (an inactive token is also a `token_inactive` event). Says
+    /// what the connection is now.
+    pub async fn record_check(
+        &self,
+        id: &ConnectionId,
+        grant: &GrantId,
+        result: CheckResult,
+    ) -> Result<CheckRecorded, StoreError> {
+        let (id, grant) = (id.clone(), grant.clone());
+        in_transaction!(self, |db| rules::record_check(db, &id, &grant, result))
+    }
+
+    /// Introspection found `grant`'s access token inactive and it has no refresh token, so no
+    /// refresh can judge it: if it is still the current grant of an active connection, the
+    /// connection becomes `needs_reauth` ("introspection found the token inactive"). Answers
+    /// whether it did.
+    pub async fn mark_inactive_without_refresh(
+        &self,
+        id: &ConnectionId,
+        grant: &GrantId,
+    ) -> Result<bool, StoreError> {
+        let (id, grant) = (id.clone(), grant.clone());
+        in_transaction!(self, |db| rules::mark_inactive_without_refresh(
+            db, &id, &grant
+        ))
+    }
+
+    /// Takes or renews the named lease that lets one process at a time do a job for all (the
+    /// health check's sweeper) for `lease`; `None` while another holder's lease is unexpired.
+    pub async fn take_sweeper_lease(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        lease: Duration,
+    ) -> Result<Option<Fence>, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.clone());
+        in_transaction!(self, |db| rules::take_sweeper_lease(
+            db, &name, &holder, lease
+        ))
+    }
+
+    /// Up to `limit` active connections whose last check is at or before `checked_before`
+    /// (or that were never checked), least recently checked first, with their current grant.
+    pub async fn due_checks(
+        &self,
+        checked_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<(ConnectionId, GrantId)>, StoreError> {
+        read_only!(self, |db| rules::due_checks(db, checked_before, limit))
+    }
+
+    /// How many connections are active, and when the least recently checked of them was
+    /// checked: what the sweeper paces itself by.
+    pub async fn check_schedule(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
+        read_only!(self, |db| rules::check_schedule(db))
     }
 
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one

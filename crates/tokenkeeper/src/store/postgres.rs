@@ -36,6 +36,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0003_reusable_reconnect_links.sql"),
     ),
     (4, include_str!("../../migrations/postgres/0004_jobs.sql")),
+    (
+        5,
+        include_str!("../../migrations/postgres/0005_import_and_health_checks.sql"),
+    ),
 ];
 
 /// The schema version this binary runs against.

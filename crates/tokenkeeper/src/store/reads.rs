@@ -221,3 +221,26 @@ pub(crate) async fn status_counts(db: &impl Db) -> Result<StatusCounts, StoreErr
             .await?,
     })
 }
+
+/// The fingerprints (access, refresh) of every pair the ledger holds for each of `bots`, in
+/// order; on PostgreSQL the lookups pipeline on one connection.
+pub(crate) async fn held_pairs(
+    db: &impl Db,
+    bots: &[String],
+) -> Result<Vec<Vec<(String, Option<String>)>>, StoreError> {
+    use futures::stream::{FuturesOrdered, StreamExt};
+    let mut held = Vec::with_capacity(bots.len());
+    let mut inflight = FuturesOrdered::new();
+    for bot in bots {
+        inflight.push_back(async move {
+            db.query(sql::GRANT_FINGERPRINTS_OF_BOT, &[Param::Text(bot)], |row| {
+                Ok((row.text(1)?, row.opt_text(2)?))
+            })
+            .await
+        });
+    }
+    while let Some(pairs) = inflight.next().await {
+        held.push(pairs?);
+    }
+    Ok(held)
+}

@@ -26,6 +26,10 @@ use crate::ledger::{
     NewAuthorization, OpenGrant, Provider, RefreshCommit, RefreshFailure, Rescue, RotateProgress,
     TokenColumn, WebhookEvent,
 };
+use crate::ledger::{
+    BotImportKind, BotImportOutcome, CheckRecorded, CheckResult, ImportedBot, ImportedPair,
+    ImportedPairOutcome,
+};
 
 /// An audit record about to be appended.
 struct NewEvent<'a> {
@@ -1044,7 +1048,7 @@ pub(crate) async fn record_refresh_failure(
             sql::attempt,
         )
         .await?;
-    let diagnosis = Diagnosis {
+    let mut diagnosis = Diagnosis {
         code: failure.code.clone(),
         grant_id: Some(parent.clone()),
         grant_obtained_at: Some(grant.record.obtained_at),
@@ -1054,6 +1058,17 @@ pub(crate) async fn record_refresh_failure(
         tried: failure.tried.clone(),
         ..Diagnosis::new(DiagnosisReason::RefreshRejected, failure.message.clone())
     };
+    // The refresh was the health check's (or an import's) answer to an inactive token: say so,
+    // whoever's refresh it was that found the refresh token refused too.
+    if row.connection.last_check_result == Some(CheckResult::Inactive)
+        && row.last_checked_grant.as_ref() == Some(parent)
+    {
+        diagnosis.reason = DiagnosisReason::IntrospectionInactive;
+        diagnosis.message = format!(
+            "introspection found the token inactive, and refreshing it failed: {}",
+            diagnosis.message
+        );
+    }
     needs_reauth(db, id, parent, &diagnosis, now).await?;
     Ok(FailureOutcome::NeedsReauth {
         diagnosis: Box::new(diagnosis),
@@ -1537,4 +1552,386 @@ pub(crate) async fn retry_job(
         return Ok(None);
     }
     db.query_opt(sql::JOB_BY_ID, &[text(id)], sql::job).await
+}
+
+/// Bots of one import in flight at once; see `IMPORT_PIPELINE`.
+const IMPORT_BOTS_PIPELINE: usize = 64;
+
+/// See `Store::import_bots`; the batch names distinct bots, sorted by bot id, so that two
+/// imports of overlapping bots take their bot locks in one order and cannot deadlock.
+pub(crate) async fn import_bots(
+    db: &impl Db,
+    batch: &[ImportedBot],
+) -> Result<Vec<BotImportOutcome>, StoreError> {
+    use futures::stream::{FuturesOrdered, StreamExt};
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut inflight = FuturesOrdered::new();
+    for bot in batch {
+        inflight.push_back(import_bot(db, bot));
+        if inflight.len() >= IMPORT_BOTS_PIPELINE {
+            if let Some(outcome) = inflight.next().await {
+                outcomes.push(outcome?);
+            }
+        }
+    }
+    while let Some(outcome) = inflight.next().await {
+        outcomes.push(outcome?);
+    }
+    Ok(outcomes)
+}
+
+/// Records one bot's pairs (invariants 1 and 2: every pair kept, none overwritten). Under the
+/// bot's lock, a pair the ledger already holds for this bot (the same access and refresh
+/// fingerprints, in any connection) is recognised and not written again, which is what makes
+/// an import idempotent. A bot with a live connection gets the pairs it lacks as superseded
+/// grants: an import never moves a live connection's current grant (invariant 3), and the
+/// rescue still finds their unused refresh tokens. A bot without one gets a new connection
+/// whose current grant is `bot.current`.
+async fn import_bot(db: &impl Db, bot: &ImportedBot) -> Result<BotImportOutcome, StoreError> {
+    db.lock_bot(bot.provider, &bot.bot_id.0).await?;
+    let held = db
+        .query(
+            sql::GRANT_FINGERPRINTS_OF_BOT,
+            &[text(&bot.bot_id.0)],
+            |row| {
+                Ok((
+                    GrantId::from_trusted(row.text(0)?),
+                    row.text(1)?,
+                    row.opt_text(2)?,
+                ))
+            },
+        )
+        .await?;
+    let mut pairs = Vec::with_capacity(bot.pairs.len());
+    let mut fresh = Vec::new();
+    for (i, pair) in bot.pairs.iter().enumerate() {
+        let access = pair.access_token.fingerprint();
+        let refresh = pair.refresh_token.as_ref().map(RefreshToken::fingerprint);
+        match held.iter().find(|(_, a, r)| *a == access && *r == refresh) {
+            Some((grant, _, _)) => pairs.push(ImportedPairOutcome {
+                grant_id: grant.clone(),
+                new: false,
+            }),
+            None => {
+                pairs.push(ImportedPairOutcome {
+                    grant_id: pair.grant_id.clone(),
+                    new: true,
+                });
+                fresh.push(i);
+            }
+        }
+    }
+    let live = lock_live_connection_of_bot(db, bot.provider, &bot.bot_id.0).await?;
+    if fresh.is_empty() {
+        return Ok(BotImportOutcome {
+            kind: BotImportKind::Known,
+            status: live.as_ref().map(|c| c.connection.status),
+            current: live.as_ref().and_then(|c| c.connection.grant_id.clone()),
+            connection_id: live.map(|c| c.connection.id),
+            pairs,
+        });
+    }
+    let now = db.now();
+    let minted = |pair: &ImportedPair| MintedPair {
+        access_token: pair.access_token.clone(),
+        refresh_token: pair.refresh_token.clone(),
+        bot_id: bot.bot_id.clone(),
+        workspace_id: bot.workspace_id.clone(),
+        workspace_name: bot.workspace_name.clone(),
+        workspace_icon: None,
+        metadata: json!({ "imported": true, "revoked_in_source_at": pair.revoked_at }),
+        provider_request_id: None,
+        obtained_at: pair.obtained_at,
+        expires_at: None,
+    };
+    // A pair revoked in the source was superseded then; any other non-current pair now.
+    let superseded_at = |pair: &ImportedPair| Some(pair.revoked_at.map_or(now, |r| r.min(now)));
+    if let Some(existing) = live {
+        let id = existing.connection.id;
+        for &i in &fresh {
+            let pair = &bot.pairs[i];
+            let pair_minted = minted(pair);
+            insert_grant(
+                db,
+                NewGrant {
+                    superseded_at: superseded_at(pair),
+                    ..NewGrant::new(&pair.grant_id, &id, GrantOrigin::Import, &pair_minted)
+                },
+            )
+            .await?;
+        }
+        db.execute(
+            sql::TOUCH_CONNECTION,
+            &[Param::Time(now), text(id.as_str())],
+        )
+        .await?;
+        let added: Vec<&GrantId> = fresh.iter().map(|&i| &bot.pairs[i].grant_id).collect();
+        insert_event(
+            db,
+            &id,
+            now,
+            NewEvent::new(EventKind::Imported, None).detail(json!({
+                "grants": added,
+                "current_unchanged": true,
+                "message": "pairs of this bot from an existing token store, kept superseded: \
+                            the connection already had a current grant",
+            })),
+        )
+        .await?;
+        return Ok(BotImportOutcome {
+            kind: BotImportKind::Added,
+            connection_id: Some(id),
+            status: Some(existing.connection.status),
+            current: existing.connection.grant_id,
+            pairs,
+        });
+    }
+    // The current pair must be one this import writes: the newest live one the caller chose,
+    // or, when the ledger holds that one already (on a revoked connection), the newest fresh
+    // one not revoked in the source, else the newest fresh one.
+    let current = if fresh.contains(&bot.current) {
+        bot.current
+    } else {
+        fresh
+            .iter()
+            .rev()
+            .copied()
+            .find(|&i| bot.pairs[i].revoked_at.is_none())
+            .unwrap_or(fresh[fresh.len() - 1])
+    };
+    let id = ConnectionId::generate();
+    db.execute(
+        sql::INSERT_CONNECTION,
+        &[
+            text(id.as_str()),
+            text(bot.provider.as_str()),
+            text(&bot.bot_id.0),
+            text(&bot.workspace_id),
+            Param::OptText(bot.workspace_name.as_deref()),
+            Param::OptText(None),
+            text(&bot.end_user_id),
+            Param::Time(now),
+        ],
+    )
+    .await?;
+    for &i in &fresh {
+        let pair = &bot.pairs[i];
+        let pair_minted = minted(pair);
+        insert_grant(
+            db,
+            NewGrant {
+                superseded_at: if i == current {
+                    None
+                } else {
+                    superseded_at(pair)
+                },
+                ..NewGrant::new(&pair.grant_id, &id, GrantOrigin::Import, &pair_minted)
+            },
+        )
+        .await?;
+    }
+    let current_grant = &bot.pairs[current].grant_id;
+    set_current_grant(db, &id, current_grant, now).await?;
+    let written: Vec<&GrantId> = fresh.iter().map(|&i| &bot.pairs[i].grant_id).collect();
+    insert_event(
+        db,
+        &id,
+        now,
+        NewEvent::new(EventKind::Imported, Some(current_grant)).detail(json!({
+            "bot_id": bot.bot_id,
+            "workspace_id": bot.workspace_id,
+            "grants": written,
+            "message": "a connection from an existing token store: every distinct pair is a \
+                        grant, the newest live one current",
+        })),
+    )
+    .await?;
+    if !db.webhook_endpoints().is_empty() {
+        let connection = reload(db, &id).await?;
+        let data = json!({ "imported": true });
+        emit(db, WebhookEvent::Created, &connection, data, now).await?;
+    }
+    if let (Some((at, result)), true) = (bot.checked, current == bot.current) {
+        set_last_check(db, &id, current_grant, result, at).await?;
+        if result == CheckResult::Inactive {
+            insert_event(
+                db,
+                &id,
+                now,
+                NewEvent::new(EventKind::TokenInactive, Some(current_grant))
+                    .detail(json!({ "by": "import" })),
+            )
+            .await?;
+        }
+    }
+    let mut status = ConnectionStatus::Active;
+    if let Some(dead) = &bot.dead {
+        let diagnosis = Diagnosis {
+            grant_id: Some(current_grant.clone()),
+            grant_obtained_at: Some(bot.pairs[current].obtained_at),
+            ..dead.clone()
+        };
+        needs_reauth(db, &id, current_grant, &diagnosis, now).await?;
+        status = ConnectionStatus::NeedsReauth;
+    }
+    Ok(BotImportOutcome {
+        kind: BotImportKind::Created,
+        connection_id: Some(id),
+        status: Some(status),
+        current: Some(current_grant.clone()),
+        pairs,
+    })
+}
+
+async fn set_last_check(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+    result: CheckResult,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    db.execute(
+        sql::SET_LAST_CHECK,
+        &[
+            Param::Time(at),
+            text(result.as_str()),
+            text(grant.as_str()),
+            text(id.as_str()),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// See `Store::record_check`.
+pub(crate) async fn record_check(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+    result: CheckResult,
+) -> Result<CheckRecorded, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    let still_current = row.connection.grant_id.as_ref() == Some(grant);
+    // A check of a grant that was replaced meanwhile says nothing about the connection now.
+    if still_current {
+        set_last_check(db, id, grant, result, now).await?;
+        if result == CheckResult::Inactive && row.connection.status == ConnectionStatus::Active {
+            insert_event(
+                db,
+                id,
+                now,
+                NewEvent::new(EventKind::TokenInactive, Some(grant))
+                    .detail(json!({ "by": "health_check" })),
+            )
+            .await?;
+        }
+    }
+    Ok(CheckRecorded {
+        status: row.connection.status,
+        still_current,
+    })
+}
+
+/// See `Store::mark_inactive_without_refresh`.
+pub(crate) async fn mark_inactive_without_refresh(
+    db: &impl Db,
+    id: &ConnectionId,
+    grant: &GrantId,
+) -> Result<bool, StoreError> {
+    let row = lock_connection(db, id).await?;
+    let now = db.now();
+    if row.connection.status != ConnectionStatus::Active
+        || row.connection.grant_id.as_ref() != Some(grant)
+    {
+        return Ok(false);
+    }
+    let Some(current) = find_grant(db, id, grant).await? else {
+        return Ok(false);
+    };
+    if current.refresh.is_some() {
+        return Ok(false);
+    }
+    let diagnosis = Diagnosis {
+        grant_id: Some(grant.clone()),
+        grant_obtained_at: Some(current.record.obtained_at),
+        ..Diagnosis::new(
+            DiagnosisReason::IntrospectionInactive,
+            "introspection found the token inactive, and its grant has no refresh token",
+        )
+    };
+    needs_reauth(db, id, grant, &diagnosis, now).await?;
+    Ok(true)
+}
+
+/// See `Store::take_sweeper_lease`.
+pub(crate) async fn take_sweeper_lease(
+    db: &impl Db,
+    name: &str,
+    holder: &LeaseHolder,
+    lease: Duration,
+) -> Result<Option<Fence>, StoreError> {
+    db.execute(sql::INSERT_SWEEPER_LEASE, &[text(name)]).await?;
+    let (current, until, fence) = db
+        .query_opt(
+            pick(db, sql::SWEEPER_LEASE, sql::SWEEPER_LEASE_FOR_UPDATE),
+            &[text(name)],
+            |row| Ok((row.opt_text(0)?, row.opt_time(1)?, Fence(row.int(2)?))),
+        )
+        .await?
+        .ok_or_else(|| StoreError::Database(format!("the sweeper lease {name} vanished")))?;
+    let now = db.now();
+    let mine = current.as_deref() == Some(holder.as_str());
+    if !mine && until.is_some_and(|until| until > now) {
+        return Ok(None);
+    }
+    let fence = if mine { fence } else { fence.next() };
+    let until = now
+        + chrono::Duration::from_std(lease)
+            .map_err(|_| StoreError::Conflict("lease too long".into()))?;
+    db.execute(
+        sql::TAKE_SWEEPER_LEASE,
+        &[
+            text(holder.as_str()),
+            Param::Time(until),
+            Param::Int(fence.0),
+            text(name),
+        ],
+    )
+    .await?;
+    Ok(Some(fence))
+}
+
+/// See `Store::due_checks`.
+pub(crate) async fn due_checks(
+    db: &impl Db,
+    checked_before: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<(ConnectionId, GrantId)>, StoreError> {
+    db.query(
+        sql::DUE_CHECKS,
+        &[Param::Time(checked_before), Param::Int(i64::from(limit))],
+        |row| {
+            Ok((
+                ConnectionId::from_trusted(row.text(0)?),
+                GrantId::from_trusted(row.text(1)?),
+            ))
+        },
+    )
+    .await
+}
+
+/// See `Store::check_schedule`.
+pub(crate) async fn check_schedule(
+    db: &impl Db,
+) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
+    let active = db
+        .query_opt(sql::COUNT_ACTIVE, &[], sql::count)
+        .await?
+        .unwrap_or(0);
+    let oldest = db
+        .query_opt(sql::OLDEST_CHECK, &[], |row| row.opt_time(0))
+        .await?
+        .flatten();
+    Ok((active.max(0) as u64, oldest))
 }

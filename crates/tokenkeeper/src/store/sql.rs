@@ -11,8 +11,8 @@ use super::sealed::GrantRow;
 use super::{ConnectionRow, StoreError};
 use crate::ids::{AttemptId, BotId, ConnectionId, EventId, GrantId, SessionId};
 use crate::ledger::{
-    ConnectSession, Connection, ConnectionStatus, Diagnosis, Event, EventKind, Fence, GrantOrigin,
-    GrantRecord, InterruptedAttempt, LeaseHolder, Provider,
+    CheckResult, ConnectSession, Connection, ConnectionStatus, Diagnosis, Event, EventKind, Fence,
+    GrantOrigin, GrantRecord, InterruptedAttempt, LeaseHolder, Provider,
 };
 
 /// The columns `connection_at` reads, in order, for a table aliased `c`.
@@ -20,10 +20,11 @@ macro_rules! connection_columns {
     () => {
         "c.id, c.provider, c.bot_id, c.workspace_id, c.workspace_name, c.workspace_icon, \
          c.end_user_id, c.status, c.current_grant_id, c.diagnosis, c.created_at, c.updated_at, \
-         c.lease_holder, c.lease_until, c.lease_fence"
+         c.lease_holder, c.lease_until, c.lease_fence, c.last_checked_at, c.last_check_result, \
+         c.last_checked_grant_id"
     };
 }
-const CONNECTION_WIDTH: usize = 15;
+const CONNECTION_WIDTH: usize = 18;
 
 /// The columns `grant_at` reads, in order, for a table aliased `g`; the two sealed tokens last.
 macro_rules! grant_columns {
@@ -316,6 +317,36 @@ pub(crate) const INSERT_REUSABLE_SESSION: &str =
          connection_id, created_at, expires_at, used_at, reusable_state) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
+// Imports and health checks (migration 0005).
+
+/// Every pair the ledger holds for a bot, whichever connection has it: how an import knows a
+/// pair it recorded before, by fingerprints only.
+pub(crate) const GRANT_FINGERPRINTS_OF_BOT: &str =
+    "SELECT g.id, g.access_fp, g.refresh_fp FROM grants g WHERE g.bot_id = $1";
+pub(crate) const SET_LAST_CHECK: &str =
+    "UPDATE connections SET last_checked_at = $1, last_check_result = $2, \
+         last_checked_grant_id = $3 \
+     WHERE id = $4";
+/// Active connections due for a check (never checked, or last checked at or before `$1`),
+/// least recently checked first, with their current grant.
+pub(crate) const DUE_CHECKS: &str = "SELECT c.id, c.current_grant_id FROM connections c \
+     WHERE c.status = 'active' AND c.current_grant_id IS NOT NULL \
+     AND (c.last_checked_at IS NULL OR c.last_checked_at <= $1) \
+     ORDER BY c.last_checked_at NULLS FIRST, c.id LIMIT $2";
+pub(crate) const COUNT_ACTIVE: &str = "SELECT count(*) FROM connections WHERE status = 'active'";
+/// When the least recently checked active connection was checked (`NULL`: one never was, or
+/// there is none).
+pub(crate) const OLDEST_CHECK: &str = "SELECT min(last_checked_at) FROM connections \
+     WHERE status = 'active' AND current_grant_id IS NOT NULL";
+pub(crate) const INSERT_SWEEPER_LEASE: &str =
+    "INSERT INTO sweeper_leases (name, fence) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING";
+pub(crate) const SWEEPER_LEASE: &str =
+    "SELECT holder, until, fence FROM sweeper_leases WHERE name = $1";
+pub(crate) const SWEEPER_LEASE_FOR_UPDATE: &str =
+    "SELECT holder, until, fence FROM sweeper_leases WHERE name = $1 FOR UPDATE";
+pub(crate) const TAKE_SWEEPER_LEASE: &str =
+    "UPDATE sweeper_leases SET holder = $1, until = $2, fence = $3 WHERE name = $4";
+
 // Decoders.
 
 fn corrupt(what: &str, value: &str) -> StoreError {
@@ -329,6 +360,10 @@ fn grant_id(row: &dyn Row, i: usize) -> Result<Option<GrantId>, StoreError> {
 fn connection_at(row: &dyn Row, base: usize) -> Result<ConnectionRow, StoreError> {
     let provider = row.text(base + 1)?;
     let status = row.text(base + 7)?;
+    let check = row
+        .opt_text(base + 16)?
+        .map(|c| CheckResult::parse(&c).ok_or_else(|| corrupt("check result", &c)))
+        .transpose()?;
     let diagnosis = row
         .opt_json(base + 9)?
         .map(serde_json::from_value::<Diagnosis>)
@@ -348,10 +383,13 @@ fn connection_at(row: &dyn Row, base: usize) -> Result<ConnectionRow, StoreError
             diagnosis,
             created_at: row.time(base + 10)?,
             updated_at: row.time(base + 11)?,
+            last_checked_at: row.opt_time(base + 15)?,
+            last_check_result: check,
         },
         lease_holder: row.opt_text(base + 12)?.map(LeaseHolder),
         lease_until: row.opt_time(base + 13)?,
         lease_fence: Fence(row.int(base + 14)?),
+        last_checked_grant: grant_id(row, base + 17)?,
     })
 }
 
@@ -537,4 +575,12 @@ pub(crate) const ALL: &[&str] = &[
     JOB_BY_ID,
     REUSABLE_SESSION_OF_CONNECTION,
     INSERT_REUSABLE_SESSION,
+    GRANT_FINGERPRINTS_OF_BOT,
+    SET_LAST_CHECK,
+    DUE_CHECKS,
+    COUNT_ACTIVE,
+    OLDEST_CHECK,
+    INSERT_SWEEPER_LEASE,
+    SWEEPER_LEASE,
+    TAKE_SWEEPER_LEASE,
 ];

@@ -38,6 +38,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/sqlite/0003_reusable_reconnect_links.sql"),
     ),
     (4, include_str!("../../migrations/sqlite/0004_jobs.sql")),
+    (
+        5,
+        include_str!("../../migrations/sqlite/0005_import_and_health_checks.sql"),
+    ),
 ];
 
 /// The schema version this binary runs against.
@@ -175,12 +179,26 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&SqliteDb<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        self.write_then(f, true).await
+    }
+
+    /// `write`, committing only if `commit`; otherwise everything `f` did is rolled back (an
+    /// import's `--dry-run`).
+    pub(super) async fn write_then<T, F>(&self, f: F, commit: bool) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&SqliteDb<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
         let mut conn = self.inner.writer.clone().lock_owned().await;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let out = f(&inner.session(&tx))?;
-            tx.commit()?;
+            if commit {
+                tx.commit()?;
+            } else {
+                tx.rollback()?;
+            }
             Ok(out)
         })
         .await

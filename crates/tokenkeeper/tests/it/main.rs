@@ -9,6 +9,8 @@ mod broker;
 mod chaos;
 mod cli;
 mod connect_flow;
+mod health_check;
+mod import;
 mod key_checks;
 mod ledger_model;
 mod limits;

@@ -38,6 +38,7 @@ async fn the_document_is_served_without_a_key_and_describes_every_route() {
         ("/v1/connections/{id}/reconnect-sessions", &["post"]),
         ("/v1/connections/{id}/grants", &["get"]),
         ("/v1/connections/{id}/events", &["get"]),
+        ("/v1/connections/import", &["post"]),
         (
             "/v1/proxy/{id}/{path}",
             &[
@@ -67,7 +68,7 @@ async fn the_document_is_served_without_a_key_and_describes_every_route() {
             assert!(!statuses.is_empty(), "{method} {path} documents no answer");
         }
     }
-    assert_eq!(paths.len(), 18, "a path the list above does not know");
+    assert_eq!(paths.len(), 19, "a path the list above does not know");
     // Every error answer of the API is the envelope, and every code is listed.
     let codes = &served["components"]["schemas"]["ErrorCode"]["enum"];
     assert_eq!(

@@ -21,6 +21,7 @@ both_backends!(
     every_event_type_is_delivered_once_signed_and_verified_by_standardwebhooks,
     a_receiver_that_fails_and_times_out_gets_the_event_later_with_the_same_id,
     a_delivery_cut_by_kill_9_is_made_again_with_the_same_id_after_a_restart,
+    imported_connections_are_announced_once,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -386,5 +387,83 @@ async fn three_processes_deliver_each_event_once(backend: Backend) {
     assert!(
         per_id.values().all(|n| *n == 1),
         "each event once per endpoint: {per_id:?}"
+    );
+}
+
+/// An import makes connections too (invariant 9): each new one is announced, and one imported
+/// with nothing alive is announced as needing its user; importing the same rows again changes
+/// nothing and announces nothing.
+async fn imported_connections_are_announced_once(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let secret = WebhookSecret::generate();
+    let app = app_with_webhooks(backend, &receiver, &secret).await;
+    let body = json!({"connections": [
+        {"bot_id": "bot-imported-live", "access_token": "ntn_imported_live_access", "refresh_token": "nrt_imported_live_refresh", "end_user_id": "u-1"},
+        {"bot_id": "bot-imported-dead", "access_token": "ntn_imported_dead_access", "end_user_id": "u-2", "revoked_at": "2026-06-02T10:00:00Z"},
+    ]});
+    let (status, answer) = app.post_json("/v1/connections/import", body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let live = answer["results"][0]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dead = answer["results"][1]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let got = receiver.until("three events", |got| got.len() >= 3).await;
+    let mut in_order = got.clone();
+    in_order.sort_by_key(|d| d.id().to_owned());
+    let told: Vec<(String, String)> = in_order
+        .iter()
+        .map(|d| {
+            let event = d.event();
+            (
+                event["type"].as_str().unwrap().to_owned(),
+                event["data"]["connection"]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    // Bots are imported in bot-id order; per connection, events come in the order of change.
+    let of = |id: &str| -> Vec<&str> {
+        told.iter()
+            .filter(|(_, c)| c == id)
+            .map(|(t, _)| t.as_str())
+            .collect()
+    };
+    assert_eq!(of(&live), ["connection.created"], "{told:?}");
+    assert_eq!(
+        of(&dead),
+        ["connection.created", "connection.needs_reauth"],
+        "{told:?}"
+    );
+    for delivery in &in_order {
+        let event = delivery.event();
+        match event["type"].as_str().unwrap() {
+            "connection.created" => assert_eq!(event["data"]["imported"], true, "{event}"),
+            _ => assert_eq!(
+                event["data"]["diagnosis"]["reason"], "imported_dead",
+                "{event}"
+            ),
+        }
+    }
+    for delivery in &got {
+        assert!(!delivery.body.contains("ntn_imported") && !delivery.body.contains("nrt_imported"));
+    }
+    verify_with_standardwebhooks(&secret, &got);
+    all_delivered(&app, 3).await;
+
+    let (status, again) = app.post_json("/v1/connections/import", body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["results"][0]["result"], "already_imported", "{again}");
+    let (_, deliveries) = app.get_json("/v1/webhook-deliveries").await;
+    assert_eq!(
+        deliveries["data"].as_array().unwrap().len(),
+        3,
+        "nothing new to tell"
     );
 }

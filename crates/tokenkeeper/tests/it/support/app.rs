@@ -46,6 +46,8 @@ pub struct Options {
     pub server: ServerLimits,
     /// How long the proxy waits on Notion.
     pub proxy_timeouts: ProxyTimeouts,
+    /// The health check of this app's process; `None`: off.
+    pub health_check: Option<tokenkeeper::health::HealthSettings>,
 }
 
 impl Default for Options {
@@ -66,6 +68,7 @@ impl Default for Options {
             session_ttl: Duration::from_secs(600),
             server: ServerLimits::default(),
             proxy_timeouts: ProxyTimeouts::default(),
+            health_check: None,
         }
     }
 }
@@ -89,6 +92,7 @@ pub struct TestApp {
     pub spill: tempfile::TempDir,
     options: Options,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    health: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Api {
@@ -265,6 +269,9 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        if let Some(health) = self.health.take() {
+            health.abort();
+        }
     }
 }
 
@@ -410,7 +417,11 @@ impl TestApp {
             })
             .await;
         });
+        let health = options
+            .health_check
+            .and_then(|settings| tokenkeeper::health::spawn(state.clone(), settings));
         TestApp {
+            health,
             api: Api::new(url, sim.base_url()),
             sim,
             db,

@@ -69,6 +69,9 @@ impl BrokerSpec {
                 format!("{}ms", self.refresh_budget.as_millis()),
             )
             .env("TOKENKEEPER_LOG", "warn")
+            // Off unless a test turns it on: its introspections would show in other tests'
+            // counts of calls at the simulator.
+            .env("TOKENKEEPER_HEALTH_CHECK_INTERVAL", "0")
             .stdout(std::process::Stdio::piped())
             .stderr(if self.capture_output {
                 std::process::Stdio::piped()
