@@ -221,13 +221,9 @@ impl Coordinator {
                 });
             }
         }
-        let (connection, current) = self
-            .store
-            .current_grant(id)
+        let current = self
+            .live_grant(id)
             .await?
-            .ok_or_else(|| RefreshError::UnknownConnection(id.clone()))?;
-        check_status(connection.status, connection.diagnosis)?;
-        let current = current
             .ok_or_else(|| RefreshError::NotRefreshable("the connection has no grant".into()))?;
         if let Some(wanted) = if_grant {
             if *wanted != current.record.id {
@@ -739,13 +735,22 @@ impl Coordinator {
         id: &ConnectionId,
         target: &GrantId,
     ) -> Result<Option<OpenGrant>, RefreshError> {
+        Ok(self
+            .live_grant(id)
+            .await?
+            .filter(|g| g.record.id != *target))
+    }
+
+    /// The connection's current grant, if the connection exists and is active (a
+    /// `needs_reauth` or revoked connection is an error of its own).
+    async fn live_grant(&self, id: &ConnectionId) -> Result<Option<OpenGrant>, RefreshError> {
         let (connection, current) = self
             .store
             .current_grant(id)
             .await?
             .ok_or_else(|| RefreshError::UnknownConnection(id.clone()))?;
         check_status(connection.status, connection.diagnosis)?;
-        Ok(current.filter(|g| g.record.id != *target))
+        Ok(current)
     }
 
     async fn read_grant(

@@ -80,6 +80,13 @@ fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
 /// The fields a token response cannot do without.
 const REQUIRED: [&str; 3] = ["access_token", "bot_id", "workspace_id"];
 
+/// An OAuth endpoint's answer as received: status, headers and the whole body.
+type Answer = (
+    reqwest::StatusCode,
+    reqwest::header::HeaderMap,
+    bytes::Bytes,
+);
+
 impl NotionClient {
     pub fn new(settings: NotionSettings, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
@@ -222,14 +229,7 @@ impl NotionClient {
         endpoint: ProviderEndpoint,
         path: &str,
         body: &Value,
-    ) -> Result<
-        (
-            reqwest::StatusCode,
-            reqwest::header::HeaderMap,
-            bytes::Bytes,
-        ),
-        ProviderError,
-    > {
+    ) -> Result<Answer, ProviderError> {
         let started = std::time::Instant::now();
         let result = self.post_uncounted(path, body).await;
         if let Some(metrics) = &self.metrics {
@@ -243,18 +243,7 @@ impl NotionClient {
         result
     }
 
-    async fn post_uncounted(
-        &self,
-        path: &str,
-        body: &Value,
-    ) -> Result<
-        (
-            reqwest::StatusCode,
-            reqwest::header::HeaderMap,
-            bytes::Bytes,
-        ),
-        ProviderError,
-    > {
+    async fn post_uncounted(&self, path: &str, body: &Value) -> Result<Answer, ProviderError> {
         let response = self
             .http
             .post(self.endpoint(path))

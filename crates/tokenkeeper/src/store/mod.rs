@@ -188,25 +188,9 @@ impl From<PgStore> for Store {
 /// error rolls it back. SQLite runs it on its one writer (the owned values it uses are moved
 /// into a blocking task); PostgreSQL on a pooled connection.
 macro_rules! in_transaction {
-    ($store:expr, |$db:ident| $body:expr) => {{
-        let result = match &$store.engine {
-            Engine::Sqlite(s) => s.write(move |$db| sqlite::drive($body)).await,
-            Engine::Postgres(p) => {
-                async {
-                    let mut client = p.client().await?;
-                    let tx = client.transaction().await?;
-                    let out = {
-                        let $db = &p.session(&tx);
-                        $body.await?
-                    };
-                    tx.commit().await?;
-                    Ok(out)
-                }
-                .await
-            }
-        };
-        $store.observe(result)
-    }};
+    ($store:expr, |$db:ident| $body:expr) => {
+        in_transaction_then!($store, true, |$db| $body)
+    };
 }
 
 /// `in_transaction!`, committed only if `$commit`; otherwise rolled back once `$body` is done.

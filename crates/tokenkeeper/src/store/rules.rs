@@ -630,31 +630,21 @@ pub(crate) async fn begin_refresh(
     )
     .await?;
 
-    let attempt = AttemptId::generate();
-    db.execute(
-        sql::INSERT_ATTEMPT,
-        &[
-            text(attempt.as_str()),
-            text(id.as_str()),
-            text(current_id.as_str()),
-            Param::Int(fence.0),
-            text(holder.as_str()),
-            Param::Time(now),
-            Param::Time(until),
-        ],
-    )
-    .await?;
-    insert_event(
+    let started = AttemptStart {
+        grant: &current_id,
+        fence,
+        holder,
+        now,
+        until,
+    };
+    let attempt = start_attempt(
         db,
         id,
-        now,
-        NewEvent::new(EventKind::RefreshStarted, Some(&current_id)).detail(json!({
-            "attempt_id": attempt,
-            "fence": fence,
-            "holder": holder,
+        started,
+        json!({
             "lease_until": crate::ledger::rfc3339_micros::format(until),
             "interrupted_attempt": interrupted.as_ref().map(|i| &i.attempt_id),
-        })),
+        }),
     )
     .await?;
     Ok(LeaseOutcome::Acquired {
@@ -747,33 +737,65 @@ pub(crate) async fn begin_rescue_attempt(
     let Some(until) = row.lease_until.filter(|_| row.lease_fence == fence) else {
         return Ok(None);
     };
+    let started = AttemptStart {
+        grant: candidate,
+        fence,
+        holder,
+        now,
+        until,
+    };
+    let attempt = start_attempt(db, id, started, json!({ "rescue_of": refused })).await?;
+    Ok(Some(attempt))
+}
+
+/// Who starts a refresh attempt of which grant, under which lease.
+struct AttemptStart<'a> {
+    grant: &'a GrantId,
+    fence: Fence,
+    holder: &'a LeaseHolder,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+}
+
+/// Records a refresh attempt and its `refresh_started` event, before the provider is called
+/// (invariant 4: an attempt that never reports back is found by the next holder). `detail`
+/// adds to the event's detail.
+async fn start_attempt(
+    db: &impl Db,
+    id: &ConnectionId,
+    start: AttemptStart<'_>,
+    detail: Value,
+) -> Result<AttemptId, StoreError> {
     let attempt = AttemptId::generate();
     db.execute(
         sql::INSERT_ATTEMPT,
         &[
             text(attempt.as_str()),
             text(id.as_str()),
-            text(candidate.as_str()),
-            Param::Int(fence.0),
-            text(holder.as_str()),
-            Param::Time(now),
-            Param::Time(until),
+            text(start.grant.as_str()),
+            Param::Int(start.fence.0),
+            text(start.holder.as_str()),
+            Param::Time(start.now),
+            Param::Time(start.until),
         ],
     )
     .await?;
+    let mut all = json!({
+        "attempt_id": attempt,
+        "fence": start.fence,
+        "holder": start.holder,
+    });
+    if let (Some(all), Value::Object(more)) = (all.as_object_mut(), detail) {
+        all.extend(more);
+    }
     insert_event(
         db,
         id,
-        now,
-        NewEvent::new(EventKind::RefreshStarted, Some(candidate)).detail(json!({
-            "attempt_id": attempt,
-            "fence": fence,
-            "holder": holder,
-            "rescue_of": refused,
-        })),
+        start.now,
+        NewEvent::new(EventKind::RefreshStarted, Some(start.grant)).detail(all),
     )
     .await?;
-    Ok(Some(attempt))
+    Ok(attempt)
 }
 
 /// See `Store::record_rescue_refusal`.
