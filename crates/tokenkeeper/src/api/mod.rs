@@ -449,6 +449,14 @@ pub struct Ready {
     )
 )]
 async fn ready(State(state): State<SharedState>) -> Result<axum::Json<Ready>, ApiError> {
+    // An outage the store has seen and not yet seen end: on SQLite, reads may still work while
+    // nothing can be written, so the schema check below would not notice.
+    if !state.store.is_up() {
+        return Err(ApiError::new(
+            ErrorCode::NotReady,
+            "the database is not answering; tokenkeeper is waiting for it",
+        ));
+    }
     match state.store.check_schema().await {
         Ok(version) => Ok(axum::Json(Ready {
             status: "ready",

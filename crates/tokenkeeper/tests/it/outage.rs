@@ -191,6 +191,10 @@ async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_resta
         .await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "database_unavailable");
+    // Not ready while it lasts, so a load balancer sends callers elsewhere.
+    let (status, body) = broker.get_json("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "not_ready");
     assert!(
         asked.elapsed() < Duration::from_secs(10),
         "answered within the database deadlines, not held: {:?}",
@@ -237,6 +241,8 @@ async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_resta
         .expect("the restarted process listens once the database is back")
         .unwrap();
 
+    let (status, body) = broker.get_json("/readyz").await;
+    assert_eq!(status, 200, "ready again once the database is back: {body}");
     // Every minted pair is the connection's current grant, and the connection is active.
     for ((id, before), (grant, access)) in connections.iter().zip(&minted) {
         let connection = broker.connection(id).await;
