@@ -167,22 +167,41 @@ impl Jobs {
             Ok(()) => JobOutcome::Done,
             Err(error) => self.retry_or_give_up(job, error),
         };
-        match &outcome {
-            JobOutcome::Failed { error } => {
-                tracing::error!(job = %job.id, kind = job.kind.as_str(), "gave up on a job: {error}")
-            }
-            JobOutcome::Retry { at, error } if job.kind == JobKind::Webhook => tracing::warn!(
-                job = %job.id,
-                endpoint = %job.subject,
-                attempts = job.attempts,
-                next_attempt_at = %at,
-                "a webhook delivery failed: {error}"
-            ),
-            _ => {}
+        if job.kind == JobKind::Webhook {
+            self.log_delivery(job, &outcome);
+        } else if let JobOutcome::Failed { error } = &outcome {
+            tracing::error!(job = %job.id, kind = job.kind.as_str(), "gave up on a job: {error}")
         }
         if let Err(e) = self.store.finish_job(job, &outcome).await {
             // The claim expires and the job comes due again: at least once.
             tracing::warn!(job = %job.id, "could not record a job's outcome: {e}");
+        }
+    }
+
+    /// One line and one count per webhook delivery attempt (`op = "webhook_delivery"`).
+    fn log_delivery(&self, job: &Job, outcome: &JobOutcome) {
+        let event = job.payload.get("event").and_then(|e| e.get("type"));
+        let event = event.and_then(Value::as_str).unwrap_or("");
+        let webhook_id = job.payload.get("webhook_id").and_then(Value::as_str);
+        let webhook_id = webhook_id.unwrap_or("");
+        let connection = job.connection_id.as_ref().map(|c| c.as_str());
+        let attempts = job.attempts;
+        let label = match outcome {
+            JobOutcome::Done => {
+                tracing::debug!(op = "webhook_delivery", outcome = "delivered", event, webhook_id, connection, endpoint = %job.subject, attempts, "delivered a webhook");
+                "delivered"
+            }
+            JobOutcome::Retry { at, error } => {
+                tracing::warn!(op = "webhook_delivery", outcome = "retry", event, webhook_id, connection, endpoint = %job.subject, attempts, next_attempt_at = %at, cause = %error, "a webhook delivery failed; it is tried again later");
+                "retry"
+            }
+            JobOutcome::Failed { error } => {
+                tracing::error!(op = "webhook_delivery", outcome = "failed", event, webhook_id, connection, endpoint = %job.subject, attempts, cause = %error, "gave up on a webhook delivery after three days; POST /v1/webhook-deliveries/{{id}}/retry sends it again");
+                "failed"
+            }
+        };
+        if let Some(app) = self.app.get().and_then(std::sync::Weak::upgrade) {
+            app.metrics.webhook_delivery(label);
         }
     }
 

@@ -262,6 +262,7 @@ pub struct Metrics {
     proxy_retries: Family<ReasonLabels, Counter>,
     authorizations: Family<OutcomeLabels, Counter>,
     revocations: Counter,
+    webhook_deliveries: Family<OutcomeLabels, Counter>,
     api_key_rejections: Family<ReasonLabels, Counter>,
     database_up: Gauge,
     connections: Family<ConnectionStatusLabels, Gauge>,
@@ -406,6 +407,12 @@ impl Metrics {
             "Connections revoked through the API",
             revocations.clone(),
         );
+        let webhook_deliveries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered; retry: failed and tried again later; failed: given up)",
+            webhook_deliveries.clone(),
+        );
         let api_key_rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "api_key_rejections",
@@ -450,6 +457,7 @@ impl Metrics {
             proxy_retries,
             authorizations,
             revocations,
+            webhook_deliveries,
             api_key_rejections,
             database_up,
             connections,
@@ -546,6 +554,13 @@ impl Metrics {
 
     pub fn revocation(&self) {
         self.revocations.inc();
+    }
+
+    /// One webhook delivery attempt: `delivered`, `retry` or `failed`.
+    pub fn webhook_delivery(&self, outcome: &'static str) {
+        self.webhook_deliveries
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// A request refused for its API key: `missing` or `unknown`.

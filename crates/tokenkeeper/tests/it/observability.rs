@@ -33,7 +33,7 @@ async fn next_authorization_is_a_new_user(api: &Api, n: u8, outcome: &str) {
 }
 
 /// `/metrics` read with `key`, parsed by Prometheus's parser.
-async fn scrape(api: &Api, key: &str) -> Scrape {
+pub async fn scrape(api: &Api, key: &str) -> Scrape {
     let r = api
         .http
         .get(format!("{}/metrics", api.url))

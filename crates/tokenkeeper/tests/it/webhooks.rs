@@ -305,6 +305,16 @@ async fn a_receiver_that_fails_and_times_out_gets_the_event_later_with_the_same_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Each attempt is counted, as Prometheus's parser reads /metrics.
+    let scrape = crate::observability::scrape(&app, crate::support::app::ADMIN_KEY).await;
+    let attempts = |outcome| {
+        scrape.value_or_zero(
+            "tokenkeeper_webhook_deliveries_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!((attempts("retry"), attempts("delivered")), (3.0, 1.0));
+
     // An operator can send it again: the same webhook-id once more.
     let (_, body) = app.get_json("/v1/webhook-deliveries").await;
     let job = body["data"][0]["id"].as_str().unwrap().to_owned();
