@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::StoreError;
+use crate::clock::Clock;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
@@ -144,20 +145,38 @@ pub(crate) type Rows<T> = Result<Vec<T>, StoreError>;
 
 /// A database session: a transaction for writes, a plain connection for reads.
 ///
+/// What a session of either backend carries besides its connection: the key ring, the clock and
+/// the webhook endpoints of this process.
+pub(crate) struct Context<'a> {
+    pub keys: &'a KeyRing,
+    pub clock: &'a Clock,
+    pub endpoints: std::sync::Arc<[String]>,
+}
+
 /// The methods are `async` because PostgreSQL's are; SQLite's never wait (rusqlite is
 /// synchronous, and its transaction already holds the write lock), so a sequence written
 /// against `Db` completes on SQLite in its first poll (see `sqlite::drive`).
 pub(crate) trait Db {
+    /// What every session carries whatever its backend.
+    fn context(&self) -> &Context<'_>;
+
     /// The key ring that seals and opens tokens.
-    fn keys(&self) -> &KeyRing;
+    fn keys(&self) -> &KeyRing {
+        self.context().keys
+    }
 
     /// Where this process delivers webhooks: each event the ledger emits becomes one delivery
     /// job per endpoint, in the transaction of the change.
-    fn webhook_endpoints(&self) -> &[String];
+    fn webhook_endpoints(&self) -> &[String] {
+        &self.context().endpoints
+    }
 
     /// The time now, at the database's precision (microseconds). Read it after taking the
     /// lock, so that lease times are ordered like the commits.
-    fn now(&self) -> DateTime<Utc>;
+    fn now(&self) -> DateTime<Utc> {
+        use chrono::SubsecRound;
+        self.context().clock.now().trunc_subsecs(6)
+    }
 
     async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
 

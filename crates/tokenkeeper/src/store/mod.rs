@@ -184,6 +184,34 @@ impl From<PgStore> for Store {
     }
 }
 
+/// Each backend's migrations, in order: the same numbers and names, each in its own SQL
+/// dialect under `migrations/<backend>/`, each applied in its own transaction. A new
+/// migration is one line here and one file per backend.
+macro_rules! migrations {
+    ($backend:literal) => {
+        &[
+            (1, $crate::store::migrations!($backend, "0001_ledger.sql")),
+            (
+                2,
+                $crate::store::migrations!($backend, "0002_key_checks.sql"),
+            ),
+            (
+                3,
+                $crate::store::migrations!($backend, "0003_reusable_reconnect_links.sql"),
+            ),
+            (4, $crate::store::migrations!($backend, "0004_jobs.sql")),
+            (
+                5,
+                $crate::store::migrations!($backend, "0005_import_and_health_checks.sql"),
+            ),
+        ]
+    };
+    ($backend:literal, $file:literal) => {
+        include_str!(concat!("../../migrations/", $backend, "/", $file))
+    };
+}
+pub(crate) use migrations;
+
 /// Runs `$body`, a future over `$db: &impl Db`, in one write transaction and commits it; any
 /// error rolls it back. SQLite runs it on its one writer (the owned values it uses are moved
 /// into a blocking task); PostgreSQL on a pooled connection.

@@ -18,29 +18,14 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 
-use super::db::{Cell, Db, Decode, Endpoints, Param, Row, Rows};
+use super::db::{Cell, Context, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
-/// The migrations this binary knows, in order. Each is applied in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../migrations/postgres/0001_ledger.sql")),
-    (
-        2,
-        include_str!("../../migrations/postgres/0002_key_checks.sql"),
-    ),
-    (
-        3,
-        include_str!("../../migrations/postgres/0003_reusable_reconnect_links.sql"),
-    ),
-    (4, include_str!("../../migrations/postgres/0004_jobs.sql")),
-    (
-        5,
-        include_str!("../../migrations/postgres/0005_import_and_health_checks.sql"),
-    ),
-];
+/// The migrations this binary knows, in order (`store::migrations!`).
+const MIGRATIONS: &[(i64, &str)] = super::migrations!("postgres");
 
 /// The schema version this binary runs against.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -212,9 +197,11 @@ impl PgStore {
     pub(super) fn session<'a, C: GenericClient>(&'a self, client: &'a C) -> PgDb<'a, C> {
         PgDb {
             client,
-            keys: &self.keys,
-            clock: &self.clock,
-            endpoints: self.endpoints.get(),
+            cx: Context {
+                keys: &self.keys,
+                clock: &self.clock,
+                endpoints: self.endpoints.get(),
+            },
         }
     }
 
@@ -281,9 +268,7 @@ async fn schema_version(client: &impl GenericClient) -> Result<i64, StoreError> 
 /// Statements are prepared once per pooled connection (`prepare_cached`).
 pub(crate) struct PgDb<'a, C> {
     client: &'a C,
-    keys: &'a KeyRing,
-    clock: &'a Clock,
-    endpoints: Arc<[String]>,
+    cx: Context<'a>,
 }
 
 impl ToSql for Param<'_> {
@@ -353,16 +338,8 @@ fn bind<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
 }
 
 impl<C: GenericClient> Db for PgDb<'_, C> {
-    fn keys(&self) -> &KeyRing {
-        self.keys
-    }
-
-    fn webhook_endpoints(&self) -> &[String] {
-        &self.endpoints
-    }
-
-    fn now(&self) -> DateTime<Utc> {
-        self.clock.now().trunc_subsecs(6)
+    fn context(&self) -> &Context<'_> {
+        &self.cx
     }
 
     async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {

@@ -20,29 +20,14 @@ use futures::FutureExt;
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{params, ErrorCode, TransactionBehavior};
 
-use super::db::{Cell, Db, Decode, Endpoints, Param, Row, Rows};
+use super::db::{Cell, Context, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
-/// The migrations this binary knows, in order. Each is applied in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../migrations/sqlite/0001_ledger.sql")),
-    (
-        2,
-        include_str!("../../migrations/sqlite/0002_key_checks.sql"),
-    ),
-    (
-        3,
-        include_str!("../../migrations/sqlite/0003_reusable_reconnect_links.sql"),
-    ),
-    (4, include_str!("../../migrations/sqlite/0004_jobs.sql")),
-    (
-        5,
-        include_str!("../../migrations/sqlite/0005_import_and_health_checks.sql"),
-    ),
-];
+/// The migrations this binary knows, in order (`store::migrations!`).
+const MIGRATIONS: &[(i64, &str)] = super::migrations!("sqlite");
 
 /// The schema version this binary runs against.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -247,9 +232,11 @@ impl Inner {
     fn session<'a>(&'a self, conn: &'a rusqlite::Connection) -> SqliteDb<'a> {
         SqliteDb {
             conn,
-            keys: &self.keys,
-            clock: &self.clock,
-            endpoints: self.endpoints.get(),
+            cx: Context {
+                keys: &self.keys,
+                clock: &self.clock,
+                endpoints: self.endpoints.get(),
+            },
         }
     }
 }
@@ -336,9 +323,7 @@ pub(super) fn ts(t: DateTime<Utc>) -> String {
 /// A SQLite session for the shared sequences: the writer's transaction, or a read connection.
 pub(crate) struct SqliteDb<'a> {
     conn: &'a rusqlite::Connection,
-    keys: &'a KeyRing,
-    clock: &'a Clock,
-    endpoints: Arc<[String]>,
+    cx: Context<'a>,
 }
 
 impl SqliteDb<'_> {
@@ -402,16 +387,8 @@ impl Row for SqliteRow<'_, '_> {
 }
 
 impl Db for SqliteDb<'_> {
-    fn keys(&self) -> &KeyRing {
-        self.keys
-    }
-
-    fn webhook_endpoints(&self) -> &[String] {
-        &self.endpoints
-    }
-
-    fn now(&self) -> DateTime<Utc> {
-        self.clock.now().trunc_subsecs(6)
+    fn context(&self) -> &Context<'_> {
+        &self.cx
     }
 
     async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
