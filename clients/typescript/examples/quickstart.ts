@@ -65,3 +65,10 @@ export function webhookReceiver(secret: string) {
     });
   });
 }
+
+export async function importRows(tk: Tokenkeeper, rows: { bot_id: string; access_token: string; refresh_token: string }[]) {
+  const { results, summary } = await tk.importConnections({ connections: rows, dry_run: true });
+  const imported: number = summary.imported_connections;
+  const live: number | undefined = summary.access_tokens_live; // only with verify: true
+  return { imported, live, invalid: results.filter((r) => r.result === "invalid").map((r) => r.row) };
+}

@@ -404,6 +404,34 @@ export interface components {
         };
         /** @example rfa_0192f6b4c1a87d3e9b5f0a2c4e6d8b1f */
         AttemptId: string;
+        /** @description What `audit` reports, and the first part of what `import` reports. */
+        Audit: components["schemas"]["Verified"] & {
+            source: string;
+            rows: number;
+            /** @description Rows without a `bot_id` or an `access_token`. */
+            rows_invalid: number;
+            bots: number;
+            /** @description Distinct pairs over all bots. */
+            pairs: number;
+            bots_with_several_rows: number;
+            /** @description Bots whose several rows all hold one pair. */
+            bots_with_several_rows_same_pair: number;
+            /** @description Bots whose rows hold different pairs. */
+            bots_with_several_rows_different_pairs: number;
+            /** @description Rows that repeat a pair an earlier row of the same bot holds. */
+            duplicate_rows: number;
+            rows_revoked: number;
+            rows_without_refresh_token: number;
+            /** @description Rows with a time column that is not a time (taken as unknown). */
+            rows_with_unreadable_times: number;
+            /**
+             * @description For a database source: whether its table makes `bot_id` unique (one row per bot, so
+             *     every new pair must overwrite the last: the first hazard). `null` for files, or when
+             *     `bot_id` could not be traced to one table's column.
+             */
+            bot_id_unique?: boolean | null;
+            table?: string | null;
+        };
         /**
          * @description Which database a store runs on.
          * @enum {string}
@@ -630,7 +658,7 @@ export interface components {
         ImportAnswer: {
             results: components["schemas"]["RowOutcome"][];
             /** @description The report `tokenkeeper import --json` prints: the audit's counts and what was imported. */
-            summary: Record<string, unknown>;
+            summary: components["schemas"]["ImportReport"];
         };
         /** @description Rows of an existing token store, at most 1,000 per call. */
         ImportBody: {
@@ -642,6 +670,44 @@ export interface components {
             verify?: boolean;
             /** @description Do everything but commit. */
             dry_run?: boolean;
+        };
+        /** @description `audit`'s findings and what the import did. */
+        ImportReport: components["schemas"]["Audit"] & components["schemas"]["Imported"];
+        /** @description What `import` did, besides the audit. */
+        Imported: {
+            /** @description Bots that became new connections. */
+            imported_connections: number;
+            /** @description Pairs written as grants. */
+            imported_grants: number;
+            /**
+             * @description Rows that wrote nothing because their pair was written already: by an earlier row of
+             *     this source, or by an earlier import (or tokenkeeper's own flows).
+             */
+            skipped_duplicates: number;
+            /** @description Of those, rows whose pair the ledger held before this run. */
+            rows_already_in_ledger: number;
+            /** @description Bots that had a live connection already and got pairs it lacked. */
+            connections_added_to: number;
+            /** @description New connections that are active after the import, and that need their user back. */
+            connections_active: number;
+            connections_needs_reauth: number;
+            /**
+             * @description With `--verify`: new connections whose tokens were all dead, refreshed back to life
+             *     through the coordinator, refused (now `needs_reauth`), or left as they were because the
+             *     refresh could not be judged (Notion throttled or failing).
+             */
+            rescued: number;
+            rescue_failed: number;
+            rescue_undecided: number;
+            dry_run: boolean;
+            /**
+             * Format: double
+             * @description How long the import took, and valid rows per second over that time (the command fills
+             *     these in).
+             */
+            seconds: number;
+            /** Format: double */
+            rows_per_second: number;
         };
         /**
          * @description A refresh attempt that never reported back: its holder vanished (or its answer never
@@ -745,6 +811,16 @@ export interface components {
             obtained_at: string;
             /** @description The provider's error code (`invalid_grant`, …). */
             outcome: string;
+        };
+        /** @description What `--verify` found, by distinct access token (present only with `--verify`). */
+        Verified: {
+            access_tokens_live?: number;
+            access_tokens_dead?: number;
+            access_tokens_unknown?: number;
+            /** @description Bots none of whose access tokens is live. */
+            bots_without_a_live_access_token?: number;
+            /** @description Pairs revoked in the source whose access token Notion still calls active. */
+            revoked_pairs_still_live?: number;
         };
     };
     responses: never;

@@ -32,6 +32,8 @@ export type SessionCreated = Schemas["SessionCreated"];
 export type ImportBody = Schemas["ImportBody"];
 export type ImportRow = Schemas["ApiRow"];
 export type ImportAnswer = Schemas["ImportAnswer"];
+/** The report `tokenkeeper import --json` prints; `ImportAnswer.summary`. */
+export type ImportReport = Schemas["ImportReport"];
 export type ImportRowOutcome = Schemas["RowOutcome"];
 export type Delivery = Schemas["Delivery"];
 export type DeliveryList = Schemas["DeliveryList"];

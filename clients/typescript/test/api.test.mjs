@@ -210,6 +210,9 @@ test("importConnections records rows of an existing store, and a dry run writes 
   const done = await admin.importConnections({ connections: [row, { bot_id: "no-token" }] });
   assert.deepEqual(done.results.map((r) => r.result), ["imported", "invalid"]);
   assert.equal(done.summary.imported_connections, 1);
+  assert.equal(done.summary.rows, 2);
+  assert.equal(done.summary.rows_invalid, 1);
+  assert.equal(done.summary.access_tokens_live, undefined, "no verification counts without verify");
   const id = done.results[0].connection_id;
   const imported = await app.getConnection(id);
   assert.equal(imported.end_user_id, "imported-user");
