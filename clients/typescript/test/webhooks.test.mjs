@@ -20,20 +20,21 @@ let receiver;
 
 /**
  * An HTTP endpoint on loopback that keeps every delivery (headers and the body as received)
- * and answers 200, or 500 while `failing` is above zero.
+ * and answers 200, or 500 once to the first delivery that `state.failOnce` accepts.
  */
 async function startReceiver() {
   const deliveries = [];
   const waiters = [];
-  const state = { failing: 0 };
+  const state = { failOnce: null };
   const http = createServer((request, response) => {
     const chunks = [];
     request.on("data", (chunk) => chunks.push(chunk));
     request.on("end", () => {
-      const delivery = { headers: request.headers, raw: Buffer.concat(chunks), failed: state.failing > 0 };
+      const delivery = { headers: request.headers, raw: Buffer.concat(chunks) };
       delivery.body = delivery.raw.toString("utf8");
+      delivery.failed = state.failOnce !== null && state.failOnce(JSON.parse(delivery.body));
+      if (delivery.failed) state.failOnce = null;
       deliveries.push(delivery);
-      if (state.failing > 0) state.failing -= 1;
       response.writeHead(delivery.failed ? 500 : 200).end();
       for (const waiter of [...waiters]) waiter();
     });
@@ -158,7 +159,9 @@ test("a needs_reauth event carries the diagnosis and a reconnect URL that works"
 });
 
 test("webhook deliveries: listed by status, page by page, and a delivery retried keeps its webhook-id", { timeout: 30_000 }, async () => {
-  receiver.state.failing = 1;
+  // The next user's connection.created fails once (earlier tests' events may still be arriving).
+  const endUser = `hook-user-${users + 1}`;
+  receiver.state.failOnce = (event) => event.type === "connection.created" && event.data.connection.end_user_id === endUser;
   const from = receiver.deliveries.length;
   const id = await connectNewUser();
   const failed = await receiver.next((d) => d.failed, from);
