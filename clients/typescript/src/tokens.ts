@@ -71,14 +71,10 @@ export class TokenCache {
    */
   replace(connection: string, grant: string): Promise<TokenAnswer> {
     const entry = this.#entry(connection);
-    if (entry.refreshing?.grant === grant) return entry.refreshing.answer;
-    if (entry.token && entry.token.grant_id !== grant && !entry.refreshing) {
-      return Promise.resolve(entry.token);
-    }
-    if (entry.refreshing) {
-      // A refresh of a newer grant is in flight: its answer is newer than `grant` too.
-      return entry.refreshing.answer;
-    }
+    // A refresh in flight replaces `grant`, or a grant that replaced it: either way its answer
+    // is newer than `grant`.
+    if (entry.refreshing) return entry.refreshing.answer;
+    if (entry.token && entry.token.grant_id !== grant) return Promise.resolve(entry.token);
     const answer = this.#refresh(connection, grant).then(
       (token) => {
         this.#store(connection, token);

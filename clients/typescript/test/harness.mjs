@@ -40,7 +40,7 @@ export function withTimeout(promise, ms, what = "operation") {
 }
 
 /** Spawns `bin args` and resolves once a stdout line matches `pattern`, with the match. */
-async function spawnUntilLine(bin, args, { pattern, env = {}, cwd, timeoutMs = 20_000 }) {
+async function spawnUntilLine(bin, args, { pattern, env = {}, cwd, onFailure, timeoutMs = 20_000 }) {
   const child = spawn(bin, args, {
     cwd,
     env: { ...process.env, ...env },
@@ -67,6 +67,7 @@ async function spawnUntilLine(bin, args, { pattern, env = {}, cwd, timeoutMs = 2
     return { child, match, output, stop: () => stopProcess(child) };
   } catch (error) {
     child.kill("SIGKILL");
+    await onFailure?.();
     throw error;
   }
 }
@@ -144,6 +145,7 @@ export async function startTokenkeeper({ sim, env = {} } = {}) {
     : {};
   const proc = await spawnUntilLine(TOKENKEEPER_BIN, ["serve"], {
     cwd: dir,
+    onFailure: () => rm(dir, { recursive: true, force: true }),
     pattern: /^tokenkeeper \S+ listening on (http:\/\/\S+)$/,
     env: {
       TOKENKEEPER_LISTEN: "127.0.0.1:0",
