@@ -261,13 +261,15 @@ impl Jobs {
             // A link that works now: the one made for the first attempt may have expired.
             let app = self.app.get().and_then(std::sync::Weak::upgrade);
             let link = match app {
-                Some(app) => crate::api::connect::reconnect_link(&app, id)
-                    .await
-                    .map(|(url, _)| Value::from(url))
-                    .unwrap_or(Value::Null),
-                None => Value::Null,
+                Some(app) => crate::api::connect::reconnect_link(&app, id).await.ok(),
+                None => None,
             };
-            event["data"]["reconnect_url"] = link;
+            let (url, expires_at) = match link {
+                Some((url, expires_at)) => (Value::from(url), serde_json::json!(expires_at)),
+                None => (Value::Null, Value::Null),
+            };
+            event["data"]["reconnect_url"] = url;
+            event["data"]["reconnect_url_expires_at"] = expires_at;
         }
         webhooks::deliver(&self.http, settings, job, &event, self.clock.now()).await
     }

@@ -44,7 +44,6 @@ pub struct ImportBody {
 pub struct ImportAnswer {
     results: Vec<RowOutcome>,
     /// The report `tokenkeeper import --json` prints: the audit's counts and what was imported.
-    #[schema(value_type = Object)]
     summary: ImportReport,
 }
 

@@ -149,7 +149,7 @@ pub fn plan(rows: Vec<SourceRow>) -> Plan {
 }
 
 /// What `audit` reports, and the first part of what `import` reports.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Audit {
     pub source: String,
     pub rows: usize,
@@ -175,19 +175,28 @@ pub struct Audit {
     pub bot_id_unique: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub table: Option<String>,
+    // In the OpenAPI document the counts of `Verified` are properties of the report that may
+    // be absent (utoipa would describe a flattened `Option` as "null or Verified", which no
+    // object is).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Verified)]
     pub verified: Option<Verified>,
 }
 
-/// What `--verify` found, by distinct access token.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What `--verify` found, by distinct access token (present only with `--verify`).
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Verified {
+    #[schema(required = false)]
     pub access_tokens_live: usize,
+    #[schema(required = false)]
     pub access_tokens_dead: usize,
+    #[schema(required = false)]
     pub access_tokens_unknown: usize,
     /// Bots none of whose access tokens is live.
+    #[schema(required = false)]
     pub bots_without_a_live_access_token: usize,
     /// Pairs revoked in the source whose access token Notion still calls active.
+    #[schema(required = false)]
     pub revoked_pairs_still_live: usize,
 }
 
@@ -351,7 +360,7 @@ impl Audit {
 }
 
 /// What `import` did, besides the audit.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Imported {
     /// Bots that became new connections.
     pub imported_connections: usize,
@@ -381,7 +390,7 @@ pub struct Imported {
 }
 
 /// `audit`'s findings and what the import did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct ImportReport {
     #[serde(flatten)]
     pub audit: Audit,

@@ -249,6 +249,13 @@ async fn every_event_type_is_delivered_once_signed_and_verified_by_standardwebho
     );
     let link = needs_reauth["data"]["reconnect_url"].as_str().unwrap();
     assert!(link.starts_with(&format!("{}/connect/", app.url)), "{link}");
+    let expires = needs_reauth["data"]["reconnect_url_expires_at"]
+        .as_str()
+        .unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(expires).is_ok(),
+        "{expires}"
+    );
     verify_with_standardwebhooks(&secret, &got);
 
     // Once every delivery is recorded as delivered, nothing can be sent again: each change was
