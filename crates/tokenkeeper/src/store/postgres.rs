@@ -40,6 +40,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../migrations/postgres/0005_import_and_health_checks.sql"),
     ),
+    (
+        7,
+        include_str!("../../migrations/postgres/0007_console_indexes.sql"),
+    ),
 ];
 
 /// The schema version this binary runs against.
