@@ -215,7 +215,7 @@ pub fn relative(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
         return if ago { "just now" } else { "in a moment" }.to_owned();
     }
     let (count, unit) = match n {
-        n if n < 90 * 60 => (n.div_ceil(60).max(1), "minute"),
+        n if n < 45 * 60 => ((n + 30) / 60, "minute"),
         n if n < 36 * 3600 => ((n + 1800) / 3600, "hour"),
         n if n < 60 * 86400 => ((n + 43200) / 86400, "day"),
         n => ((n + 15 * 86400) / (30 * 86400), "month"),
@@ -244,7 +244,9 @@ mod tests {
         let ago = |s: i64| relative(now - chrono::Duration::seconds(s), now);
         assert_eq!(ago(3), "just now");
         assert_eq!(ago(50), "1 minute ago");
-        assert_eq!(ago(61), "2 minutes ago");
+        assert_eq!(ago(61), "1 minute ago");
+        assert_eq!(ago(150), "3 minutes ago");
+        assert_eq!(ago(50 * 60), "1 hour ago");
         assert_eq!(ago(3 * 3600), "3 hours ago");
         assert_eq!(ago(2 * 86400), "2 days ago");
         assert_eq!(ago(90 * 86400), "3 months ago");
@@ -260,7 +262,7 @@ mod tests {
         let html = Message::new("<b>t</b>", "\"x\" & <script>")
             .render()
             .unwrap();
-        assert!(html.contains("&lt;b&gt;t&lt;/b&gt;"), "{html}");
+        assert!(html.contains("&#60;b&#62;t&#60;/b&#62;"), "{html}");
         assert!(!html.contains("<script>"), "{html}");
     }
 }

@@ -61,7 +61,7 @@ pub(crate) async fn list_connections(
 /// What the search box matches, each exactly and through an index in id order: the column's
 /// expression, and whether the text is compared in lower case (a workspace's name, in any
 /// case; SQLite's `lower` folds ASCII letters only).
-const SEARCHED: [(&str, bool); 5] = [
+pub(crate) const SEARCHED: [(&str, bool); 5] = [
     ("c.id =", false),
     ("c.bot_id =", false),
     ("c.workspace_id =", false),
@@ -76,6 +76,22 @@ async fn connections_where(
     searched: Option<(&str, &str)>,
     limit: u32,
 ) -> Result<Vec<Connection>, StoreError> {
+    let (sql, params) = connections_sql(filter, searched, limit);
+    Ok(db
+        .query(&sql, &params, sql::connection)
+        .await?
+        .into_iter()
+        .map(|row| row.connection)
+        .collect())
+}
+
+/// The statement of `connections_where` and its parameters (a unit test of the SQLite
+/// backend reads its query plans).
+pub(crate) fn connections_sql<'a>(
+    filter: &'a ConnectionFilter,
+    searched: Option<(&str, &'a str)>,
+    limit: u32,
+) -> (String, Vec<Param<'a>>) {
     let mut clauses = Vec::new();
     let mut params: Vec<Param<'_>> = Vec::new();
     let mut push = |clause: &str, value| {
@@ -126,12 +142,7 @@ async fn connections_where(
         sql::CONNECTION_COLUMNS,
         params.len()
     );
-    Ok(db
-        .query(&sql, &params, sql::connection)
-        .await?
-        .into_iter()
-        .map(|row| row.connection)
-        .collect())
+    (sql, params)
 }
 
 /// The connection and its current grant with tokens opened: one indexed read.
