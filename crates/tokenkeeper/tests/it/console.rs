@@ -86,9 +86,7 @@ fn session_cookie(r: &reqwest::Response) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn only_an_admin_key_signs_in_and_every_form_needs_its_sessions_csrf_token(
-    backend: Backend,
-) {
+async fn only_an_admin_key_signs_in_and_every_form_needs_its_sessions_csrf_token(backend: Backend) {
     let app = TestApp::start(backend).await;
     let (id, _) = app.connect("user-a").await;
     let admin = Admin::new(&app);
@@ -181,7 +179,10 @@ async fn only_an_admin_key_signs_in_and_every_form_needs_its_sessions_csrf_token
     assert_eq!(r.status(), 403);
     assert_eq!(admin.get("/admin/connections").await.status(), 200);
     let r = admin
-        .post("/admin/sign-out", &[("csrf", &admin.csrf("/admin/health").await)])
+        .post(
+            "/admin/sign-out",
+            &[("csrf", &admin.csrf("/admin/health").await)],
+        )
         .await;
     assert_eq!(r.status(), 303);
     let replayed = reqwest::Client::builder()
@@ -214,11 +215,7 @@ async fn failed_sign_ins_from_one_address_are_refused_after_five_whatever_the_ke
     assert_eq!(session_cookie(&r), None);
     let wait: i64 = r.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
     assert!((1..=300).contains(&wait), "Retry-After {wait}");
-    assert!(r
-        .text()
-        .await
-        .unwrap()
-        .contains("Too many failed sign-ins"));
+    assert!(r.text().await.unwrap().contains("Too many failed sign-ins"));
 }
 
 async fn a_needs_reauth_connection_is_explained_with_its_reconnect_link_and_no_page_shows_a_token(

@@ -180,12 +180,20 @@ async fn history_deliveries_check_progress_and_key_usage_are_bounded_and_newest_
     assert_eq!(history.event_count, events.len() as i64);
     let newest_grants: Vec<_> = grants.iter().rev().take(2).map(|g| g.id.clone()).collect();
     assert_eq!(
-        history.grants.iter().map(|g| g.id.clone()).collect::<Vec<_>>(),
+        history
+            .grants
+            .iter()
+            .map(|g| g.id.clone())
+            .collect::<Vec<_>>(),
         newest_grants
     );
     let newest_events: Vec<_> = events.iter().rev().take(2).map(|e| e.id.clone()).collect();
     assert_eq!(
-        history.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        history
+            .events
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<Vec<_>>(),
         newest_events
     );
 
@@ -198,7 +206,11 @@ async fn history_deliveries_check_progress_and_key_usage_are_bounded_and_newest_
         .unwrap();
     assert_eq!(
         recent.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
-        all.iter().rev().take(2).map(|j| j.id.clone()).collect::<Vec<_>>()
+        all.iter()
+            .rev()
+            .take(2)
+            .map(|j| j.id.clone())
+            .collect::<Vec<_>>()
     );
 
     // The health check's progress: four active connections (one more revoked), two checked at

@@ -58,15 +58,19 @@ const DELIVERY_PAGE: u32 = 50;
 /// How many of a connection's newest grants, events and deliveries its page shows.
 const HISTORY: u32 = 100;
 const CONNECTION_DELIVERIES: u32 = 20;
-/// How old the counts at the top of the pages may be: each is a scan (of an index), tens of
-/// milliseconds at a million connections, so they are not made again on every page view.
-const COUNTS_FOR: Duration = Duration::from_secs(5);
+/// The counts at the top of the pages are each a scan (of an index), tens of milliseconds at a
+/// million connections: they are kept for a hundred times as long as counting took (so the
+/// console spends at most about 1 % of its time counting), at most `COUNTS_FOR_AT_MOST`. A small
+/// database is counted afresh on almost every page.
+const COUNTS_KEPT_PER_COUNTING: u32 = 100;
+const COUNTS_FOR_AT_MOST: Duration = Duration::from_secs(10);
 
 /// The console's state in this process: sessions, failed sign-ins, the counts' cache, and the
 /// health check's settings (for the health page).
 #[derive(Debug, Default)]
 pub struct Console {
     pub sessions: Sessions,
+    /// The last counts: until when they are kept, when they were made, and them.
     counts: tokio::sync::Mutex<Option<(Instant, DateTime<Utc>, StatusCounts)>>,
     health_check: std::sync::OnceLock<crate::health::HealthSettings>,
 }
@@ -77,18 +81,20 @@ impl Console {
         let _ = self.health_check.set(settings);
     }
 
-    /// Connections by status and jobs by kind and status, at most `COUNTS_FOR` old, and when
-    /// they were counted.
+    /// Connections by status and jobs by kind and status, and when they were counted (see
+    /// `COUNTS_KEPT_PER_COUNTING`).
     async fn counts(&self, state: &SharedState) -> Result<(StatusCounts, DateTime<Utc>), ApiError> {
         let mut cached = self.counts.lock().await;
-        if let Some((at, when, counts)) = cached.as_ref() {
-            if at.elapsed() < COUNTS_FOR {
+        if let Some((until, when, counts)) = cached.as_ref() {
+            if Instant::now() < *until {
                 return Ok((counts.clone(), *when));
             }
         }
+        let started = Instant::now();
         let counts = state.store.status_counts().await?;
+        let keep = (started.elapsed() * COUNTS_KEPT_PER_COUNTING).min(COUNTS_FOR_AT_MOST);
         let when = state.clock.now();
-        *cached = Some((Instant::now(), when, counts.clone()));
+        *cached = Some((Instant::now() + keep, when, counts.clone()));
         Ok((counts, when))
     }
 }
