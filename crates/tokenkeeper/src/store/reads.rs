@@ -339,11 +339,7 @@ pub(crate) async fn history(
     };
     Ok(History {
         grants: db
-            .query(
-                sql::RECENT_GRANTS_OF_CONNECTION,
-                &[key.clone(), limit.clone()],
-                sql::grant,
-            )
+            .query(sql::RECENT_GRANTS_OF_CONNECTION, &[key, limit], sql::grant)
             .await?
             .into_iter()
             .map(|g| g.record)

@@ -488,7 +488,8 @@ mod tests {
         let status = Some(ConnectionStatus::NeedsReauth);
         // Each filter (alone, beside a status, with a cursor) and the index that must answer
         // it: never a scan of the table, never a sort of what it found.
-        let cases: Vec<(ConnectionFilter, Option<(&str, &str)>, &str)> = vec![
+        type Case<'a> = (ConnectionFilter, Option<(&'a str, &'a str)>, &'a str);
+        let cases: Vec<Case<'_>> = vec![
             (
                 ConnectionFilter::default(),
                 None,

@@ -174,7 +174,9 @@ fn read_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|c| c.value().to_owned())
 }
 
-/// The browser's session, or the answer that sends it to sign in.
+/// The browser's session, or the answer that sends it to sign in. (The error is the answer
+/// itself, made once per request: boxing it would buy nothing.)
+#[allow(clippy::result_large_err)]
 fn signed_in(state: &SharedState, headers: &HeaderMap) -> Result<Session, Response> {
     read_cookie(headers, SESSION_COOKIE)
         .and_then(|cookie| state.console.sessions.get(&cookie, state.clock.now()))
@@ -182,6 +184,7 @@ fn signed_in(state: &SharedState, headers: &HeaderMap) -> Result<Session, Respon
 }
 
 /// A POST's session whose CSRF token the form carries; otherwise the refusal, logged.
+#[allow(clippy::result_large_err)]
 fn checked(
     state: &SharedState,
     headers: &HeaderMap,
