@@ -82,12 +82,13 @@ export async function stopProcess(child, graceMs = 3_000) {
 
 /**
  * Starts `tokenkeeper notion-sim --listen 127.0.0.1:0 --auto-approve …` and returns its base
- * URL, with helpers for the control API and for authorizing.
+ * URL, with helpers for the control API and for authorizing. With `autoApprove: false` the
+ * simulator shows its consent page instead.
  */
-export async function startSim(extraArgs = []) {
+export async function startSim(extraArgs = [], { autoApprove = true } = {}) {
   const proc = await spawnUntilLine(
     TOKENKEEPER_BIN,
-    ["notion-sim", "--listen", "127.0.0.1:0", "--auto-approve", ...extraArgs],
+    ["notion-sim", "--listen", "127.0.0.1:0", ...(autoApprove ? ["--auto-approve"] : []), ...extraArgs],
     { pattern: /^notion-sim listening on (http:\/\/\S+)$/ },
   );
   const url = proc.match[1];

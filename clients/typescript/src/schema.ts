@@ -489,9 +489,10 @@ export interface components {
             end_user_id: string;
             /**
              * @description Where the user's browser goes back to: an http(s) URL under one of
-             *     `TOKENKEEPER_ALLOWED_RETURN_URLS`.
+             *     `TOKENKEEPER_ALLOWED_RETURN_URLS`. Without it, the user lands on tokenkeeper's own
+             *     page `/connect/done`, which says the workspace is connected and the tab can be closed.
              */
-            return_to: string;
+            return_to?: string | null;
         };
         /** @description One event's delivery to one endpoint. */
         Delivery: {

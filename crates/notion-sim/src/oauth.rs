@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::config::{OwnerKind, SimConfig};
 use crate::server::{json_response, Body, Call, Reply, Shared};
-use crate::world::{GrantError, Issued, Outcome, UserView};
+use crate::world::{GrantError, IdentityChoice, Issued, Outcome, UserView};
 
 /// Counts a token request under its grant type and, when the code or refresh token is known,
 /// its bot; returns the grant type for latency selection.
@@ -311,22 +311,33 @@ fn html(status: StatusCode, body: String) -> Response<Body> {
     response
 }
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
+/// The look of tokenkeeper's own pages, so that the consent page belongs to the same demo.
+const STYLESHEET: &str = include_str!("../../tokenkeeper/assets/tokenkeeper.css");
+
+#[derive(askama::Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    css: &'a str,
+    message: &'a str,
+}
+
+fn render(status: StatusCode, page: &impl askama::Template) -> Response<Body> {
+    match page.render() {
+        Ok(body) => html(status, body),
+        Err(e) => html(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the page could not be rendered: {e}"),
+        ),
+    }
 }
 
 fn error_page(message: &str) -> Response<Body> {
-    html(
+    render(
         StatusCode::BAD_REQUEST,
-        format!(
-            "<!doctype html><html><head><title>notion-sim: invalid authorization request</title></head>\
-             <body><h1>Invalid authorization request</h1><p>{}</p></body></html>",
-            escape(message)
-        ),
+        &ErrorPage {
+            css: STYLESHEET,
+            message,
+        },
     )
 }
 
@@ -418,11 +429,28 @@ pub(crate) fn authorize(shared: &Shared, call: &Call) -> Reply {
     let clicked = match (call.method == Method::POST, decision) {
         (true, Some("allow")) => Some(Outcome::Approve),
         (true, _) => Some(Outcome::Deny),
-        (false, _) if call.config.auto_approve => None,
-        (false, _) => return Reply::plain(consent_page(&call.config, &request)),
+        (false, _) => None,
     };
     let mut world = shared.world();
-    let (workspace_id, user_id, queued) = world.next_identity(&call.config, call.now);
+    if clicked.is_none() && !call.config.auto_approve {
+        drop(world);
+        return Reply::plain(consent_page(shared, &call.config, &request));
+    }
+    // Who the person said they are on the consent page; a choice that names no known
+    // identity is refused rather than guessed at.
+    let picked = match params.iter().find(|(k, _)| k == "identity") {
+        Some((_, value)) if clicked == Some(Outcome::Approve) => match world.parse_choice(value) {
+            Some(picked) => Some(picked),
+            None => {
+                drop(world);
+                return Reply::plain(error_page(
+                    "The identity picked on the consent page is not one this simulator knows.",
+                ));
+            }
+        },
+        _ => None,
+    };
+    let (workspace_id, user_id, queued) = world.next_identity_as(&call.config, call.now, picked);
     if clicked.unwrap_or(queued) == Outcome::Deny {
         return Reply::plain(redirect(
             request.target,
@@ -440,37 +468,43 @@ pub(crate) fn authorize(shared: &Shared, call: &Call) -> Reply {
     reply
 }
 
-fn consent_page(config: &SimConfig, request: &AuthorizeRequest) -> Response<Body> {
-    let hidden = |name: &str, value: &str| {
-        format!(
-            "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
-            escape(name),
-            escape(value)
-        )
-    };
-    let fields = [
-        hidden("client_id", &request.client_id),
-        hidden(
-            "redirect_uri",
-            request.redirect_uri.as_deref().unwrap_or(""),
-        ),
-        hidden("response_type", &request.response_type),
-        hidden("owner", &request.owner),
-        hidden("state", &request.state),
-    ]
-    .concat();
-    html(
+#[derive(askama::Template)]
+#[template(path = "consent.html")]
+struct Consent<'a> {
+    css: &'a str,
+    client: &'a str,
+    capabilities: String,
+    action: &'static str,
+    hidden: Vec<(&'static str, &'a str)>,
+    choices: Vec<IdentityChoice>,
+    default: String,
+}
+
+/// Notion's consent page, in the look of tokenkeeper's pages, with a choice of who is
+/// consenting: any user the simulator knows, a new user in a known workspace, or a new
+/// workspace (so that a second end user is one click away). Allow and Cancel post back to the
+/// authorize endpoint.
+fn consent_page(shared: &Shared, config: &SimConfig, request: &AuthorizeRequest) -> Response<Body> {
+    let (choices, default) = shared.world().identity_choices(config);
+    render(
         StatusCode::OK,
-        format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>notion-sim: connect {client}</title></head>\
-             <body><h1>{client} would like to access your workspace</h1>\
-             <p>It will be able to: {caps}.</p>\
-             <form method=\"post\" action=\"/v1/oauth/authorize\">{fields}\
-             <button type=\"submit\" name=\"decision\" value=\"allow\">Allow access</button> \
-             <button type=\"submit\" name=\"decision\" value=\"cancel\">Cancel</button>\
-             </form></body></html>",
-            client = escape(&config.client_id),
-            caps = escape(&config.capabilities.join(", ")),
-        ),
+        &Consent {
+            css: STYLESHEET,
+            client: &config.client_id,
+            capabilities: config.capabilities.join(", "),
+            action: "/v1/oauth/authorize",
+            hidden: vec![
+                ("client_id", &request.client_id),
+                (
+                    "redirect_uri",
+                    request.redirect_uri.as_deref().unwrap_or(""),
+                ),
+                ("response_type", &request.response_type),
+                ("owner", &request.owner),
+                ("state", &request.state),
+            ],
+            choices,
+            default,
+        },
     )
 }

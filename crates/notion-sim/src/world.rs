@@ -122,6 +122,23 @@ pub(crate) enum Outcome {
     Deny,
 }
 
+/// An identity offered on the consent page: the form's value and what the person reads.
+pub(crate) struct IdentityChoice {
+    pub value: String,
+    pub label: String,
+}
+
+/// Who the person said they are on the consent page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Picked {
+    /// An existing user (or the default one) in a workspace.
+    User { workspace: Id, user: Id },
+    /// A new user in an existing workspace.
+    NewUserIn(Id),
+    /// A new user in a new workspace.
+    New,
+}
+
 /// A token-endpoint refusal, in OAuth terms.
 #[derive(Debug)]
 pub(crate) struct GrantError {
@@ -196,9 +213,31 @@ impl World {
         self.queue.len()
     }
 
-    /// Who is authorizing now: the queue's head, else the default (or a fresh) identity.
-    pub fn next_identity(&mut self, config: &SimConfig, now: Moment) -> (Id, Id, Outcome) {
-        let next = self.queue.pop_front().unwrap_or_default();
+    /// Who is authorizing now: the queue's head, else the default (or a fresh) identity; or,
+    /// when given, the identity the person picked on the consent page (the queue's head is
+    /// still consumed, for its outcome).
+    pub fn next_identity_as(
+        &mut self,
+        config: &SimConfig,
+        now: Moment,
+        picked: Option<Picked>,
+    ) -> (Id, Id, Outcome) {
+        let mut next = self.queue.pop_front().unwrap_or_default();
+        match picked {
+            Some(Picked::User { workspace, user }) => {
+                next.workspace_id = Some(workspace.to_string());
+                next.user_id = Some(user.to_string());
+            }
+            Some(Picked::NewUserIn(workspace)) => {
+                next.workspace_id = Some(workspace.to_string());
+                next.user_id = Some(token::uuid());
+            }
+            Some(Picked::New) => {
+                next.workspace_id = Some(token::uuid());
+                next.user_id = Some(token::uuid());
+            }
+            None => {}
+        }
         let fresh = config.fresh_identity;
         let workspace_id: Id = match next.workspace_id {
             Some(id) => id.into(),
@@ -217,6 +256,78 @@ impl World {
             user_id,
             next.outcome.unwrap_or(Outcome::Approve),
         )
+    }
+
+    /// What the consent page offers: every user of every workspace, a new user in each
+    /// workspace, and a new workspace; and which of them `next_identity` would pick now.
+    pub fn identity_choices(&self, config: &SimConfig) -> (Vec<IdentityChoice>, String) {
+        let mut choices = Vec::new();
+        for ws in self.workspaces() {
+            for user_id in &ws.member_ids {
+                if let Some(user) = self.users.get(user_id) {
+                    choices.push(IdentityChoice {
+                        value: format!("user:{}:{}", ws.id, user.id),
+                        label: format!("{} ({}) in {}", user.name, user.email, ws.name),
+                    });
+                }
+            }
+            choices.push(IdentityChoice {
+                value: format!("new-user:{}", ws.id),
+                label: format!("A new user in {}", ws.name),
+            });
+        }
+        let head = self.queue.front().cloned().unwrap_or_default();
+        let predicted = match (head.workspace_id, head.user_id) {
+            (Some(ws), Some(user)) => Some(format!("user:{ws}:{user}")),
+            (None, None) if config.fresh_identity => None,
+            (ws, user) => Some(format!(
+                "user:{}:{}",
+                ws.as_deref().unwrap_or(DEFAULT_WORKSPACE),
+                user.as_deref().unwrap_or(DEFAULT_USER)
+            )),
+        };
+        let default = match predicted {
+            Some(value) if choices.iter().any(|c| c.value == value) => value,
+            Some(value) => {
+                // The identity the simulator would pick does not exist yet: it is made on
+                // approval, as without the choice.
+                choices.insert(
+                    0,
+                    IdentityChoice {
+                        value: value.clone(),
+                        label: "The simulator's default user, in a new workspace".into(),
+                    },
+                );
+                value
+            }
+            None => "new".into(),
+        };
+        choices.push(IdentityChoice {
+            value: "new".into(),
+            label: "A new user in a new workspace".into(),
+        });
+        (choices, default)
+    }
+
+    /// Reads a choice of the consent page. Ids must be a known workspace and user, or the
+    /// simulator's defaults (made on approval, as they would be without the choice).
+    pub fn parse_choice(&self, value: &str) -> Option<Picked> {
+        let known_ws = |id: &str| self.workspaces.contains_key(id) || id == DEFAULT_WORKSPACE;
+        let known_user = |id: &str| self.users.contains_key(id) || id == DEFAULT_USER;
+        if value == "new" {
+            return Some(Picked::New);
+        }
+        if let Some(ws) = value.strip_prefix("new-user:") {
+            return self
+                .workspaces
+                .get_key_value(ws)
+                .map(|(id, _)| Picked::NewUserIn(id.clone()));
+        }
+        let (ws, user) = value.strip_prefix("user:")?.split_once(':')?;
+        (known_ws(ws) && known_user(user)).then(|| Picked::User {
+            workspace: ws.into(),
+            user: user.into(),
+        })
     }
 
     fn ensure_workspace(&mut self, id: &Id, now: Moment) {

@@ -185,6 +185,7 @@ pub fn state(
         proxy_upstream_timeouts,
         server_counters,
         metrics,
+        console: Default::default(),
     });
     state.jobs.attach(&state);
     state
@@ -256,6 +257,7 @@ impl App {
             simulator.as_ref().map(|s| s.base_url()),
             journal,
         );
+        state.console.set_health_check(config.health_check);
         crate::health::spawn(state.clone(), config.health_check);
         Ok(App {
             state,

@@ -629,12 +629,18 @@ pub struct ConnectSession {
     pub used_at: Option<DateTime<Utc>>,
 }
 
-/// Filters of `GET /v1/connections`.
+/// Filters of `GET /v1/connections` and of the admin console's list.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionFilter {
     pub provider: Option<Provider>,
     pub end_user_id: Option<String>,
     pub status: Option<ConnectionStatus>,
+    pub workspace_id: Option<String>,
+    pub bot_id: Option<String>,
+    /// Connections that this text names exactly: their id, bot id, workspace id or end user
+    /// id, or their workspace's name in any case (the console's search box). Exact matches,
+    /// so that each is one index range in id order, however many connections there are.
+    pub search: Option<String>,
     /// Keyset pagination: ids strictly after this one.
     pub after: Option<ConnectionId>,
     pub limit: u32,

@@ -169,6 +169,10 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             config.public_url
         );
     }
+    println!(
+        "The admin console is at {}/admin: sign in with an admin API key",
+        config.public_url.as_str().trim_end_matches('/')
+    );
     tokenkeeper::api::serve(listener, app.state.clone(), shutdown_signal()).await?;
     drop(app);
     Ok(())

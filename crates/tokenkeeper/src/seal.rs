@@ -184,6 +184,13 @@ impl KeyRing {
         &self.active
     }
 
+    /// Every key id of the ring, sorted (ids only: the console shows them).
+    pub fn key_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids
+    }
+
     pub fn contains(&self, key_id: &str) -> bool {
         self.keys.contains_key(key_id)
     }

@@ -76,6 +76,69 @@ async fn the_consent_page_offers_allow_and_cancel_and_both_redirect() {
 }
 
 #[tokio::test]
+async fn the_consent_page_lets_the_person_pick_who_they_are() {
+    let sim = &Sim::with(|c| c.auto_approve = false).await;
+    let consent = |identity: Option<&str>| {
+        let mut form = authorize_query(Some(REDIRECT));
+        form.push(("decision", "allow".to_owned()));
+        if let Some(identity) = identity {
+            form.push(("identity", identity.to_owned()));
+        }
+        sim.send(sim.http.post(sim.url("/v1/oauth/authorize")).form(&form))
+    };
+    let bot_of = |answer: crate::Answer| async move {
+        assert_eq!(answer.status, StatusCode::FOUND, "{}", answer.text);
+        let location = url::Url::parse(answer.headers["location"].to_str().unwrap()).unwrap();
+        let code = query_param(&location, "code").expect("a code");
+        sim.exchange(&code).await.body["bot_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let page = || async {
+        sim.send(
+            sim.http
+                .get(sim.url("/v1/oauth/authorize"))
+                .query(&authorize_query(Some(REDIRECT))),
+        )
+        .await
+        .text
+    };
+    // On an empty simulator: the default user (made on approval) is offered and checked.
+    let first = page().await;
+    assert!(
+        first.contains("The simulator&#39;s default user, in a new workspace"),
+        "{first}"
+    );
+    assert!(first.contains("value=\"new\""));
+    // Without a choice, as before: the default identity.
+    let default_bot = bot_of(consent(None).await).await;
+    // Now the default user is offered by name, checked, beside a new user in its workspace.
+    let second = page().await;
+    assert!(second.contains("Sim User"), "{second}");
+    assert!(second.contains("A new user in Workspace"), "{second}");
+    let checked = second
+        .split("<input type=\"radio\" name=\"identity\" value=\"")
+        .skip(1)
+        .find(|field| field.contains("checked"))
+        .and_then(|field| field.split('"').next())
+        .unwrap()
+        .to_owned();
+    assert!(checked.starts_with("user:"), "{checked}");
+    // The same user again re-authorizes the same bot; a new user makes another.
+    assert_eq!(bot_of(consent(Some(&checked)).await).await, default_bot);
+    let other = bot_of(consent(Some("new")).await).await;
+    assert_ne!(other, default_bot);
+    let workspace = checked.split(':').nth(1).unwrap();
+    let colleague = bot_of(consent(Some(&format!("new-user:{workspace}"))).await).await;
+    assert!(![&default_bot, &other].contains(&&colleague));
+    // An identity the simulator does not know is refused, not guessed at.
+    let refused = consent(Some("user:nope:nobody")).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(refused.text.contains("not one this simulator knows"));
+}
+
+#[tokio::test]
 async fn authorize_validates_its_parameters() {
     let sim = Sim::with(|c| c.redirect_uris = vec![REDIRECT.to_owned()]).await;
     let get = |query: Vec<(&'static str, String)>| {

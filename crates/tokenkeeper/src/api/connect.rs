@@ -3,7 +3,7 @@
 
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use cookie::{Cookie, SameSite};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -12,6 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Scope;
 use super::error::{ApiError, ErrorCode, ErrorEnvelope};
+use super::pages::{self, Link, Message};
 use super::return_to::ReturnTo;
 use super::{require_admin, ApiJson, ConnectionPath, SharedState};
 use std::time::Duration;
@@ -43,8 +44,10 @@ pub struct CreateSession {
     #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     end_user_id: String,
     /// Where the user's browser goes back to: an http(s) URL under one of
-    /// `TOKENKEEPER_ALLOWED_RETURN_URLS`.
-    return_to: String,
+    /// `TOKENKEEPER_ALLOWED_RETURN_URLS`. Without it, the user lands on tokenkeeper's own
+    /// page `/connect/done`, which says the workspace is connected and the tab can be closed.
+    #[serde(default)]
+    return_to: Option<String>,
 }
 
 /// A one-time link to send a user's own browser to.
@@ -114,11 +117,22 @@ pub async fn create_session(
         )
     })?;
     check_end_user(&body.end_user_id)?;
-    let return_to = check_return_to(&state, &body.return_to)?;
+    let return_to = match &body.return_to {
+        Some(r) => check_return_to(&state, r)?,
+        None => done_page(&state),
+    };
     let (session, url) = state
         .new_session(provider, body.end_user_id, return_to, None)
         .await?;
     Ok(SessionCreated::answer(&session, url))
+}
+
+/// `/connect/done`, where a connect session without `return_to` ends: tokenkeeper's own page,
+/// checked against the public URL (like the demo's), not against the app's allow-list.
+fn done_page(state: &SharedState) -> ReturnTo {
+    super::return_to::AllowedReturnUrls::only(&state.public_url)
+        .check(&state.public("/connect/done"))
+        .expect("a page under the public URL is under the public URL")
 }
 
 /// A reconnect session to make (the body is optional).
@@ -235,29 +249,12 @@ fn page_with_way_back(
     text: &str,
     back: Option<(&str, &str)>,
 ) -> Response {
-    let link = back
-        .map(|(href, label)| format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(label)))
-        .unwrap_or_default();
-    let body = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
-         <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}</style></head>\
-         <body><h1>{t}</h1><p>{x}</p>{link}</body></html>",
-        t = escape(title),
-        x = escape(text)
-    );
-    let mut response = (status, Html(body)).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
+    let mut message = Message::new(title, text);
+    message.link = back.map(|(href, label)| Link {
+        href: href.to_owned(),
+        label: label.to_owned(),
+    });
+    pages::render(status, &message)
 }
 
 /// `GET /connect/{session}/{state}`: the link an app sends its user to.
@@ -729,20 +726,17 @@ fn pending_url(state: &SharedState, session: &SessionId, grant: &GrantId) -> Str
 
 /// "Kept, and on its way": a page that looks again every two seconds.
 fn kept_page(pending: &str) -> Response {
-    let body = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\">\
-         <meta http-equiv=\"refresh\" content=\"2;url={url}\"><title>Authorization kept</title>\
-         <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}</style></head>\
-         <body><h1>Authorization kept</h1><p>Notion authorized the connection, and tokenkeeper has kept it. \
-         It is being recorded; this page goes on to the application by itself in a moment.</p>\
-         <p><a href=\"{url}\">Continue</a></p></body></html>",
-        url = escape(pending)
+    let mut message = Message::new(
+        "Authorization kept",
+        "Notion authorized the connection, and tokenkeeper has kept it. It is being recorded; \
+         this page goes on to the application by itself in a moment.",
     );
-    let mut response = (StatusCode::ACCEPTED, Html(body)).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    message.refresh = Some(pending);
+    message.link = Some(Link {
+        href: pending.to_owned(),
+        label: "Continue".to_owned(),
+    });
+    pages::render(StatusCode::ACCEPTED, &message)
 }
 
 /// `GET /connect/pending/{session}/{grant}`: once the spilled authorization is in the ledger,

@@ -93,6 +93,7 @@ pub async fn list(
             limit @ 1..=1000 => limit,
             _ => return Err(ApiError::invalid("limit must be 1 to 1000")),
         },
+        ..ConnectionFilter::default()
     };
     let connections = state.store.list_connections(&filter).await?;
     let next = (connections.len() as u32 == filter.limit)
@@ -403,12 +404,22 @@ pub async fn revoke(
     ConnectionPath(id): ConnectionPath,
 ) -> Result<Json<Revocation>, ApiError> {
     require_admin(scope, "revoking connections")?;
-    let connection = state
-        .store
-        .mark_revoked(&id, "revoked through the API")
-        .await?;
+    Ok(Json(
+        revoke_connection(&state, &id, "revoked through the API").await?,
+    ))
+}
+
+/// Revokes a connection, for the API's `DELETE` and the console alike: marks it revoked
+/// (keeping the history, queueing the upstream revocation of every token that may be alive),
+/// then waits up to `REVOKE_WAIT` for Notion's answers.
+pub(crate) async fn revoke_connection(
+    state: &SharedState,
+    id: &ConnectionId,
+    reason: &str,
+) -> Result<Revocation, ApiError> {
+    let connection = state.store.mark_revoked(id, reason).await?;
     state.metrics.revocation();
-    let counts = state.jobs.run_for_connection(&id, REVOKE_WAIT).await;
+    let counts = state.jobs.run_for_connection(id, REVOKE_WAIT).await;
     match &counts {
         Ok(counts) => tracing::info!(
             op = "revocation",
@@ -429,13 +440,13 @@ pub async fn revoke(
         ),
     }
     let counts = counts?;
-    Ok(Json(Revocation {
+    Ok(Revocation {
         connection,
         upstream_revoked: counts.pending == 0 && counts.failed == 0,
         tokens_revoked: counts.revoked,
         tokens_pending: counts.pending,
         tokens_failed: counts.failed,
-    }))
+    })
 }
 
 /// How long a `DELETE` waits for the provider's answers before it answers itself.

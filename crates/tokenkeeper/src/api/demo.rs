@@ -2,14 +2,16 @@
 //! simulator (no credentials configured), never in front of a real Notion client, because
 //! they create sessions and show connections without an API key.
 
+use askama::Template;
 use axum::extract::{Form, Query, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
-use super::connect::{escape, page};
+use super::connect::page;
+use super::pages::{self, When};
 use super::return_to::AllowedReturnUrls;
 use super::SharedState;
 use crate::ids::ConnectionId;
@@ -22,31 +24,25 @@ pub fn routes() -> Router<SharedState> {
         .route("/demo/connected", get(connected))
 }
 
-const STYLE: &str = "<style>body{font-family:system-ui,sans-serif;max-width:52em;margin:3em auto;line-height:1.5;padding:0 1em}\
-code{background:#f3f3f3;padding:0 .2em}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;font-size:.9em}\
-button{font-size:1em;padding:.4em 1em}</style>";
+#[derive(Template)]
+#[template(path = "demo_home.html")]
+struct Home<'a> {
+    base: String,
+    simulator: &'a str,
+}
 
-/// `/`: the demo's start page with the built-in simulator, a plain page otherwise.
+/// `/`: the demo's start page with the built-in simulator, the landing page otherwise.
 pub async fn home(State(state): State<SharedState>) -> Response {
     let Some(sim) = &state.simulator else {
-        return page(
-            StatusCode::OK,
-            "tokenkeeper",
-            "tokenkeeper is running. Its API is under /v1 and needs an API key; see the README.",
-        );
+        return pages::landing(&state);
     };
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenkeeper</title>{STYLE}</head><body>\
-         <h1>tokenkeeper</h1>\
-         <p>No Notion credentials are configured, so Notion is played by the built-in simulator at <code>{sim}</code>. \
-         Connect a (simulated) Notion workspace to see what tokenkeeper records.</p>\
-         <form method=\"post\" action=\"/demo/connect\"><label>End user id <input name=\"end_user_id\" value=\"user-1\"></label> \
-         <button type=\"submit\">Connect Notion</button></form>\
-         <p>Connect twice with the same end user: since 2026-06-08 Notion mints a fresh pair on every authorization, \
-         and tokenkeeper keeps both.</p></body></html>",
-        sim = escape(sim)
-    ))
-    .into_response()
+    pages::render(
+        StatusCode::OK,
+        &Home {
+            base: pages::base(&state),
+            simulator: sim,
+        },
+    )
 }
 
 #[derive(Deserialize)]
@@ -106,46 +102,76 @@ async fn connected(State(state): State<SharedState>, Query(q): Query<ConnectedQu
             )
         }
     };
-    let mut rows = String::new();
-    for g in &grants {
-        let current = connection.grant_id.as_ref() == Some(&g.id);
-        rows.push_str(&format!(
-            "<tr><td><code>{}</code>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
-            escape(g.id.as_str()),
-            if current { " (current)" } else { "" },
-            g.origin.as_str(),
-            g.obtained_at.to_rfc3339(),
-            escape(&g.access_token_fingerprint),
-            g.superseded_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
-        ));
-    }
-    let mut trail = String::new();
-    for e in &events {
-        trail.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
-            e.at.to_rfc3339(),
-            e.kind.as_str(),
-            e.grant_id
-                .as_ref()
-                .map(|g| escape(g.as_str()))
-                .unwrap_or_default()
-        ));
-    }
-    let id_text = escape(connection.id.as_str());
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Connected</title>{STYLE}</head><body>\
-         <h1>{status}</h1>\
-         <p>Connection <code>{id_text}</code> for end user <code>{user}</code>: bot <code>{bot}</code> in workspace {ws}, status <b>{st}</b>.</p>\
-         <p>Your app would now call <code>GET /v1/connections/{id_text}/access-token</code> with its API key.</p>\
-         <h2>Grants (every pair ever minted; fingerprints, never tokens)</h2>\
-         <table><tr><th>grant</th><th>origin</th><th>obtained</th><th>access token</th><th>superseded</th></tr>{rows}</table>\
-         <h2>Events</h2><table><tr><th>at</th><th>event</th><th>grant</th></tr>{trail}</table>\
-         <p><a href=\"/\">Connect again</a></p></body></html>",
-        status = escape(&status),
-        user = escape(&connection.end_user_id),
-        bot = escape(&connection.bot_id.0),
-        ws = escape(connection.workspace_name.as_deref().unwrap_or(&connection.workspace_id)),
-        st = connection.status.as_str(),
-    ))
-    .into_response()
+    let now = state.clock.now();
+    let page = Connected {
+        base: pages::base(&state),
+        heading: match status.as_str() {
+            "connected" => "Connected",
+            "reconnected" => "Connected again",
+            _ => "Connection",
+        },
+        connection_id: connection.id.to_string(),
+        status: connection.status.as_str(),
+        status_words: super::admin::words::status(connection.status).0,
+        end_user: connection.end_user_id.clone(),
+        workspace: connection
+            .workspace_name
+            .clone()
+            .unwrap_or_else(|| connection.workspace_id.clone()),
+        bot: connection.bot_id.0.clone(),
+        grants: grants
+            .iter()
+            .map(|g| GrantRow {
+                id: g.id.to_string(),
+                current: connection.grant_id.as_ref() == Some(&g.id),
+                origin: g.origin.as_str(),
+                obtained: When::of(g.obtained_at, now),
+                access_fp: g.access_token_fingerprint.clone(),
+                superseded: g.superseded_at.map(|t| When::of(t, now)),
+            })
+            .collect(),
+        events: events
+            .iter()
+            .map(|e| EventRow {
+                at: When::of(e.at, now),
+                kind: e.kind.as_str(),
+                grant: e
+                    .grant_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    };
+    pages::render(StatusCode::OK, &page)
+}
+
+#[derive(Template)]
+#[template(path = "demo_connected.html")]
+struct Connected {
+    base: String,
+    heading: &'static str,
+    connection_id: String,
+    status: &'static str,
+    status_words: &'static str,
+    end_user: String,
+    workspace: String,
+    bot: String,
+    grants: Vec<GrantRow>,
+    events: Vec<EventRow>,
+}
+
+struct GrantRow {
+    id: String,
+    current: bool,
+    origin: &'static str,
+    obtained: When,
+    access_fp: String,
+    superseded: Option<When>,
+}
+
+struct EventRow {
+    at: When,
+    kind: &'static str,
+    grant: String,
 }

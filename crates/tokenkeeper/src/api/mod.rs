@@ -1,6 +1,7 @@
 //! The HTTP API (DESIGN.md's table under "Interfaces"): routes, the API-key gate, and the
 //! state every handler shares. One file per group of routes.
 
+pub mod admin;
 pub mod auth;
 pub(crate) mod connect;
 mod connections;
@@ -8,6 +9,7 @@ mod demo;
 pub mod error;
 mod import;
 pub mod openapi;
+pub mod pages;
 pub mod proxy;
 pub mod return_to;
 pub mod server;
@@ -68,6 +70,8 @@ pub struct AppState {
     pub server_counters: Arc<server::ServerCounters>,
     /// Everything `GET /metrics` reports.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The admin console's sessions and caches (`api::admin`).
+    pub console: admin::Console,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -355,6 +359,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/readyz", get(ready))
         .route("/openapi.json", get(openapi::serve))
         .route("/", get(demo::home))
+        .route("/connect/done", get(pages::connect_done))
+        .route("/assets/tokenkeeper.css", get(pages::stylesheet))
+        .route("/assets/console.js", get(pages::script))
+        .merge(admin::routes(state.clone()))
         .fallback(|| async { ApiError::not_found("no such route") })
         // axum adds `Allow` to this answer.
         .method_not_allowed_fallback(method_not_allowed)

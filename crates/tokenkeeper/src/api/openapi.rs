@@ -6,9 +6,11 @@
 //! `scripts/test` validates it with `openapi-spec-validator` and runs `schemathesis` against a
 //! running tokenkeeper with it.
 //!
-//! Left out: the demo pages (mounted only with the built-in simulator, for a person to click
-//! through), the benchmarks' hidden baseline route, and `ANY /v1/proxy/{id}` without a path,
-//! which is the proxy's with an empty path.
+//! Left out: the HTML pages a person opens rather than a program calls (the admin console under
+//! `/admin`, the landing page `/`, `/connect/done` where a connect without `return_to` ends,
+//! the demo pages, mounted only with the built-in simulator, and the stylesheet and script
+//! under `/assets`), the benchmarks' hidden baseline route, and `ANY /v1/proxy/{id}` without a
+//! path, which is the proxy's with an empty path.
 
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};

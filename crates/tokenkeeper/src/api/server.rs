@@ -283,6 +283,7 @@ impl Server {
     ) {
         let counters = self.counters();
         counters.open.fetch_add(1, Ordering::Relaxed);
+        let client = ClientAddr(stream.peer_addr().ok().map(|a| a.ip()));
         let (id, tracked) = self.registry.add();
         let io = TokioIo::new(Watched {
             inner: stream,
@@ -291,7 +292,8 @@ impl Server {
         let service = {
             let server = self.clone();
             let tracked = tracked.clone();
-            hyper::service::service_fn(move |req: Request<Incoming>| {
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(client);
                 server.clone().handle(req, Busy::enter(&tracked))
             })
         };
@@ -450,6 +452,11 @@ impl Server {
     }
 }
 
+/// The address of the client a request came from, as the server accepted its connection (a
+/// proxy's, behind one): what the console limits failed sign-ins by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
 /// Which kind of answer a path gets when something goes wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Face {
@@ -462,7 +469,8 @@ enum Face {
 impl Face {
     fn of(path: &str) -> Face {
         let browser = path == "/"
-            || ["/oauth/", "/connect/", "/demo/"]
+            || path == "/admin"
+            || ["/oauth/", "/connect/", "/demo/", "/admin/", "/assets/"]
                 .iter()
                 .any(|prefix| path.starts_with(prefix));
         if browser {

@@ -61,7 +61,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn of(job: &Job) -> Delivery {
+    pub(crate) fn of(job: &Job) -> Delivery {
         let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
         Delivery {
             id: job.id.clone(),
@@ -161,11 +161,16 @@ pub async fn retry(
     Path(id): Path<String>,
 ) -> Result<Json<Delivery>, ApiError> {
     require_admin(scope, "retrying webhook deliveries")?;
+    Ok(Json(retry_delivery(&state, &id).await?))
+}
+
+/// Makes a delivery due now, for the API and the console alike; 404 for an unknown id.
+pub(crate) async fn retry_delivery(state: &SharedState, id: &str) -> Result<Delivery, ApiError> {
     let job = state
         .store
-        .retry_job(&id, JobKind::Webhook)
+        .retry_job(id, JobKind::Webhook)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("webhook delivery {id:?} does not exist")))?;
     state.jobs.wake();
-    Ok(Json(Delivery::of(&job)))
+    Ok(Delivery::of(&job))
 }

@@ -118,6 +118,38 @@ pub struct StatusCounts {
     pub jobs: Vec<(String, String, i64)>,
 }
 
+/// A connection's newest grants and events, newest first, and how many it has in all
+/// (`Store::history`).
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub grants: Vec<GrantRecord>,
+    pub grant_count: i64,
+    pub events: Vec<Event>,
+    pub event_count: i64,
+}
+
+/// How far the health check has come (`Store::check_progress`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckProgress {
+    /// Active connections.
+    pub active: i64,
+    /// Active connections checked since the time asked about (one interval ago).
+    pub checked_since: i64,
+    /// Active connections never checked.
+    pub never_checked: i64,
+    /// When the least recently checked active connection was checked.
+    pub oldest_check: Option<DateTime<Utc>>,
+}
+
+/// Which key ids the database uses (`Store::key_usage`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// Key ids that seal at least one grant.
+    pub sealing_grants: std::collections::BTreeSet<String>,
+    /// Key ids registered with the database (with a check value).
+    pub registered: std::collections::BTreeSet<String>,
+}
+
 /// The result of consuming a connect session's `state`.
 #[derive(Debug, Clone)]
 pub enum SessionLookup {
@@ -204,6 +236,7 @@ macro_rules! migrations {
                 5,
                 $crate::store::migrations!($backend, "0005_import_and_health_checks.sql"),
             ),
+            (6, $crate::store::migrations!($backend, "0006_console_indexes.sql")),
         ]
     };
     ($backend:literal, $file:literal) => {
@@ -887,6 +920,36 @@ impl Store {
     /// checked: what the sweeper paces itself by.
     pub async fn check_schedule(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
         read_only!(self, |db| rules::check_schedule(db))
+    }
+
+    // The admin console's reads.
+
+    /// The connection's newest grants and events, at most `limit` of each, and how many it
+    /// has in all.
+    pub async fn history(&self, id: &ConnectionId, limit: u32) -> Result<History, StoreError> {
+        read_only!(self, |db| reads::history(db, id, limit))
+    }
+
+    /// The connection's newest jobs of `kind` (its webhook deliveries), newest first.
+    pub async fn recent_jobs_of_connection(
+        &self,
+        id: &ConnectionId,
+        kind: JobKind,
+        limit: u32,
+    ) -> Result<Vec<Job>, StoreError> {
+        read_only!(self, |db| reads::recent_jobs_of_connection(
+            db, id, kind, limit
+        ))
+    }
+
+    /// How far the health check has come since `since` (one interval ago).
+    pub async fn check_progress(&self, since: DateTime<Utc>) -> Result<CheckProgress, StoreError> {
+        read_only!(self, |db| reads::check_progress(db, since))
+    }
+
+    /// The key ids that seal grants and those registered with the database.
+    pub async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
+        read_only!(self, |db| reads::key_usage(db))
     }
 
     /// Re-seals up to `batch` grants that are not sealed with the active key, in one

@@ -2,12 +2,13 @@
 
 use super::db::{Db, Param};
 use super::sealed::{open_grant, open_session_state};
-use super::{sql, StatusCounts, StoreError};
+use super::{sql, CheckProgress, History, KeyUsage, StatusCounts, StoreError};
 use crate::ids::{ConnectionId, GrantId, SessionId};
 use crate::ledger::{
     ConnectSession, Connection, ConnectionFilter, Event, GrantRecord, Job, JobKind, JobStatus,
     OpenGrant,
 };
+use chrono::{DateTime, Utc};
 
 pub(crate) async fn get_connection(
     db: &impl Db,
@@ -24,32 +25,112 @@ pub(crate) async fn get_connection(
 }
 
 /// Connections matching `filter`, by id, at most `filter.limit` (1 to 1000; 0 means 100).
+///
+/// Each filter is an equality on a column whose index continues with the id (migrations 0001
+/// and 0006), so a page is one short index range at any number of connections. A search is one
+/// such range per way the text may name a connection (`SEARCHED`), merged here by id, rather
+/// than one `OR` that a planner may answer by scanning the table.
 pub(crate) async fn list_connections(
     db: &impl Db,
     filter: &ConnectionFilter,
 ) -> Result<Vec<Connection>, StoreError> {
+    let limit = match filter.limit {
+        0 => 100,
+        n => n.min(1000),
+    };
+    let Some(search) = filter
+        .search
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    else {
+        return connections_where(db, filter, None, limit).await;
+    };
+    let folded = search.to_lowercase();
+    let mut found = Vec::new();
+    for (column, folds) in SEARCHED {
+        let value = if folds { folded.as_str() } else { search };
+        found.extend(connections_where(db, filter, Some((column, value)), limit).await?);
+    }
+    found.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    found.dedup_by(|a, b| a.id == b.id);
+    found.truncate(limit as usize);
+    Ok(found)
+}
+
+/// What the search box matches, each exactly and through an index in id order: the column's
+/// expression, and whether the text is compared in lower case (a workspace's name, in any
+/// case; SQLite's `lower` folds ASCII letters only).
+pub(crate) const SEARCHED: [(&str, bool); 5] = [
+    ("c.id =", false),
+    ("c.bot_id =", false),
+    ("c.workspace_id =", false),
+    ("c.end_user_id =", false),
+    ("lower(c.workspace_name) =", true),
+];
+
+/// One page of `list_connections`, with at most one searched column.
+async fn connections_where(
+    db: &impl Db,
+    filter: &ConnectionFilter,
+    searched: Option<(&str, &str)>,
+    limit: u32,
+) -> Result<Vec<Connection>, StoreError> {
+    let (sql, params) = connections_sql(filter, searched, limit);
+    Ok(db
+        .query(&sql, &params, sql::connection)
+        .await?
+        .into_iter()
+        .map(|row| row.connection)
+        .collect())
+}
+
+/// The statement of `connections_where` and its parameters (a unit test of the SQLite
+/// backend reads its query plans).
+pub(crate) fn connections_sql<'a>(
+    filter: &'a ConnectionFilter,
+    searched: Option<(&str, &'a str)>,
+    limit: u32,
+) -> (String, Vec<Param<'a>>) {
     let mut clauses = Vec::new();
     let mut params: Vec<Param<'_>> = Vec::new();
     let mut push = |clause: &str, value| {
         params.push(value);
         clauses.push(format!("{clause} ${}", params.len()));
     };
+    if let Some((column, value)) = searched {
+        push(column, Param::Text(value));
+    }
     if let Some(p) = filter.provider {
         push("c.provider =", Param::Text(p.as_str()));
     }
     if let Some(u) = &filter.end_user_id {
         push("c.end_user_id =", Param::Text(u));
     }
+    if let Some(w) = &filter.workspace_id {
+        push("c.workspace_id =", Param::Text(w));
+    }
+    if let Some(b) = &filter.bot_id {
+        push("c.bot_id =", Param::Text(b));
+    }
     if let Some(s) = filter.status {
-        push("c.status =", Param::Text(s.as_str()));
+        // Three statuses split a million connections into a few large ranges: beside a
+        // narrower filter, the status must not be the index the planner reads by. SQLite has no
+        // statistics to tell, so the status is written as an expression no index answers.
+        let narrower = searched.is_some()
+            || filter.end_user_id.is_some()
+            || filter.workspace_id.is_some()
+            || filter.bot_id.is_some();
+        let clause = if narrower {
+            "c.status || '' ="
+        } else {
+            "c.status ="
+        };
+        push(clause, Param::Text(s.as_str()));
     }
     if let Some(after) = &filter.after {
         push("c.id >", Param::Text(after.as_str()));
     }
-    let limit = match filter.limit {
-        0 => 100,
-        n => n.min(1000),
-    };
     params.push(Param::Int(i64::from(limit)));
     let filter_sql = if clauses.is_empty() {
         String::new()
@@ -61,12 +142,7 @@ pub(crate) async fn list_connections(
         sql::CONNECTION_COLUMNS,
         params.len()
     );
-    Ok(db
-        .query(&sql, &params, sql::connection)
-        .await?
-        .into_iter()
-        .map(|row| row.connection)
-        .collect())
+    (sql, params)
 }
 
 /// The connection and its current grant with tokens opened: one indexed read.
@@ -243,4 +319,96 @@ pub(crate) async fn held_pairs(
         held.push(pairs?);
     }
     Ok(held)
+}
+
+/// A connection's newest grants and events (at most `limit` of each, newest first) and how
+/// many it has in all: what the console's page of one connection shows.
+pub(crate) async fn history(
+    db: &impl Db,
+    id: &ConnectionId,
+    limit: u32,
+) -> Result<History, StoreError> {
+    let limit = Param::Int(i64::from(limit.clamp(1, 1000)));
+    let key = Param::Text(id.as_str());
+    let count = |statement| async move {
+        Ok::<_, StoreError>(
+            db.query_opt(statement, &[Param::Text(id.as_str())], sql::count)
+                .await?
+                .unwrap_or(0),
+        )
+    };
+    Ok(History {
+        grants: db
+            .query(sql::RECENT_GRANTS_OF_CONNECTION, &[key, limit], sql::grant)
+            .await?
+            .into_iter()
+            .map(|g| g.record)
+            .collect(),
+        grant_count: count(sql::COUNT_GRANTS_OF_CONNECTION).await?,
+        events: db
+            .query(sql::RECENT_EVENTS_OF_CONNECTION, &[key, limit], sql::event)
+            .await?,
+        event_count: count(sql::COUNT_EVENTS_OF_CONNECTION).await?,
+    })
+}
+
+/// A connection's newest jobs of one kind (its webhook deliveries), newest first.
+pub(crate) async fn recent_jobs_of_connection(
+    db: &impl Db,
+    id: &ConnectionId,
+    kind: JobKind,
+    limit: u32,
+) -> Result<Vec<Job>, StoreError> {
+    db.query(
+        sql::RECENT_JOBS_OF_CONNECTION,
+        &[
+            Param::Text(id.as_str()),
+            Param::Text(kind.as_str()),
+            Param::Int(i64::from(limit.clamp(1, 1000))),
+        ],
+        sql::job,
+    )
+    .await
+}
+
+/// How far the health check has come: active connections, how many were checked since
+/// `since` (one interval ago), how many never were, and the oldest check. Index ranges of
+/// `connections_due_check`, except the count of active connections, which the sweeper makes too.
+pub(crate) async fn check_progress(
+    db: &impl Db,
+    since: DateTime<Utc>,
+) -> Result<CheckProgress, StoreError> {
+    let count = |statement, params: Vec<Param<'static>>| async move {
+        Ok::<_, StoreError>(
+            db.query_opt(statement, &params, sql::count)
+                .await?
+                .unwrap_or(0),
+        )
+    };
+    Ok(CheckProgress {
+        active: count(sql::COUNT_ACTIVE, vec![]).await?,
+        checked_since: count(sql::COUNT_ACTIVE_CHECKED_SINCE, vec![Param::Time(since)]).await?,
+        never_checked: count(sql::COUNT_ACTIVE_NEVER_CHECKED, vec![]).await?,
+        oldest_check: db
+            .query_opt(sql::OLDEST_CHECK, &[], |row| row.opt_time(0))
+            .await?
+            .flatten(),
+    })
+}
+
+/// The key ids that seal grants, and those registered with the database (`key_checks`).
+pub(crate) async fn key_usage(db: &impl Db) -> Result<KeyUsage, StoreError> {
+    Ok(KeyUsage {
+        sealing_grants: db
+            .query(sql::KEY_IDS_IN_USE, &[], sql::key_id)
+            .await?
+            .into_iter()
+            .collect(),
+        registered: db
+            .query(sql::KEY_CHECKS, &[], sql::key_check)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect(),
+    })
 }

@@ -522,6 +522,32 @@ pub(crate) fn key_check(row: &dyn Row) -> Result<(String, Vec<u8>), StoreError> 
     Ok((row.text(0)?, row.bytes(1)?))
 }
 
+// The admin console's reads (`reads.rs`): a connection's history newest first, bounded, and
+// what the health page shows.
+
+pub(crate) const RECENT_GRANTS_OF_CONNECTION: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    " FROM grants g WHERE g.connection_id = $1 ORDER BY g.seq DESC LIMIT $2"
+);
+pub(crate) const COUNT_GRANTS_OF_CONNECTION: &str =
+    "SELECT count(*) FROM grants WHERE connection_id = $1";
+pub(crate) const RECENT_EVENTS_OF_CONNECTION: &str =
+    "SELECT id, connection_id, kind, grant_id, related_grant_id, provider_request_id, detail, at \
+     FROM events WHERE connection_id = $1 ORDER BY seq DESC LIMIT $2";
+pub(crate) const COUNT_EVENTS_OF_CONNECTION: &str =
+    "SELECT count(*) FROM events WHERE connection_id = $1";
+pub(crate) const RECENT_JOBS_OF_CONNECTION: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE connection_id = $1 AND kind = $2 ORDER BY id DESC LIMIT $3"
+);
+/// Active connections checked at or after `$1` (`connections_due_check` answers it).
+pub(crate) const COUNT_ACTIVE_CHECKED_SINCE: &str =
+    "SELECT count(*) FROM connections WHERE status = 'active' AND last_checked_at >= $1";
+pub(crate) const COUNT_ACTIVE_NEVER_CHECKED: &str =
+    "SELECT count(*) FROM connections WHERE status = 'active' AND last_checked_at IS NULL";
+
 /// Every shared statement, for the test that prepares each one on both backends.
 #[cfg(test)]
 pub(crate) const ALL: &[&str] = &[
@@ -583,4 +609,11 @@ pub(crate) const ALL: &[&str] = &[
     INSERT_SWEEPER_LEASE,
     SWEEPER_LEASE,
     TAKE_SWEEPER_LEASE,
+    RECENT_GRANTS_OF_CONNECTION,
+    COUNT_GRANTS_OF_CONNECTION,
+    RECENT_EVENTS_OF_CONNECTION,
+    COUNT_EVENTS_OF_CONNECTION,
+    RECENT_JOBS_OF_CONNECTION,
+    COUNT_ACTIVE_CHECKED_SINCE,
+    COUNT_ACTIVE_NEVER_CHECKED,
 ];

@@ -449,6 +449,115 @@ mod tests {
     /// Every shared statement prepares on a migrated SQLite database with its placeholders in
     /// order (a wrong order would bind values to the wrong columns).
     #[tokio::test]
+    async fn every_console_filter_reads_an_index_in_id_order() {
+        use crate::ledger::{ConnectionFilter, ConnectionStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(KeyRing::parse(&KeyRing::generate_entry()).unwrap());
+        let store = SqliteStore::open(&dir.path().join("t.db"), keys, Clock::System)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let text = || Some("x".to_owned());
+        let status = Some(ConnectionStatus::NeedsReauth);
+        // Each filter (alone, beside a status, with a cursor) and the index that must answer
+        // it: never a scan of the table, never a sort of what it found.
+        type Case<'a> = (ConnectionFilter, Option<(&'a str, &'a str)>, &'a str);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                ConnectionFilter::default(),
+                None,
+                "sqlite_autoindex_connections_1",
+            ),
+            (
+                ConnectionFilter {
+                    status,
+                    ..Default::default()
+                },
+                None,
+                "connections_status",
+            ),
+            (
+                ConnectionFilter {
+                    end_user_id: text(),
+                    status,
+                    ..Default::default()
+                },
+                None,
+                "connections_end_user",
+            ),
+            (
+                ConnectionFilter {
+                    workspace_id: text(),
+                    ..Default::default()
+                },
+                None,
+                "connections_workspace",
+            ),
+            (
+                ConnectionFilter {
+                    workspace_id: text(),
+                    status,
+                    ..Default::default()
+                },
+                None,
+                "connections_workspace",
+            ),
+            (
+                ConnectionFilter {
+                    bot_id: text(),
+                    status,
+                    after: Some(crate::ids::ConnectionId::generate()),
+                    ..Default::default()
+                },
+                None,
+                "connections_bot",
+            ),
+        ];
+        let mut cases = cases;
+        for (column, index) in super::super::reads::SEARCHED.iter().map(|(c, _)| *c).zip([
+            "sqlite_autoindex_connections_1",
+            "connections_bot",
+            "connections_workspace",
+            "connections_end_user",
+            "connections_workspace_name",
+        ]) {
+            cases.push((
+                ConnectionFilter {
+                    status,
+                    ..Default::default()
+                },
+                Some((column, "x")),
+                index,
+            ));
+        }
+        for (filter, searched, index) in &cases {
+            let (statement, params) = super::super::reads::connections_sql(filter, *searched, 50);
+            let plan: Vec<String> = store
+                .read(|db| {
+                    let mut plan = db.prepare(&format!("EXPLAIN QUERY PLAN {statement}"))?;
+                    for i in 1..=params.len() {
+                        plan.raw_bind_parameter(i, 1)?;
+                    }
+                    let mut rows = plan.raw_query();
+                    let mut lines = Vec::new();
+                    while let Some(row) = rows.next()? {
+                        lines.push(row.get::<_, String>(3)?);
+                    }
+                    Ok(lines)
+                })
+                .await
+                .unwrap();
+            let plan = plan.join(" | ");
+            assert!(
+                plan.contains(&format!("USING INDEX {index} "))
+                    || plan.ends_with(&format!("USING INDEX {index}")),
+                "{statement}: {plan}"
+            );
+            assert!(!plan.contains("TEMP B-TREE"), "{statement}: {plan}");
+        }
+    }
+
+    #[tokio::test]
     async fn every_shared_statement_prepares_with_ordered_placeholders() {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(KeyRing::parse(&KeyRing::generate_entry()).unwrap());

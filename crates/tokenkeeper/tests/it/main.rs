@@ -9,6 +9,8 @@ mod broker;
 mod chaos;
 mod cli;
 mod connect_flow;
+mod console;
+mod console_store;
 mod health_check;
 mod import;
 mod key_checks;
