@@ -236,7 +236,10 @@ macro_rules! migrations {
                 5,
                 $crate::store::migrations!($backend, "0005_import_and_health_checks.sql"),
             ),
-            (6, $crate::store::migrations!($backend, "0006_console_indexes.sql")),
+            (
+                6,
+                $crate::store::migrations!($backend, "0006_console_indexes.sql"),
+            ),
         ]
     };
     ($backend:literal, $file:literal) => {
