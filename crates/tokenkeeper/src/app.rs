@@ -18,7 +18,7 @@ use crate::ledger::LeaseHolder;
 use crate::metrics::Metrics;
 use crate::provider::notion::{NotionClient, NotionSettings};
 use crate::refresh::{Coordinator, CoordinatorSettings};
-use crate::store::{Backend, Store, StoreError};
+use crate::store::{Backend, Store};
 
 pub struct App {
     pub state: SharedState,
@@ -30,18 +30,6 @@ pub struct App {
     /// The key ids this start registered with the database (a first start, or a database from
     /// before key checks).
     pub registered_keys: Vec<String>,
-}
-
-/// A lease holder name unique to this process: host, process id and a random suffix.
-pub fn holder_name() -> LeaseHolder {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into());
-    LeaseHolder(format!(
-        "{host}-{}-{}",
-        std::process::id(),
-        &crate::ids::random_token(6)
-    ))
 }
 
 /// What the state needs besides the store and Notion's address.
@@ -64,53 +52,6 @@ pub struct StateSettings {
     pub proxy_timeouts: crate::api::proxy::ProxyTimeouts,
     /// How old `/metrics`' database-wide gauges may be (`metrics::DEFAULT_GAUGE_INTERVAL`).
     pub metrics_gauge_interval: Duration,
-}
-
-/// Runs `open` until the database answers: a process (re)started during an outage waits for
-/// the database, saying so once, instead of exiting; any other failure stops it at once.
-pub(crate) async fn wait_for_database<T, F, Fut>(open: F) -> Result<T, StoreError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let mut said = false;
-    loop {
-        match open().await {
-            Err(StoreError::Unavailable(reason)) => {
-                if !said {
-                    tracing::warn!(
-                        "the database is unavailable ({reason}); waiting for it before listening"
-                    );
-                    said = true;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Opens this process's spill journal in `dir`, commits what earlier processes left there
-/// (when the database answers; otherwise the replayer does it when it is back), and starts the
-/// replayer that commits whatever is spilled from now on.
-pub async fn start_journal(dir: &std::path::Path, store: &Store) -> anyhow::Result<Arc<Journal>> {
-    let journal = Arc::new(
-        Journal::open(dir, Arc::new(store.keys().clone()))
-            .map_err(|e| anyhow::anyhow!("the spill journal in {}: {e}", dir.display()))?,
-    );
-    match journal.replay(store).await {
-        Ok(report) if report.committed > 0 || report.damaged > 0 => tracing::warn!(
-            committed = report.committed,
-            damaged = report.damaged,
-            "committed pairs that an earlier process left in the spill journal"
-        ),
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!("the spill journal will be replayed when the database answers: {e}")
-        }
-    }
-    tokio::spawn(journal.clone().run_replayer(store.clone()));
-    Ok(journal)
 }
 
 /// Builds the shared state from its parts.
@@ -149,7 +90,7 @@ pub fn state(
         store.clone(),
         client.clone(),
         CoordinatorSettings {
-            holder: holder_name(),
+            holder: LeaseHolder::for_this_process(),
             provider_timeout: settings.provider_timeout,
             budget: settings.refresh_budget,
             rate: settings.refresh_rate,
@@ -204,7 +145,7 @@ impl App {
         let registered_keys = check
             .map(|c| c.newly_registered.into_iter().collect())
             .unwrap_or_default();
-        let journal = start_journal(&config.spill_dir, &store).await?;
+        let journal = Journal::start(&config.spill_dir, &store).await?;
         // Open the pool's connections now, not inside the first burst of traffic: a refresh
         // stampede right after start would otherwise pay for connection setup in its slowest
         // callers. Pings run concurrently so that each takes its own connection.

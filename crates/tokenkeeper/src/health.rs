@@ -52,7 +52,7 @@ pub fn spawn(state: SharedState, settings: HealthSettings) -> Option<tokio::task
     if settings.interval.is_zero() {
         return None;
     }
-    let holder = crate::app::holder_name();
+    let holder = crate::ledger::LeaseHolder::for_this_process();
     Some(tokio::spawn(sweep(state, settings, holder)))
 }
 

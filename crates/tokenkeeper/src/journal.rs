@@ -344,6 +344,29 @@ fn open_private(path: &Path) -> std::io::Result<File> {
 }
 
 impl Journal {
+    /// Opens this process's spill journal in `dir`, commits what earlier processes left there
+    /// (when the database answers; otherwise the replayer does it when it is back), and starts the
+    /// replayer that commits whatever is spilled from now on.
+    pub async fn start(dir: &std::path::Path, store: &Store) -> anyhow::Result<Arc<Journal>> {
+        let journal = Arc::new(
+            Journal::open(dir, Arc::new(store.keys().clone()))
+                .map_err(|e| anyhow::anyhow!("the spill journal in {}: {e}", dir.display()))?,
+        );
+        match journal.replay(store).await {
+            Ok(report) if report.committed > 0 || report.damaged > 0 => tracing::warn!(
+                committed = report.committed,
+                damaged = report.damaged,
+                "committed pairs that an earlier process left in the spill journal"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("the spill journal will be replayed when the database answers: {e}")
+            }
+        }
+        tokio::spawn(journal.clone().run_replayer(store.clone()));
+        Ok(journal)
+    }
+
     /// Opens (creating it, mode 0700) the journal directory and a new file of this process in
     /// it, locked until the process ends.
     pub fn open(dir: &Path, keys: Arc<KeyRing>) -> Result<Journal, JournalError> {

@@ -22,11 +22,12 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::config::{self, ConfigError, KeySource};
 use crate::seal::KeyRing;
-use crate::store::{self, DatabaseUrl, KeyCheck, KeyRegistration, Store};
+use crate::store::{self, DatabaseUrl, KeyCheck, KeyRegistration, Store, StoreError};
 
 /// The command a store is opened for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +72,7 @@ pub async fn open(
             setting,
             file,
         } => {
-            let (store, schema_version) = crate::app::wait_for_database(|| async {
+            let (store, schema_version) = wait_for_database(|| async {
                 let store = store::open(url, keys.clone(), clock.clone()).await?;
                 let version = match command {
                     Command::Serve | Command::Migrate => store.migrate().await?,
@@ -116,7 +117,7 @@ async fn first_start(url: &DatabaseUrl, file: &Path, clock: Clock) -> anyhow::Re
     let entry = KeyRing::generate_entry();
     let keys = KeyRing::parse(&entry).expect("a generated entry parses");
     let keys = Arc::new(keys);
-    let (store, schema_version) = crate::app::wait_for_database(|| async {
+    let (store, schema_version) = wait_for_database(|| async {
         let store = store::open(url, keys.clone(), clock.clone()).await?;
         let version = store.migrate().await?;
         Ok((store, version))
@@ -212,5 +213,29 @@ fn list<'a>(ids: impl IntoIterator<Item = &'a String>) -> String {
         "none".to_owned()
     } else {
         ids.join(", ")
+    }
+}
+
+/// Runs `open` until the database answers: a process (re)started during an outage waits for
+/// the database, saying so once, instead of exiting; any other failure stops it at once.
+async fn wait_for_database<T, F, Fut>(open: F) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut said = false;
+    loop {
+        match open().await {
+            Err(StoreError::Unavailable(reason)) => {
+                if !said {
+                    tracing::warn!(
+                        "the database is unavailable ({reason}); waiting for it before listening"
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
     }
 }

@@ -398,7 +398,7 @@ impl std::fmt::Display for Fence {
     }
 }
 
-/// Who holds a refresh lease: a name unique per process (see `app::holder_name`).
+/// Who holds a refresh lease: a name unique per process (`LeaseHolder::for_this_process`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct LeaseHolder(pub String);
@@ -406,6 +406,19 @@ pub struct LeaseHolder(pub String);
 impl LeaseHolder {
     pub fn new(name: impl Into<String>) -> Self {
         LeaseHolder(name.into())
+    }
+
+    /// A name for this process, unique among processes: host, pid and a random suffix (pids
+    /// repeat across hosts and restarts).
+    pub fn for_this_process() -> Self {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "host".into());
+        LeaseHolder(format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            &crate::ids::random_token(6)
+        ))
     }
 
     pub fn as_str(&self) -> &str {

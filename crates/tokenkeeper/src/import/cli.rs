@@ -315,7 +315,7 @@ pub async fn import(args: &ImportArgs) -> anyhow::Result<()> {
                 DatabaseUrl::Sqlite(path) => PathBuf::from(format!("{}.spill", path.display())),
                 DatabaseUrl::Postgres(_) => PathBuf::from("tokenkeeper-spill"),
             });
-            let journal = crate::app::start_journal(&spill, &store).await?;
+            let journal = crate::journal::Journal::start(&spill, &store).await?;
             // No webhook settings: this process delivers nothing; `serve` does.
             let jobs = crate::jobs::Jobs::new(
                 store.clone(),
@@ -330,7 +330,7 @@ pub async fn import(args: &ImportArgs) -> anyhow::Result<()> {
                 store.clone(),
                 notion.clone(),
                 CoordinatorSettings {
-                    holder: crate::app::holder_name(),
+                    holder: crate::ledger::LeaseHolder::for_this_process(),
                     provider_timeout: timeout,
                     budget: Duration::from_secs(30),
                     rate: Default::default(),

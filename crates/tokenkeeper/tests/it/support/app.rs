@@ -366,7 +366,7 @@ impl TestApp {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let sim_config = options.sim.clone();
         let spill = tempfile::tempdir().expect("a temp dir for the spill journal");
-        let journal = tokenkeeper::app::start_journal(spill.path(), &db.store)
+        let journal = tokenkeeper::journal::Journal::start(spill.path(), &db.store)
             .await
             .expect("the spill journal opens");
         let state = tokenkeeper::app::state(
