@@ -10,8 +10,9 @@
 //!   attempt before the provider is called. The lease always outlives the provider call's
 //!   timeout, and its fence stops a stale holder from committing a failure over a newer holder.
 //!
-//! A flight that finds the lease held waits for the holder's result by re-reading the current
-//! grant, and takes the lease over if it expires (the holder died).
+//! A flight that finds the lease held waits for the holder's result: the store's change feed
+//! wakes it when the holder commits or releases the lease (`Store::watch_connection`), and it
+//! takes the lease over if it expires (the holder died). Without a live feed it polls.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -168,9 +169,13 @@ const MAX_JUDGED: usize = 4096;
 
 /// The first retry of a transient failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Waiters re-read the current grant at most this far apart: a waiting process learns of
-/// another process's refresh within this long (one cheap indexed read per poll per process).
+/// Without the change feed, waiters re-read the current grant at most this far apart: a waiting
+/// process learns of another process's refresh within this long (one cheap indexed read per
+/// poll per process).
 const MAX_POLL: Duration = Duration::from_millis(5);
+/// With the change feed, a waiter sleeps until the feed wakes it, at most this long (or until
+/// the holder's lease ends, if sooner), so that a lost wake-up costs a bounded delay.
+const FEED_WAIT_BOUND: Duration = Duration::from_secs(1);
 /// How long a minted pair's commit is retried before the pair goes to the spill journal and
 /// the callers get their token. Short: the callers are waiting, and the journal is durable.
 const SPILL_AFTER: Duration = Duration::from_secs(2);
@@ -404,12 +409,32 @@ impl Coordinator {
                     check_status(status, diagnosis)?;
                     return Err(RefreshError::NotRefreshable(reason));
                 }
-                LeaseOutcome::Busy { .. } => {
+                LeaseOutcome::Busy { until } => {
                     note.lease_wait_since.get_or_insert_with(Instant::now);
                     if Instant::now() + poll > deadline {
                         return Err(RefreshError::LockTimeout);
                     }
-                    tokio::time::sleep(poll).await;
+                    // Registered before the read, so that a commit after the read wakes us:
+                    // the change feed delivers the holder's commit (or its release of the
+                    // lease) within its delay, instead of our polling the database.
+                    let waiter = self.store.watch_connection(id);
+                    let mut woken = std::pin::pin!(waiter.notify.notified());
+                    woken.as_mut().enable();
+                    if let Some(done) = self.replaced(id, target).await? {
+                        return Ok(done);
+                    }
+                    let wait = if self.store.feed_is_live() {
+                        // Woken by the feed; the timeout only bounds a wait whose wake-up was
+                        // lost, and takes the lease over once it ends (its holder died).
+                        (until - chrono::Utc::now())
+                            .to_std()
+                            .unwrap_or_default()
+                            .clamp(MAX_POLL, FEED_WAIT_BOUND)
+                    } else {
+                        poll
+                    };
+                    let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+                    let _ = tokio::time::timeout(wait, woken).await;
                     poll = (poll * 2).min(MAX_POLL);
                     if let Some(done) = self.replaced(id, target).await? {
                         return Ok(done);

@@ -25,4 +25,5 @@ mod rescue;
 mod revocation;
 mod store_contract;
 mod store_processes;
+mod token_cache;
 mod webhooks;
