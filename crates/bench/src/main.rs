@@ -111,6 +111,10 @@ enum Which {
     Proxy,
     /// 6. Complete connect flows (session, link, consent, callback) per second.
     Connect,
+    /// Issue 14: how long another process's token cache serves a superseded grant, under a refresh storm over two processes.
+    Staleness,
+    /// Issue 14: Notion-side 429s per 1,000 proxied calls with and without the shared throttle, at equal offered load, over two processes.
+    Throttle,
     /// Every scenario above, in this order.
     All,
 }
@@ -125,6 +129,8 @@ impl Which {
             Which::Refresh => "refresh",
             Which::Proxy => "proxy",
             Which::Connect => "connect",
+            Which::Staleness => "staleness",
+            Which::Throttle => "throttle",
             Which::All => "all",
         }
     }
@@ -140,6 +146,8 @@ impl Which {
             Which::Refresh => "refresh throughput, each connection refreshed once",
             Which::Proxy => "proxy overhead on users.me",
             Which::Connect => "complete connect flows",
+            Which::Staleness => "staleness of another process's token cache under a refresh storm",
+            Which::Throttle => "Notion-side 429s with and without the shared throttle",
             Which::All => "",
         }
     }
@@ -289,6 +297,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Which::Refresh,
             Which::Proxy,
             Which::Connect,
+            Which::Staleness,
+            Which::Throttle,
         ],
         one => vec![one],
     };
@@ -410,6 +420,8 @@ async fn run_one(
         Which::Refresh => scenarios::refresh::run(ctx, backend).await,
         Which::Proxy => scenarios::proxy::run(ctx, backend).await,
         Which::Connect => scenarios::connect::run(ctx, backend).await,
+        Which::Staleness => scenarios::staleness::run(ctx, backend).await,
+        Which::Throttle => scenarios::throttle::run(ctx, backend).await,
         Which::SimCeiling | Which::All => unreachable!("handled above"),
     }
 }

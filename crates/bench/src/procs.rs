@@ -187,12 +187,14 @@ impl Sim {
             "127.0.0.1:0",
             "--auto-approve",
             "--fresh-identity",
-            "--rate-limit-per-connection",
-            "0",
             // The request log is a ring buffer behind a lock; keep it small so it costs little.
             "--request-log-capacity",
             "100",
         ];
+        // No rate limit, unless the scenario sets one.
+        if !extra.contains(&"--rate-limit-per-connection") {
+            args.extend(["--rate-limit-per-connection", "0"]);
+        }
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn(name, bin, &args, &[], log_dir)?;
         let url = proc
@@ -248,6 +250,15 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start(spec: &BrokerSpec, name: &str) -> anyhow::Result<Broker> {
+        Broker::start_with(spec, name, &[]).await
+    }
+
+    /// `start`, with more `TOKENKEEPER_*` settings.
+    pub async fn start_with(
+        spec: &BrokerSpec,
+        name: &str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Broker> {
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let env = [
@@ -262,6 +273,7 @@ impl Broker {
             ("TOKENKEEPER_NOTION_BASE_URL", spec.sim_url.clone()),
         ];
         let spawned = Instant::now();
+        let env: Vec<(&str, String)> = env.into_iter().chain(extra.iter().cloned()).collect();
         let mut proc = Proc::spawn(name, &spec.bin, &["serve"], &env, &spec.log_dir)?;
         let printed = proc
             .read_until("listening on ", Duration::from_secs(60))
@@ -292,4 +304,26 @@ impl Broker {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.proc.stop().await
     }
+}
+
+/// The samples of a `serve`'s `/metrics`, by series (name and labels as written).
+pub async fn scrape(
+    addr: SocketAddr,
+    key: &str,
+) -> anyhow::Result<std::collections::HashMap<String, f64>> {
+    let reply = client::once(
+        addr,
+        request(Method::GET, addr, "/metrics").bearer(key).empty(),
+    )
+    .await?
+    .expect(StatusCode::OK)?;
+    Ok(reply
+        .text()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect())
 }

@@ -149,18 +149,7 @@ impl RequestLog {
         inner.entries.iter().skip(skip).cloned().collect()
     }
 
-    /// Counts a REST call the rate limits answered 429.
-    pub fn count_rate_limited(&self, reason: &'static str) {
-        *self
-            .rate_limited
-            .lock()
-            .expect("stats lock")
-            .entry(reason)
-            .or_default() += 1;
-    }
-
     pub fn clear(&self) {
-        self.rate_limited.lock().expect("stats lock").clear();
         self.inner.lock().expect("log lock").entries.clear();
     }
 }

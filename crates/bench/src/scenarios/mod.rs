@@ -6,7 +6,9 @@ pub mod connect;
 pub mod proxy;
 pub mod refresh;
 pub mod sim_ceiling;
+pub mod staleness;
 pub mod stampede;
+pub mod throttle;
 pub mod token_read;
 
 use std::path::PathBuf;
@@ -78,6 +80,15 @@ impl Stack {
 
     pub async fn broker(&self, name: &str) -> anyhow::Result<Broker> {
         Broker::start(&self.spec, name).await
+    }
+
+    /// A `serve` with more `TOKENKEEPER_*` settings.
+    pub async fn broker_with(
+        &self,
+        name: &str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Broker> {
+        Broker::start_with(&self.spec, name, extra).await
     }
 
     /// Stops the simulator and removes the database.

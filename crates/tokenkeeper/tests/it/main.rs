@@ -23,6 +23,7 @@ mod reconnect_links;
 mod refusals;
 mod rescue;
 mod revocation;
+mod shared_throttle;
 mod store_contract;
 mod store_processes;
 mod token_cache;
