@@ -93,6 +93,22 @@ struct Cli {
     /// Keep the scratch directory (SQLite files, process logs) instead of deleting it.
     #[arg(long)]
     keep: bool,
+
+    /// A `TOKENKEEPER_*` setting for every `serve` the scenarios start, as `NAME=VALUE`
+    /// (repeatable), e.g. `--serve-env TOKENKEEPER_TOKEN_CACHE_SIZE=0` to measure without the
+    /// token cache.
+    #[arg(long, value_parser = parse_env_pair)]
+    serve_env: Vec<(String, String)>,
+}
+
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    if !name.starts_with("TOKENKEEPER_") {
+        return Err(format!("{name} is not a TOKENKEEPER_* setting"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -285,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         pg_url: cli.postgres_url.clone(),
         seed_batch: cli.seed_batch.max(1),
         results_dir: results_dir.clone(),
+        serve_env: cli.serve_env.clone(),
     };
     let command = command_line(&backends);
     let machine = Machine::detect();

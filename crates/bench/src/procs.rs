@@ -237,6 +237,8 @@ pub struct BrokerSpec {
     /// The admin key, without its `admin:` prefix (what a caller sends as a bearer).
     pub api_key: String,
     pub sim_url: String,
+    /// More `TOKENKEEPER_*` settings for every `serve` (`--serve-env`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A running `tokenkeeper serve`.
@@ -276,7 +278,11 @@ impl Broker {
             ("TOKENKEEPER_HEALTH_CHECK_INTERVAL", "0".to_owned()),
         ];
         let spawned = Instant::now();
-        let env: Vec<(&str, String)> = env.into_iter().chain(extra.iter().cloned()).collect();
+        let env: Vec<(&str, String)> = env
+            .into_iter()
+            .chain(spec.extra_env.iter().map(|(k, v)| (k.as_str(), v.clone())))
+            .chain(extra.iter().cloned())
+            .collect();
         let mut proc = Proc::spawn(name, &spec.bin, &["serve"], &env, &spec.log_dir)?;
         let printed = proc
             .read_until("listening on ", Duration::from_secs(60))

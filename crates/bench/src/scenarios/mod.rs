@@ -35,6 +35,8 @@ pub struct Ctx {
     pub seed_batch: usize,
     /// Where earlier results are (`scale` compares with `token-read`'s p99).
     pub results_dir: PathBuf,
+    /// More settings for every `serve` (`--serve-env`).
+    pub serve_env: Vec<(String, String)>,
 }
 
 /// A fresh database, a simulator and what `serve` needs to use them.
@@ -69,6 +71,7 @@ impl Stack {
             encryption_key: entry,
             api_key: format!("bench-{}", tokenkeeper::ids::random_token(24)),
             sim_url: sim.url.clone(),
+            extra_env: ctx.serve_env.clone(),
         };
         Ok(Stack {
             db,

@@ -65,7 +65,7 @@ pub async fn run(ctx: &Ctx, backend: Backend) -> anyhow::Result<BackendResult> {
         let a = stack
             .broker_with(
                 &format!("throttle-{}-{shared}-a", backend.name()),
-                &[flag.clone()],
+                std::slice::from_ref(&flag),
             )
             .await?;
         let b = stack

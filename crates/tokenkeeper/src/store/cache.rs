@@ -33,7 +33,7 @@
 //! one lock.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -152,9 +152,7 @@ impl TokenCache {
     }
 
     fn shard_of(&self, id: &ConnectionId) -> usize {
-        let mut h = self.hasher.build_hasher();
-        id.hash(&mut h);
-        (h.finish() as usize) % SHARDS
+        (self.hasher.hash_one(id) as usize) % SHARDS
     }
 
     fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Shard> {

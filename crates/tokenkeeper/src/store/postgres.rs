@@ -122,8 +122,8 @@ pub struct PgStore {
     clock: Clock,
     endpoints: Arc<Endpoints>,
     /// How the pool connects (schema included): the change feed's connection is made the same
-    /// way, outside the pool.
-    config: tokio_postgres::Config,
+    /// way, outside the pool. Boxed: it is large, and only the feed reads it.
+    config: Box<tokio_postgres::Config>,
     /// The token cache, throttles and waiters this store shares with its change feed.
     local: Arc<Local>,
 }
@@ -204,7 +204,7 @@ impl PgStore {
             keys,
             clock,
             endpoints: Arc::default(),
-            config,
+            config: Box::new(config),
             local: Local::new(0),
         })
     }
@@ -299,7 +299,7 @@ impl PgStore {
     /// connection drops (every entry of the cache is then read again before it is served). It
     /// ends when the store is dropped.
     pub(super) fn start_feed(&self) {
-        let config = self.config.clone();
+        let config = (*self.config).clone();
         let local = Arc::downgrade(&self.local);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);

@@ -448,9 +448,11 @@ pub(crate) struct TokenRow {
     pub status: ConnectionStatus,
     pub workspace_id: String,
     pub diagnosis: Option<Diagnosis>,
-    /// The current grant's id, obtained and expiry times, and sealed access token.
-    pub grant: Option<(GrantId, DateTime<Utc>, Option<DateTime<Utc>>, Vec<u8>)>,
+    pub grant: Option<TokenGrantRow>,
 }
+
+/// The current grant's id, obtained and expiry times, and sealed access token.
+pub(crate) type TokenGrantRow = (GrantId, DateTime<Utc>, Option<DateTime<Utc>>, Vec<u8>);
 
 pub(crate) fn token_row(row: &dyn Row) -> Result<TokenRow, StoreError> {
     let status = row.text(0)?;
