@@ -452,7 +452,7 @@ async fn forward_inner(
             },
         };
         let sent = tokio::time::timeout(state.proxy_timeouts.first_byte, request.send()).await;
-        let upstream = match sent {
+        let mut upstream = match sent {
             Ok(Ok(r)) => r,
             Err(_elapsed) => {
                 state
@@ -521,7 +521,8 @@ async fn forward_inner(
             }
             429 | 529 if state.shared_throttle || (replayable && !budget.exhausted()) => {
                 let wait = retry_after(upstream.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
-                let (code, up_headers) = (upstream.status(), upstream.headers().clone());
+                let code = upstream.status();
+                let up_headers = std::mem::take(upstream.headers_mut());
                 let (head, rest) = peek(upstream_body(&state, &id, upstream), PEEK_LIMIT).await;
                 if head
                     .iter()
@@ -554,7 +555,7 @@ async fn forward_inner(
                 // Blocked, or the wait does not fit the budget: the answer goes back at once.
                 return Ok(respond(
                     code,
-                    &up_headers,
+                    up_headers,
                     &grant.grant,
                     source,
                     Body::from_stream(chain(head, rest)),
@@ -604,6 +605,8 @@ fn share_throttle(
             .to_owned()
         }),
     };
+    // Known here before the answer goes back, so that this process's next call is held.
+    state.store.learn_throttle(&throttle);
     let store = state.store.clone();
     tokio::spawn(async move {
         if let Err(e) = store.record_throttle(&throttle).await {
@@ -716,34 +719,34 @@ fn chain(
 fn stream_back(
     state: &SharedState,
     id: &ConnectionId,
-    upstream: reqwest::Response,
+    mut upstream: reqwest::Response,
     grant: &GrantId,
     source: TokenSource,
 ) -> Response {
     let status = upstream.status();
-    let headers = upstream.headers().clone();
+    // Moved, not copied: the answer's headers are Notion's, less the hop-by-hop ones.
+    let headers = std::mem::take(upstream.headers_mut());
     let body = upstream_body(state, id, upstream).map_err(std::io::Error::other);
-    respond(status, &headers, grant, source, Body::from_stream(body))
+    respond(status, headers, grant, source, Body::from_stream(body))
 }
 
 /// Notion's answer, as it came: status, end-to-end headers, body; plus the grant used, and
 /// `Tokenkeeper-Cached` when the token came from the cache during a database outage.
 fn respond(
     status: StatusCode,
-    from: &reqwest::header::HeaderMap,
+    mut headers: reqwest::header::HeaderMap,
     grant: &GrantId,
     source: TokenSource,
     body: Body,
 ) -> Response {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response.extensions_mut().insert(FromUpstream);
+    *response.headers_mut() = headers;
     let headers = response.headers_mut();
-    for (name, value) in from {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
     if let Ok(v) = HeaderValue::from_str(grant.as_str()) {
         headers.insert(HeaderName::from_static(GRANT_HEADER), v);
     }

@@ -522,9 +522,15 @@ impl Store {
     /// process: one small write, made only when Notion answers 429 or 529. This process knows
     /// at once; the others through the change feed.
     pub async fn record_throttle(&self, throttle: &Throttle) -> Result<(), StoreError> {
-        self.local().throttles.learn(throttle.clone());
+        self.learn_throttle(throttle);
         let t = throttle.clone();
         in_transaction!(self, |db| rules::record_throttle(db, &t))
+    }
+
+    /// Tells this process alone of a throttle, at once (`record_throttle` does it too, then
+    /// tells the others).
+    pub fn learn_throttle(&self, throttle: &Throttle) {
+        self.local().throttles.learn(throttle.clone());
     }
 
     /// The throttle holding `(scope, subject)` now, as this process knows it.
