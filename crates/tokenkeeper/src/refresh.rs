@@ -152,6 +152,53 @@ pub struct Coordinator {
     judged: Mutex<HashMap<GrantId, (Verdict, Instant)>>,
     /// Refreshes by outcome and lease waits (`report`).
     metrics: Arc<Metrics>,
+    /// Callers naming the same grant, queued behind the first one's reads (`refresh`).
+    gates: Gates,
+}
+
+/// One async lock per `(connection, grant)` that callers are about to refresh, while they are;
+/// an entry goes when its last caller leaves, so the map holds only what is in use.
+#[derive(Default)]
+struct Gates(Mutex<HashMap<(ConnectionId, GrantId), Arc<tokio::sync::Mutex<()>>>>);
+
+impl Gates {
+    fn enter(&self, id: &ConnectionId, grant: &GrantId) -> GateRef<'_> {
+        let lock = self
+            .0
+            .lock()
+            .expect("gates lock is never poisoned")
+            .entry((id.clone(), grant.clone()))
+            .or_default()
+            .clone();
+        GateRef {
+            gates: self,
+            key: (id.clone(), grant.clone()),
+            lock,
+        }
+    }
+}
+
+/// A caller's hold on a gate's entry; the entry is removed when the last one drops.
+struct GateRef<'a> {
+    gates: &'a Gates,
+    key: (ConnectionId, GrantId),
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl GateRef<'_> {
+    fn clone(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.lock.clone()
+    }
+}
+
+impl Drop for GateRef<'_> {
+    fn drop(&mut self) {
+        let mut map = self.gates.0.lock().expect("gates lock is never poisoned");
+        // The map's reference and ours (a held guard owns one more, dropped before this).
+        if Arc::strong_count(&self.lock) <= 2 {
+            map.remove(&self.key);
+        }
+    }
 }
 
 /// What the provider's introspection said of a fresh token it refused.
@@ -198,6 +245,7 @@ impl Coordinator {
             jobs,
             judged: Mutex::new(HashMap::new()),
             metrics,
+            gates: Gates::default(),
         })
     }
 
@@ -209,23 +257,23 @@ impl Coordinator {
         if_grant: Option<&GrantId>,
     ) -> Result<Refreshed, RefreshError> {
         // A caller naming a grant that a flight is already replacing joins it at once, without
-        // reading the database: in a stampede, only the first caller pays for a read.
-        if let Some(wanted) = if_grant {
-            let joined = self
-                .flights
-                .lock()
-                .expect("flights lock is never poisoned")
-                .get(&(id.clone(), wanted.clone()))
-                .cloned();
-            if let Some(flight) = joined {
-                self.report(id, wanted, RefreshOutcome::Joined, None);
-                let grant = self.wait_for(flight).await?;
-                return Ok(Refreshed {
-                    grant,
-                    refreshed: true,
-                });
+        // reading the database: in a stampede, only the first caller pays for a read. Callers
+        // that arrive together, before that flight exists, queue behind the first one's reads
+        // (`Gates`) rather than each reading the database, then join its flight.
+        let _gate = match if_grant {
+            Some(wanted) => {
+                if let Some(joined) = self.join(id, wanted).await {
+                    return joined;
+                }
+                let gate = self.gates.enter(id, wanted);
+                let held = gate.clone().lock_owned().await;
+                if let Some(joined) = self.join(id, wanted).await {
+                    return joined;
+                }
+                Some((held, gate))
             }
-        }
+            None => None,
+        };
         let (connection, current) = self
             .store
             .current_grant(id)
@@ -288,6 +336,8 @@ impl Coordinator {
                 })
                 .clone()
         };
+        // The flight is in the map: callers queued at the gate join it from here on.
+        drop(_gate);
         if !started {
             self.report(id, &key.1, RefreshOutcome::Joined, None);
         }
@@ -296,6 +346,25 @@ impl Coordinator {
             grant,
             refreshed: true,
         })
+    }
+
+    /// Joins the flight replacing `wanted`, if one is in the air.
+    async fn join(
+        &self,
+        id: &ConnectionId,
+        wanted: &GrantId,
+    ) -> Option<Result<Refreshed, RefreshError>> {
+        let flight = self
+            .flights
+            .lock()
+            .expect("flights lock is never poisoned")
+            .get(&(id.clone(), wanted.clone()))
+            .cloned()?;
+        self.report(id, wanted, RefreshOutcome::Joined, None);
+        Some(self.wait_for(flight).await.map(|grant| Refreshed {
+            grant,
+            refreshed: true,
+        }))
     }
 
     /// The cap on refreshes per connection, counted in the database so that every process

@@ -131,7 +131,9 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
     let statements = delta("tokenkeeper_database_statements_total");
     let hits = delta("tokenkeeper_token_cache_lookups_total{result=\"hit\"}");
     let misses = delta("tokenkeeper_token_cache_lookups_total{result=\"miss\"}");
-    let statements_per_read = statements / token.ok.max(1) as f64;
+    // Every miss is one statement (`TOKEN_OF_CONNECTION`); whatever else serve sent during
+    // the phases (its job worker's polls, the baseline phases') is counted against the hits.
+    let statements_per_cached_read = (statements - misses).max(0.0) / hits.max(1.0);
     let memory = broker.proc.memory()?;
     // PostgreSQL's statistics counters are flushed when a backend exits; stopping serve closes
     // its pool, so the sample after it sees every tuple the phases wrote.
@@ -181,11 +183,11 @@ pub async fn run(ctx: &Ctx, backend: Backend, params: &Params) -> anyhow::Result
         )
         .target("<= 2×", cpu_ratio <= 2.0),
         Figure::new(
-            "database statements per token read (all of serve's, baseline phases included)",
-            round(statements_per_read, 4),
+            "database statements per cached token read (serve's statements less one per miss, over the hits; background work included)",
+            round(statements_per_cached_read, 4),
             "",
         )
-        .target("0 (< 0.001)", statements_per_read < 0.001),
+        .target("0 (< 0.001)", statements_per_cached_read < 0.001),
         Figure::new(
             "token reads answered from the cache",
             round(hits / (hits + misses).max(1.0), 4),
