@@ -579,7 +579,7 @@ export interface components {
          *     which the OpenAPI document lists, is `as_str` (a unit test keeps the two equal).
          * @enum {string}
          */
-        ErrorCode: "invalid_request" | "unsupported_provider" | "return_to_not_allowed" | "unauthorized" | "forbidden" | "not_found" | "conflict" | "not_refreshable" | "connection_revoked" | "needs_reauth" | "internal" | "provider_rejected" | "upstream_unreachable" | "database_unavailable" | "not_ready" | "refresh_lock_timeout" | "provider_unavailable" | "token_rejected_after_refresh" | "refresh_rate_limited" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "uri_too_long" | "headers_too_large" | "too_many_connections" | "upstream_timeout";
+        ErrorCode: "invalid_request" | "unsupported_provider" | "return_to_not_allowed" | "unauthorized" | "forbidden" | "not_found" | "conflict" | "not_refreshable" | "connection_revoked" | "needs_reauth" | "internal" | "provider_rejected" | "upstream_unreachable" | "database_unavailable" | "not_ready" | "refresh_lock_timeout" | "provider_unavailable" | "token_rejected_after_refresh" | "refresh_rate_limited" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "uri_too_long" | "headers_too_large" | "too_many_connections" | "upstream_timeout" | "notion_throttled";
         /**
          * @description Every error answer's body, as the OpenAPI document describes it. `ApiError` builds the body
          *     from a map rather than from this type, because a few errors add fields of their own; the
@@ -721,7 +721,7 @@ export interface components {
             started_at: string;
             holder: components["schemas"]["LeaseHolder"];
         };
-        /** @description Who holds a refresh lease: a name unique per process (see `app::holder_name`). */
+        /** @description Who holds a refresh lease: a name unique per process (its host, process id and a random suffix). */
         LeaseHolder: string;
         /**
          * @description The providers tokenkeeper speaks to. Only Notion for now.
@@ -1446,6 +1446,8 @@ export interface operations {
             /** @description The current access token; Notion is not called */
             200: {
                 headers: {
+                    /** @description `database_unavailable` when the answer came from this process's token cache because the database could not be reached: the latest grant this process knew of, with no change of it seen, but unchecked */
+                    "Tokenkeeper-Cached"?: string;
                     [name: string]: unknown;
                 };
                 content: {

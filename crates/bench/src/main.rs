@@ -93,6 +93,22 @@ struct Cli {
     /// Keep the scratch directory (SQLite files, process logs) instead of deleting it.
     #[arg(long)]
     keep: bool,
+
+    /// A `TOKENKEEPER_*` setting for every `serve` the scenarios start, as `NAME=VALUE`
+    /// (repeatable), e.g. `--serve-env TOKENKEEPER_TOKEN_CACHE_SIZE=0` to measure without the
+    /// token cache.
+    #[arg(long, value_parser = parse_env_pair)]
+    serve_env: Vec<(String, String)>,
+}
+
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    if !name.starts_with("TOKENKEEPER_") {
+        return Err(format!("{name} is not a TOKENKEEPER_* setting"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -111,6 +127,10 @@ enum Which {
     Proxy,
     /// 6. Complete connect flows (session, link, consent, callback) per second.
     Connect,
+    /// Issue 14: how long another process's token cache serves a superseded grant, under a refresh storm over two processes.
+    Staleness,
+    /// Issue 14: Notion-side 429s per 1,000 proxied calls with and without the shared throttle, at equal offered load, over two processes.
+    Throttle,
     /// Every scenario above, in this order.
     All,
 }
@@ -125,6 +145,8 @@ impl Which {
             Which::Refresh => "refresh",
             Which::Proxy => "proxy",
             Which::Connect => "connect",
+            Which::Staleness => "staleness",
+            Which::Throttle => "throttle",
             Which::All => "all",
         }
     }
@@ -140,6 +162,8 @@ impl Which {
             Which::Refresh => "refresh throughput, each connection refreshed once",
             Which::Proxy => "proxy overhead on users.me",
             Which::Connect => "complete connect flows",
+            Which::Staleness => "staleness of another process's token cache under a refresh storm",
+            Which::Throttle => "Notion-side 429s with and without the shared throttle",
             Which::All => "",
         }
     }
@@ -277,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         pg_url: cli.postgres_url.clone(),
         seed_batch: cli.seed_batch.max(1),
         results_dir: results_dir.clone(),
+        serve_env: cli.serve_env.clone(),
     };
     let command = command_line(&backends);
     let machine = Machine::detect();
@@ -289,6 +314,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Which::Refresh,
             Which::Proxy,
             Which::Connect,
+            Which::Staleness,
+            Which::Throttle,
         ],
         one => vec![one],
     };
@@ -410,6 +437,8 @@ async fn run_one(
         Which::Refresh => scenarios::refresh::run(ctx, backend).await,
         Which::Proxy => scenarios::proxy::run(ctx, backend).await,
         Which::Connect => scenarios::connect::run(ctx, backend).await,
+        Which::Staleness => scenarios::staleness::run(ctx, backend).await,
+        Which::Throttle => scenarios::throttle::run(ctx, backend).await,
         Which::SimCeiling | Which::All => unreachable!("handled above"),
     }
 }

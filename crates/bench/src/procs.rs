@@ -187,12 +187,14 @@ impl Sim {
             "127.0.0.1:0",
             "--auto-approve",
             "--fresh-identity",
-            "--rate-limit-per-connection",
-            "0",
             // The request log is a ring buffer behind a lock; keep it small so it costs little.
             "--request-log-capacity",
             "100",
         ];
+        // No rate limit, unless the scenario sets one.
+        if !extra.contains(&"--rate-limit-per-connection") {
+            args.extend(["--rate-limit-per-connection", "0"]);
+        }
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn(name, bin, &args, &[], log_dir)?;
         let url = proc
@@ -235,6 +237,8 @@ pub struct BrokerSpec {
     /// The admin key, without its `admin:` prefix (what a caller sends as a bearer).
     pub api_key: String,
     pub sim_url: String,
+    /// More `TOKENKEEPER_*` settings for every `serve` (`--serve-env`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A running `tokenkeeper serve`.
@@ -248,6 +252,15 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start(spec: &BrokerSpec, name: &str) -> anyhow::Result<Broker> {
+        Broker::start_with(spec, name, &[]).await
+    }
+
+    /// `start`, with more `TOKENKEEPER_*` settings.
+    pub async fn start_with(
+        spec: &BrokerSpec,
+        name: &str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Broker> {
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let env = [
@@ -260,8 +273,16 @@ impl Broker {
             ("TOKENKEEPER_NOTION_CLIENT_ID", CLIENT_ID.to_owned()),
             ("TOKENKEEPER_NOTION_CLIENT_SECRET", CLIENT_SECRET.to_owned()),
             ("TOKENKEEPER_NOTION_BASE_URL", spec.sim_url.clone()),
+            // The health check would introspect the seeded tokens, which the simulator never
+            // minted, and mark them needs_reauth in the middle of a measurement.
+            ("TOKENKEEPER_HEALTH_CHECK_INTERVAL", "0".to_owned()),
         ];
         let spawned = Instant::now();
+        let env: Vec<(&str, String)> = env
+            .into_iter()
+            .chain(spec.extra_env.iter().map(|(k, v)| (k.as_str(), v.clone())))
+            .chain(extra.iter().cloned())
+            .collect();
         let mut proc = Proc::spawn(name, &spec.bin, &["serve"], &env, &spec.log_dir)?;
         let printed = proc
             .read_until("listening on ", Duration::from_secs(60))
@@ -292,4 +313,25 @@ impl Broker {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.proc.stop().await
     }
+}
+
+/// The samples of a `serve`'s `/metrics`, by series (name and labels as written).
+pub async fn scrape(
+    addr: SocketAddr,
+    key: &str,
+) -> anyhow::Result<std::collections::HashMap<String, f64>> {
+    let reply = client::once(
+        addr,
+        request(Method::GET, addr, "/metrics").bearer(key).empty(),
+    )
+    .await?
+    .expect(StatusCode::OK)?;
+    Ok(String::from_utf8_lossy(&reply.body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect())
 }

@@ -15,6 +15,8 @@ use crate::world::Id;
 pub(crate) struct Stats {
     requests: [AtomicU64; Endpoint::ALL.len()],
     tokens: Mutex<TokenStats>,
+    /// REST calls answered 429 by the rate limits, by `rate_limit_reason`.
+    rate_limited: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 #[derive(Default)]
@@ -52,7 +54,18 @@ impl Stats {
         }
     }
 
+    /// Counts a REST call the rate limits answered 429.
+    pub fn count_rate_limited(&self, reason: &'static str) {
+        *self
+            .rate_limited
+            .lock()
+            .expect("stats lock")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
     pub fn clear(&self) {
+        self.rate_limited.lock().expect("stats lock").clear();
         for counter in &self.requests {
             counter.store(0, Ordering::Relaxed);
         }
@@ -79,6 +92,7 @@ impl Stats {
         json!({
             "requests": requests,
             "token_requests": {"total": tokens.total, "by_bot": by_bot},
+            "rate_limited": self.rate_limited.lock().expect("stats lock").clone(),
         })
     }
 }

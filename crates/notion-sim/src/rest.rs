@@ -77,6 +77,7 @@ fn respond(shared: &Shared, call: &Call, reply: &mut Reply) -> Response<Body> {
         &caller.workspace_id,
         call.now.instant,
     ) {
+        shared.stats.count_rate_limited(reason);
         return rate_limited(reason, retry_after, rid);
     }
     if !allowed(call) {

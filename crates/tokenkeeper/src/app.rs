@@ -52,6 +52,11 @@ pub struct StateSettings {
     pub proxy_timeouts: crate::api::proxy::ProxyTimeouts,
     /// How old `/metrics`' database-wide gauges may be (`metrics::DEFAULT_GAUGE_INTERVAL`).
     pub metrics_gauge_interval: Duration,
+    /// Connections the token cache keeps at most (`TOKENKEEPER_TOKEN_CACHE_SIZE`; 0: off).
+    pub token_cache_size: usize,
+    /// Whether Notion's 429s and 529s hold every process's proxied calls
+    /// (`TOKENKEEPER_PROXY_SHARED_THROTTLE`).
+    pub shared_throttle: bool,
 }
 
 /// Builds the shared state from its parts.
@@ -70,6 +75,13 @@ pub fn state(
         proxy_upstream_timeouts.clone(),
         settings.metrics_gauge_interval,
     ));
+    metrics.attach_store(store.clone());
+    if let Err(e) = store.start_change_feed(settings.token_cache_size) {
+        // Without its feed the store reads the database every time: slower, never wrong.
+        tracing::error!(
+            "the change feed could not start ({e}); every token read goes to the database"
+        );
+    }
     let client = NotionClient::new(notion, settings.provider_timeout).with_metrics(metrics.clone());
     store.set_webhook_endpoints(
         settings
@@ -123,6 +135,7 @@ pub fn state(
         journal,
         server: settings.server,
         proxy_timeouts: settings.proxy_timeouts,
+        shared_throttle: settings.shared_throttle,
         proxy_upstream_timeouts,
         server_counters,
         metrics,
@@ -193,6 +206,8 @@ impl App {
                 server: config.server.clone(),
                 proxy_timeouts: config.proxy,
                 metrics_gauge_interval: crate::metrics::DEFAULT_GAUGE_INTERVAL,
+                token_cache_size: config.token_cache_size,
+                shared_throttle: config.proxy_shared_throttle,
             },
             clock,
             simulator.as_ref().map(|s| s.base_url()),

@@ -244,6 +244,23 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENKEEPER_HEALTH_CHECK_RATE", default_value = "2/s")]
     pub health_check_rate: String,
 
+    /// The most connections whose current grant this process keeps in memory (sealed as at
+    /// rest), so that a token read touches no database; other processes' changes reach it
+    /// through the change feed. About 400 bytes each. `0` turns the cache off.
+    #[arg(long, env = "TOKENKEEPER_TOKEN_CACHE_SIZE", default_value = "100000")]
+    pub token_cache_size: String,
+
+    /// Whether a 429 or 529 from Notion holds every process's proxied calls of that connection
+    /// (or workspace) until its `Retry-After` passes, instead of letting each call meet its own
+    /// 429. `false` only to measure what it saves.
+    #[arg(
+        long,
+        env = "TOKENKEEPER_PROXY_SHARED_THROTTLE",
+        default_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub proxy_shared_throttle: bool,
+
     /// Mounts `GET /v1/_baseline`, a constant answer behind the API-key check, which the
     /// benchmarks compare token reads with. Not for production.
     #[arg(long, env = "TOKENKEEPER_BENCH_BASELINE_ROUTE", hide = true)]
@@ -323,6 +340,10 @@ pub struct Config {
     /// Deadlines of the proxy's calls to Notion.
     pub proxy: ProxyTimeouts,
     pub bench_baseline_route: bool,
+    /// Connections the token cache keeps at most (0: off).
+    pub token_cache_size: usize,
+    /// Whether Notion's 429s and 529s hold every process's proxied calls.
+    pub proxy_shared_throttle: bool,
     /// The health check (`interval` zero: off).
     pub health_check: crate::health::HealthSettings,
 }
@@ -526,6 +547,22 @@ impl Config {
                 .map_err(|m| ConfigError::new("TOKENKEEPER_REFRESH_RATE", m))?,
             spill_dir,
             bench_baseline_route: args.bench_baseline_route,
+            token_cache_size: args
+                .token_cache_size
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= 100_000_000)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "TOKENKEEPER_TOKEN_CACHE_SIZE",
+                        format!(
+                            "{:?} is not a whole number from 0 to 100000000",
+                            args.token_cache_size
+                        ),
+                    )
+                })?,
+            proxy_shared_throttle: args.proxy_shared_throttle,
             health_check: crate::health::HealthSettings {
                 interval: any_duration(
                     "TOKENKEEPER_HEALTH_CHECK_INTERVAL",

@@ -398,7 +398,7 @@ impl std::fmt::Display for Fence {
     }
 }
 
-/// Who holds a refresh lease: a name unique per process (`LeaseHolder::for_this_process`).
+/// Who holds a refresh lease: a name unique per process (its host, process id and a random suffix).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct LeaseHolder(pub String);

@@ -260,6 +260,7 @@ pub struct Metrics {
     provider: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     proxy_answers: Family<StatusLabels, Counter>,
     proxy_retries: Family<ReasonLabels, Counter>,
+    proxy_holds: Family<OutcomeLabels, Counter>,
     authorizations: Family<OutcomeLabels, Counter>,
     revocations: Counter,
     webhook_deliveries: Family<OutcomeLabels, Counter>,
@@ -268,6 +269,8 @@ pub struct Metrics {
     connections: Family<ConnectionStatusLabels, Gauge>,
     jobs: Family<JobLabels, Gauge>,
     gauge_interval: Duration,
+    /// The store whose token cache `CacheCollector` reports.
+    cache_store: Arc<std::sync::OnceLock<Arc<Store>>>,
     /// When the database-wide gauges were last counted; held while counting, so that
     /// concurrent scrapes count once.
     counted: tokio::sync::Mutex<Counted>,
@@ -331,7 +334,78 @@ impl Collector for StateCollector {
     }
 }
 
+/// The token cache's and the change feed's counts, read from the store at each scrape.
+#[derive(Debug, Default)]
+struct CacheCollector {
+    store: Arc<std::sync::OnceLock<Arc<Store>>>,
+}
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        let c = store.cache_counters();
+        let lookups = [
+            ("hit", c.hits.load(Ordering::Relaxed)),
+            ("miss", c.misses.load(Ordering::Relaxed)),
+            ("outage", c.outage_hits.load(Ordering::Relaxed)),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "token_cache_lookups",
+            "Token reads (and proxied calls) by what the token cache did: hit (answered from a verified entry, no database statement), miss (read from the database), outage (answered from an unverified entry because the database could not be reached)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (result, n) in lookups {
+            let labels = [("result", result)];
+            let metric = family.encode_family(&labels)?;
+            ConstCounter::new(n).encode(metric)?;
+        }
+        let counters: [(&str, &str, u64); 2] = [
+            (
+                "change_feed_resyncs",
+                "Times the change feed (re)connected, after which every cached entry is read again before it is served",
+                c.feed_resyncs.load(Ordering::Relaxed),
+            ),
+            (
+                "database_statements",
+                "Statements this process sent to the database",
+                c.statements.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        let gauges: [(&str, &str, i64); 2] = [
+            (
+                "token_cache_entries",
+                "Connections in this process's token cache",
+                i64::try_from(store.cached_connections()).unwrap_or(i64::MAX),
+            ),
+            (
+                "change_feed_up",
+                "1 while the change feed is connected (the token cache is served), 0 otherwise",
+                i64::from(store.feed_is_live()),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
+    /// Reports the store's token cache and change feed from now on.
+    pub fn attach_store(&self, store: Arc<Store>) {
+        let _ = self.cache_store.set(store);
+    }
+
     /// The metrics, reading `server` and `proxy_upstream_timeouts` at every scrape, and
     /// counting database-wide gauges at most every `gauge_interval`.
     /// Metrics nobody scrapes: for a command (`import`) that runs the coordinator without
@@ -395,6 +469,12 @@ impl Metrics {
             "Proxied calls sent to Notion again, by reason",
             proxy_retries.clone(),
         );
+        let proxy_holds = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_throttle_holds",
+            "Proxied calls that met a 429 or 529 another call had met (shared by every process), by outcome (waited: held until it passed; refused: answered 429 notion_throttled, the wait not fitting the budget)",
+            proxy_holds.clone(),
+        );
         let authorizations = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "authorizations",
@@ -446,6 +526,10 @@ impl Metrics {
             server,
             proxy_upstream_timeouts,
         }));
+        let cache_store = Arc::new(std::sync::OnceLock::new());
+        registry.register_collector(Box::new(CacheCollector {
+            store: cache_store.clone(),
+        }));
         Metrics {
             registry,
             http,
@@ -455,6 +539,7 @@ impl Metrics {
             provider,
             proxy_answers,
             proxy_retries,
+            proxy_holds,
             authorizations,
             revocations,
             webhook_deliveries,
@@ -463,6 +548,7 @@ impl Metrics {
             connections,
             jobs,
             gauge_interval,
+            cache_store,
             counted: tokio::sync::Mutex::new(Counted::default()),
         }
     }
@@ -534,6 +620,16 @@ impl Metrics {
     pub fn proxy_answer(&self, status: u16) {
         self.proxy_answers
             .get_or_create(&StatusLabels { status })
+            .inc();
+    }
+
+    /// A proxied call met a throttle another call (of any process) learned of: `waited` when
+    /// it waited it out, else it was answered 429 `notion_throttled` without calling Notion.
+    pub fn proxy_held(&self, waited: bool) {
+        self.proxy_holds
+            .get_or_create(&OutcomeLabels {
+                outcome: if waited { "waited" } else { "refused" },
+            })
             .inc();
     }
 

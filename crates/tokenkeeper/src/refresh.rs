@@ -10,8 +10,9 @@
 //!   attempt before the provider is called. The lease always outlives the provider call's
 //!   timeout, and its fence stops a stale holder from committing a failure over a newer holder.
 //!
-//! A flight that finds the lease held waits for the holder's result by re-reading the current
-//! grant, and takes the lease over if it expires (the holder died).
+//! A flight that finds the lease held waits for the holder's result: the store's change feed
+//! wakes it when the holder commits or releases the lease (`Store::watch_connection`), and it
+//! takes the lease over if it expires (the holder died). Without a live feed it polls.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -151,6 +152,56 @@ pub struct Coordinator {
     judged: Mutex<HashMap<GrantId, (Verdict, Instant)>>,
     /// Refreshes by outcome and lease waits (`report`).
     metrics: Arc<Metrics>,
+    /// Callers naming the same grant, queued behind the first one's reads (`refresh`).
+    gates: Gates,
+}
+
+/// One async lock per `(connection, grant)` that callers are about to refresh, while they are;
+/// an entry goes when its last caller leaves, so the map holds only what is in use.
+#[derive(Default)]
+struct Gates(Mutex<HashMap<(ConnectionId, GrantId), Gate>>);
+
+/// The lock callers naming one `(connection, grant)` queue on.
+type Gate = Arc<tokio::sync::Mutex<()>>;
+
+impl Gates {
+    fn enter(&self, id: &ConnectionId, grant: &GrantId) -> GateRef<'_> {
+        let lock = self
+            .0
+            .lock()
+            .expect("gates lock is never poisoned")
+            .entry((id.clone(), grant.clone()))
+            .or_default()
+            .clone();
+        GateRef {
+            gates: self,
+            key: (id.clone(), grant.clone()),
+            lock,
+        }
+    }
+}
+
+/// A caller's hold on a gate's entry; the entry is removed when the last one drops.
+struct GateRef<'a> {
+    gates: &'a Gates,
+    key: (ConnectionId, GrantId),
+    lock: Gate,
+}
+
+impl GateRef<'_> {
+    fn clone(&self) -> Gate {
+        self.lock.clone()
+    }
+}
+
+impl Drop for GateRef<'_> {
+    fn drop(&mut self) {
+        let mut map = self.gates.0.lock().expect("gates lock is never poisoned");
+        // The map's reference and ours (a held guard owns one more, dropped before this).
+        if Arc::strong_count(&self.lock) <= 2 {
+            map.remove(&self.key);
+        }
+    }
 }
 
 /// What the provider's introspection said of a fresh token it refused.
@@ -168,9 +219,13 @@ const MAX_JUDGED: usize = 4096;
 
 /// The first retry of a transient failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Waiters re-read the current grant at most this far apart: a waiting process learns of
-/// another process's refresh within this long (one cheap indexed read per poll per process).
+/// Without the change feed, waiters re-read the current grant at most this far apart: a waiting
+/// process learns of another process's refresh within this long (one cheap indexed read per
+/// poll per process).
 const MAX_POLL: Duration = Duration::from_millis(5);
+/// With the change feed, a waiter sleeps until the feed wakes it, at most this long (or until
+/// the holder's lease ends, if sooner), so that a lost wake-up costs a bounded delay.
+const FEED_WAIT_BOUND: Duration = Duration::from_secs(1);
 /// How long a minted pair's commit is retried before the pair goes to the spill journal and
 /// the callers get their token. Short: the callers are waiting, and the journal is durable.
 const SPILL_AFTER: Duration = Duration::from_secs(2);
@@ -193,6 +248,7 @@ impl Coordinator {
             jobs,
             judged: Mutex::new(HashMap::new()),
             metrics,
+            gates: Gates::default(),
         })
     }
 
@@ -204,23 +260,23 @@ impl Coordinator {
         if_grant: Option<&GrantId>,
     ) -> Result<Refreshed, RefreshError> {
         // A caller naming a grant that a flight is already replacing joins it at once, without
-        // reading the database: in a stampede, only the first caller pays for a read.
-        if let Some(wanted) = if_grant {
-            let joined = self
-                .flights
-                .lock()
-                .expect("flights lock is never poisoned")
-                .get(&(id.clone(), wanted.clone()))
-                .cloned();
-            if let Some(flight) = joined {
-                self.report(id, wanted, RefreshOutcome::Joined, None);
-                let grant = self.wait_for(flight).await?;
-                return Ok(Refreshed {
-                    grant,
-                    refreshed: true,
-                });
+        // reading the database: in a stampede, only the first caller pays for a read. Callers
+        // that arrive together, before that flight exists, queue behind the first one's reads
+        // (`Gates`) rather than each reading the database, then join its flight.
+        let _gate = match if_grant {
+            Some(wanted) => {
+                if let Some(joined) = self.join(id, wanted).await {
+                    return joined;
+                }
+                let gate = self.gates.enter(id, wanted);
+                let held = gate.clone().lock_owned().await;
+                if let Some(joined) = self.join(id, wanted).await {
+                    return joined;
+                }
+                Some((held, gate))
             }
-        }
+            None => None,
+        };
         let current = self
             .live_grant(id)
             .await?
@@ -279,6 +335,8 @@ impl Coordinator {
                 })
                 .clone()
         };
+        // The flight is in the map: callers queued at the gate join it from here on.
+        drop(_gate);
         if !started {
             self.report(id, &key.1, RefreshOutcome::Joined, None);
         }
@@ -287,6 +345,25 @@ impl Coordinator {
             grant,
             refreshed: true,
         })
+    }
+
+    /// Joins the flight replacing `wanted`, if one is in the air.
+    async fn join(
+        &self,
+        id: &ConnectionId,
+        wanted: &GrantId,
+    ) -> Option<Result<Refreshed, RefreshError>> {
+        let flight = self
+            .flights
+            .lock()
+            .expect("flights lock is never poisoned")
+            .get(&(id.clone(), wanted.clone()))
+            .cloned()?;
+        self.report(id, wanted, RefreshOutcome::Joined, None);
+        Some(self.wait_for(flight).await.map(|grant| Refreshed {
+            grant,
+            refreshed: true,
+        }))
     }
 
     /// The cap on refreshes per connection, counted in the database so that every process
@@ -400,12 +477,32 @@ impl Coordinator {
                     check_status(status, diagnosis)?;
                     return Err(RefreshError::NotRefreshable(reason));
                 }
-                LeaseOutcome::Busy { .. } => {
+                LeaseOutcome::Busy { until } => {
                     note.lease_wait_since.get_or_insert_with(Instant::now);
                     if Instant::now() + poll > deadline {
                         return Err(RefreshError::LockTimeout);
                     }
-                    tokio::time::sleep(poll).await;
+                    // Registered before the read, so that a commit after the read wakes us:
+                    // the change feed delivers the holder's commit (or its release of the
+                    // lease) within its delay, instead of our polling the database.
+                    let waiter = self.store.watch_connection(id);
+                    let mut woken = std::pin::pin!(waiter.notify.notified());
+                    woken.as_mut().enable();
+                    if let Some(done) = self.replaced(id, target).await? {
+                        return Ok(done);
+                    }
+                    let wait = if self.store.feed_is_live() {
+                        // Woken by the feed; the timeout only bounds a wait whose wake-up was
+                        // lost, and takes the lease over once it ends (its holder died).
+                        (until - chrono::Utc::now())
+                            .to_std()
+                            .unwrap_or_default()
+                            .clamp(MAX_POLL, FEED_WAIT_BOUND)
+                    } else {
+                        poll
+                    };
+                    let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+                    let _ = tokio::time::timeout(wait, woken).await;
                     poll = (poll * 2).min(MAX_POLL);
                     if let Some(done) = self.replaced(id, target).await? {
                         return Ok(done);

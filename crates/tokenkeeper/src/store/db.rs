@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::StoreError;
 use crate::clock::Clock;
+use crate::ids::ConnectionId;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
@@ -196,6 +197,12 @@ pub(crate) trait Db {
     /// database's lock from its first statement (`BEGIN IMMEDIATE`). The locking reads are
     /// written once, in `rules.rs`, and pick their statement by this.
     fn locks_rows(&self) -> bool;
+
+    /// The transaction is about to change this connection's current grant, status or
+    /// workspace: this process's token cache must not serve or fill it until the transaction is
+    /// over (`cache::Touched`). Other processes learn of the change from the database's own
+    /// triggers (migration 0007), whoever wrote it. A no-op in a read-only session.
+    fn touched(&self, id: &ConnectionId);
 
     /// Serializes everyone who may make `(provider, bot_id)` live, until commit: taken before
     /// an authorization that may create a connection for this bot. A no-op on SQLite.

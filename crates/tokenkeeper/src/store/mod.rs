@@ -25,7 +25,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
-use crate::ids::{AttemptId, ConnectionId, GrantId, SessionId};
+use crate::ids::{AccessToken, AttemptId, ConnectionId, GrantId, SessionId};
 use crate::ledger::{
     AuthorizationOutcome, ConnectSession, Connection, ConnectionFilter, ConnectionStatus, Event,
     FailureOutcome, Fence, GrantRecord, Job, JobKind, JobOutcome, JobStatus, LeaseHolder,
@@ -35,6 +35,7 @@ use crate::ledger::{
 use crate::ledger::{BotImportOutcome, CheckRecorded, CheckResult, ImportedBot};
 use crate::seal::{KeyRing, SealError};
 
+pub mod cache;
 mod db;
 mod keys;
 pub mod postgres;
@@ -44,6 +45,7 @@ mod sealed;
 mod sql;
 pub mod sqlite;
 
+pub use cache::{CacheCounters, Throttle, ThrottleScope};
 pub use keys::{KeyCheck, KeyRegistration};
 use postgres::PgStore;
 use sqlite::SqliteStore;
@@ -150,6 +152,39 @@ pub struct KeyUsage {
     pub registered: std::collections::BTreeSet<String>,
 }
 
+/// What a token read answers (`Store::read_token`): the connection's status and its current
+/// grant's access token, from the token cache or the database.
+#[derive(Debug, Clone)]
+pub struct TokenView {
+    pub status: ConnectionStatus,
+    /// Why the connection needs re-authorization (read from the database: `needs_reauth` is
+    /// never answered from the cache).
+    pub diagnosis: Option<crate::ledger::Diagnosis>,
+    pub workspace_id: String,
+    pub grant: Option<TokenGrant>,
+    pub source: TokenSource,
+}
+
+/// A current grant as a token read answers it: never its refresh token.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub id: GrantId,
+    pub obtained_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub access_token: AccessToken,
+}
+
+/// Where a token read's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Database,
+    /// A verified entry of the token cache: no change was missed.
+    Cache,
+    /// An entry of the token cache that could not be verified because the database could not
+    /// be reached; no change of the connection was seen since it was filled.
+    CacheDuringOutage,
+}
+
 /// The result of consuming a connect session's `state`.
 #[derive(Debug, Clone)]
 pub enum SessionLookup {
@@ -240,6 +275,10 @@ macro_rules! migrations {
                 6,
                 $crate::store::migrations!($backend, "0006_console_indexes.sql"),
             ),
+            (
+                7,
+                $crate::store::migrations!($backend, "0007_change_feed_and_throttles.sql"),
+            ),
         ]
     };
     ($backend:literal, $file:literal) => {
@@ -266,9 +305,10 @@ macro_rules! in_transaction_then {
             Engine::Postgres(p) => {
                 async {
                     let mut client = p.client().await?;
+                    let touched = cache::Touched::new(p.local());
                     let tx = client.transaction().await?;
                     let out = {
-                        let $db = &p.session(&tx);
+                        let $db = &p.session(&tx, Some(&touched));
                         $body.await?
                     };
                     if commit {
@@ -293,7 +333,7 @@ macro_rules! read_only {
             Engine::Postgres(p) => {
                 async {
                     let client = p.client().await?;
-                    let $db = &p.session(&client);
+                    let $db = &p.session(&client, None);
                     $body.await
                 }
                 .await
@@ -376,6 +416,179 @@ impl Store {
         }
     }
 
+    fn local(&self) -> &std::sync::Arc<cache::Local> {
+        match &self.engine {
+            Engine::Sqlite(s) => s.local(),
+            Engine::Postgres(p) => p.local(),
+        }
+    }
+
+    /// Starts the change feed and turns the token cache on, with room for `capacity`
+    /// connections (0: no cache; the feed still spreads throttles and wakes waiting refreshes).
+    /// `serve` calls it once the schema is current; stores that never start it read the
+    /// database every time.
+    pub fn start_change_feed(&self, capacity: usize) -> Result<(), StoreError> {
+        self.local().tokens.set_capacity(capacity);
+        match &self.engine {
+            Engine::Sqlite(s) => s.start_feed(),
+            Engine::Postgres(p) => {
+                p.start_feed();
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the change feed is connected, so that the token cache is served and waiting
+    /// refreshes are woken by other processes' commits.
+    pub fn feed_is_live(&self) -> bool {
+        self.local().tokens.is_live()
+    }
+
+    /// What the token cache and the change feed did so far (for `/metrics`).
+    pub fn cache_counters(&self) -> &CacheCounters {
+        &self.local().counters
+    }
+
+    /// Connections in the token cache now.
+    pub fn cached_connections(&self) -> usize {
+        self.local().tokens.len()
+    }
+
+    /// A registration that the change feed wakes when the connection changes (a commit of any
+    /// process) or when the feed reconnects. Register before reading, then wait.
+    pub fn watch_connection(&self, id: &ConnectionId) -> cache::Waiter<'_> {
+        self.local().waiters.register(id)
+    }
+
+    /// The connection's status and current grant, as a token read answers them: from the token
+    /// cache when a verified entry is there (no statement at all), else from the database (one
+    /// indexed read, which fills the cache). When the database cannot be reached, an entry that
+    /// could not be verified is answered as `CacheDuringOutage`; an entry that a change of the
+    /// connection invalidated is never kept, so a superseded or revoked grant is never answered.
+    pub async fn read_token(&self, id: &ConnectionId) -> Result<Option<TokenView>, StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let local = self.local();
+        let tokens = &local.tokens;
+        let mut unverified = None;
+        if tokens.enabled() {
+            match tokens.get(id) {
+                cache::Lookup::Fresh(entry) => {
+                    local.counters.hits.fetch_add(1, Relaxed);
+                    return self.view(id, &entry, TokenSource::Cache).map(Some);
+                }
+                cache::Lookup::Unverified(entry) => unverified = Some(entry),
+                cache::Lookup::Miss => {}
+            }
+            if !self.is_up() {
+                if let Some(entry) = &unverified {
+                    local.counters.outage_hits.fetch_add(1, Relaxed);
+                    return self
+                        .view(id, entry, TokenSource::CacheDuringOutage)
+                        .map(Some);
+                }
+            }
+        }
+        local.counters.misses.fetch_add(1, Relaxed);
+        let ticket = tokens.ticket(id);
+        let row = match read_only!(self, |db| reads::token_of_connection(db, id)) {
+            Ok(Some(row)) => row,
+            Ok(None) => return Ok(None),
+            Err(StoreError::Unavailable(reason)) => {
+                return match unverified {
+                    Some(entry) => {
+                        local.counters.outage_hits.fetch_add(1, Relaxed);
+                        self.view(id, &entry, TokenSource::CacheDuringOutage)
+                            .map(Some)
+                    }
+                    None => Err(StoreError::Unavailable(reason)),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let grant = match row.grant {
+            Some((grant_id, obtained_at, expires_at, sealed)) => {
+                let access_token = sealed::open_access(self.keys(), id, &grant_id, &sealed)?;
+                let cacheable = match row.status {
+                    ConnectionStatus::Active => Some(Some(cache::EntryGrant {
+                        id: grant_id.clone(),
+                        obtained_at,
+                        expires_at,
+                        sealed_access: sealed.into_boxed_slice(),
+                    })),
+                    ConnectionStatus::Revoked => Some(None),
+                    ConnectionStatus::NeedsReauth => None,
+                };
+                if let Some(entry_grant) = cacheable {
+                    tokens.fill(
+                        ticket,
+                        id,
+                        cache::Entry::new(row.status, &row.workspace_id, entry_grant),
+                    );
+                }
+                Some(TokenGrant {
+                    id: grant_id,
+                    obtained_at,
+                    expires_at,
+                    access_token,
+                })
+            }
+            None => None,
+        };
+        Ok(Some(TokenView {
+            status: row.status,
+            diagnosis: row.diagnosis,
+            workspace_id: row.workspace_id,
+            grant,
+            source: TokenSource::Database,
+        }))
+    }
+
+    fn view(
+        &self,
+        id: &ConnectionId,
+        entry: &cache::Entry,
+        source: TokenSource,
+    ) -> Result<TokenView, StoreError> {
+        let grant = match &entry.grant {
+            Some(g) => Some(TokenGrant {
+                id: g.id.clone(),
+                obtained_at: g.obtained_at,
+                expires_at: g.expires_at,
+                access_token: sealed::open_access(self.keys(), id, &g.id, &g.sealed_access)?,
+            }),
+            None => None,
+        };
+        Ok(TokenView {
+            status: entry.status,
+            diagnosis: None,
+            workspace_id: entry.workspace_id.to_string(),
+            grant,
+            source,
+        })
+    }
+
+    /// Records that Notion throttles `throttle.subject` until `throttle.until`, for every
+    /// process: one small write, made only when Notion answers 429 or 529. This process knows
+    /// at once; the others through the change feed.
+    pub async fn record_throttle(&self, throttle: &Throttle) -> Result<(), StoreError> {
+        self.learn_throttle(throttle);
+        let t = throttle.clone();
+        in_transaction!(self, |db| rules::record_throttle(db, &t))
+    }
+
+    /// Tells this process alone of a throttle, at once (`record_throttle` does it too, then
+    /// tells the others).
+    pub fn learn_throttle(&self, throttle: &Throttle) {
+        self.local().throttles.learn(throttle.clone());
+    }
+
+    /// The throttle holding `(scope, subject)` now, as this process knows it.
+    pub fn throttle(&self, scope: ThrottleScope, subject: &str) -> Option<Throttle> {
+        self.local()
+            .throttles
+            .holding(scope, subject, chrono::Utc::now())
+    }
+
     /// Whether the database answered the last time it was asked (false during an outage).
     pub fn is_up(&self) -> bool {
         *self.health.up.borrow()
@@ -441,7 +654,7 @@ impl Store {
             Engine::Postgres(p) => {
                 async {
                     let client = p.client().await?;
-                    let db = &p.session(&client);
+                    let db = &p.session(&client, None);
                     reads::status_counts(db).await
                 }
                 .await

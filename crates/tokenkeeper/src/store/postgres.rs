@@ -18,9 +18,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 
+use super::cache::{Local, Touched};
 use super::db::{Cell, Context, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
+use crate::ids::ConnectionId;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
@@ -100,6 +102,11 @@ pub struct PgStore {
     keys: Arc<KeyRing>,
     clock: Clock,
     endpoints: Arc<Endpoints>,
+    /// How the pool connects (schema included): the change feed's connection is made the same
+    /// way, outside the pool. Boxed: it is large, and only the feed reads it.
+    config: Box<tokio_postgres::Config>,
+    /// The token cache, throttles and waiters this store shares with its change feed.
+    local: Arc<Local>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -156,7 +163,7 @@ impl PgStore {
             config.options(&options);
         }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -178,7 +185,13 @@ impl PgStore {
             keys,
             clock,
             endpoints: Arc::default(),
+            config: Box::new(config),
+            local: Local::new(0),
         })
+    }
+
+    pub(super) fn local(&self) -> &Arc<Local> {
+        &self.local
     }
 
     pub(super) fn keys(&self) -> &KeyRing {
@@ -193,8 +206,13 @@ impl PgStore {
         Ok(self.pool.get().await?)
     }
 
-    /// A session for the shared sequences on `client`: a transaction, or a pooled connection.
-    pub(super) fn session<'a, C: GenericClient>(&'a self, client: &'a C) -> PgDb<'a, C> {
+    /// A session for the shared sequences on `client`: a transaction (with the guard of the
+    /// connections it changes), or a pooled connection.
+    pub(super) fn session<'a, C: GenericClient>(
+        &'a self,
+        client: &'a C,
+        touched: Option<&'a Touched>,
+    ) -> PgDb<'a, C> {
         PgDb {
             client,
             cx: Context {
@@ -202,6 +220,8 @@ impl PgStore {
                 clock: &self.clock,
                 endpoints: self.endpoints.get(),
             },
+            local: &self.local,
+            touched,
         }
     }
 
@@ -230,7 +250,7 @@ impl PgStore {
             tx.batch_execute(sql).await?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                &[version, &self.session(&tx).now()],
+                &[version, &self.session(&tx, None).now()],
             )
             .await?;
             tx.commit().await?;
@@ -244,6 +264,133 @@ impl PgStore {
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         self.client().await?.simple_query("SELECT 1").await?;
         Ok(())
+    }
+}
+
+/// The channel of the change feed (migration 0007).
+const CHANNEL: &str = "tokenkeeper_changes";
+/// How often the feed's connection is asked whether it is still there: a connection that died
+/// without a word (a network partition) is noticed within this plus `CONNECT_TIMEOUT`.
+const FEED_PING: Duration = Duration::from_secs(5);
+/// Notifications waiting to be applied at most; beyond, the feed reconnects and re-validates
+/// everything rather than queue without bound (invariant 10).
+const FEED_QUEUE: usize = 10_000;
+
+impl PgStore {
+    /// Starts the change feed: a task that listens on `tokenkeeper_changes` on a connection of
+    /// its own, applies each notification of this schema as it arrives, and reconnects when the
+    /// connection drops (every entry of the cache is then read again before it is served). It
+    /// ends when the store is dropped.
+    pub(super) fn start_feed(&self) {
+        let config = (*self.config).clone();
+        let local = Arc::downgrade(&self.local);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                if local.strong_count() == 0 {
+                    return;
+                }
+                let result = listen(&config, &local).await;
+                if let Some(local) = local.upgrade() {
+                    if local.tokens.is_live() {
+                        tracing::debug!("the change feed's connection ended ({result:?}); the token cache is set aside until it is back");
+                        local.feed_lost();
+                        backoff = Duration::from_millis(100);
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        });
+    }
+}
+
+/// One connection of the change feed, until it fails or the store is dropped.
+async fn listen(
+    config: &tokio_postgres::Config,
+    local: &std::sync::Weak<Local>,
+) -> Result<(), StoreError> {
+    use futures::StreamExt;
+    use tokio_postgres::AsyncMessage;
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<tokio_postgres::Notification>(FEED_QUEUE);
+    // The connection is driven here; a full queue ends it, and with it the feed's connection.
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                if tx.try_send(n).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let _stop_driver = AbortOnDrop(driver);
+    let schema: String = client
+        .query_one("SELECT current_schema()::text", &[])
+        .await?
+        .try_get(0)?;
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // Listening from here: every later commit is delivered. Entries filled before are read
+    // again, and reads that began before cannot fill (`cache.rs`, rule 4).
+    let throttles = client
+        .query(
+            "SELECT scope, subject, until, reason FROM throttles WHERE until > now()",
+            &[],
+        )
+        .await?
+        .into_iter()
+        .filter_map(|row| {
+            Some(super::cache::Throttle {
+                scope: super::cache::ThrottleScope::parse(row.try_get::<_, &str>(0).ok()?)?,
+                subject: row.try_get(1).ok()?,
+                until: row.try_get(2).ok()?,
+                reason: row.try_get(3).ok()?,
+            })
+        })
+        .collect();
+    {
+        let Some(local) = local.upgrade() else {
+            return Ok(());
+        };
+        local.tokens.distrust_all();
+        local.resynced(throttles);
+    }
+    let mut ping = tokio::time::interval(FEED_PING);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            notification = rx.recv() => {
+                let Some(n) = notification else {
+                    return Err(StoreError::Unavailable("the change feed's connection closed".into()));
+                };
+                let Some(local) = local.upgrade() else { return Ok(()) };
+                let Ok(doc) = serde_json::from_str::<serde_json::Value>(n.payload()) else { continue };
+                if doc.get("schema").and_then(|s| s.as_str()) != Some(schema.as_str()) {
+                    continue;
+                }
+                let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+                let subject = doc.get("subject").and_then(|k| k.as_str()).unwrap_or_default();
+                local.apply(kind, subject, &doc);
+            }
+            _ = ping.tick() => {
+                if local.strong_count() == 0 {
+                    return Ok(());
+                }
+                tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("SELECT 1"))
+                    .await
+                    .map_err(|_| StoreError::Unavailable("the change feed's connection stopped answering".into()))??;
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped: the feed's connection driver ends with the feed.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -269,6 +416,17 @@ async fn schema_version(client: &impl GenericClient) -> Result<i64, StoreError> 
 pub(crate) struct PgDb<'a, C> {
     client: &'a C,
     cx: Context<'a>,
+    local: &'a Local,
+    touched: Option<&'a Touched>,
+}
+
+impl<C> PgDb<'_, C> {
+    fn count(&self) {
+        self.local
+            .counters
+            .statements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl ToSql for Param<'_> {
@@ -343,11 +501,13 @@ impl<C: GenericClient> Db for PgDb<'_, C> {
     }
 
     async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        self.count();
         let stmt = self.client.prepare_cached(sql).await?;
         Ok(self.client.execute(&stmt, &bind(params)).await?)
     }
 
     async fn query<T>(&self, sql: &str, params: &[Param<'_>], decode: Decode<T>) -> Rows<T> {
+        self.count();
         let stmt = self.client.prepare_cached(sql).await?;
         self.client
             .query(&stmt, &bind(params))
@@ -359,6 +519,12 @@ impl<C: GenericClient> Db for PgDb<'_, C> {
 
     fn locks_rows(&self) -> bool {
         true
+    }
+
+    fn touched(&self, id: &ConnectionId) {
+        if let Some(touched) = self.touched {
+            touched.touch(id);
+        }
     }
 
     /// A transaction-scoped advisory lock, per schema, so that test schemas sharing one server

@@ -164,6 +164,20 @@ pub(crate) async fn current_grant(
     Ok(Some((row.connection, grant)))
 }
 
+/// What a token read needs of the connection (`sql::TOKEN_OF_CONNECTION`): one indexed read,
+/// the access token left sealed.
+pub(crate) async fn token_of_connection(
+    db: &impl Db,
+    id: &ConnectionId,
+) -> Result<Option<sql::TokenRow>, StoreError> {
+    db.query_opt(
+        sql::TOKEN_OF_CONNECTION,
+        &[Param::Text(id.as_str())],
+        sql::token_row,
+    )
+    .await
+}
+
 pub(crate) async fn get_grant(
     db: &impl Db,
     id: &ConnectionId,

@@ -247,12 +247,16 @@ async fn live_connection_of_bot(
     .await
 }
 
+/// Moves the connection's current grant. Like every change of a connection's current grant,
+/// status or workspace (`set_status`, `mark_revoked`, `reauthorize`'s `SET_BOT`), it tells this
+/// process's token cache first (`Db::touched`); the database's triggers tell the others.
 async fn set_current_grant(
     db: &impl Db,
     id: &ConnectionId,
     grant: &GrantId,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    db.touched(id);
     db.execute(
         sql::SET_CURRENT_GRANT,
         &[text(grant.as_str()), Param::Time(now), text(id.as_str())],
@@ -281,6 +285,7 @@ async fn set_status(
         .map(serde_json::to_value)
         .transpose()
         .expect("a diagnosis serializes");
+    db.touched(id);
     db.execute(
         sql::SET_STATUS,
         &[
@@ -439,6 +444,7 @@ async fn reauthorize(
         )
         .await?;
     }
+    db.touched(&conn.id);
     db.execute(
         sql::SET_BOT,
         &[
@@ -1133,6 +1139,7 @@ pub(crate) async fn mark_revoked(
     if row.connection.status == ConnectionStatus::Revoked {
         return Ok(row.connection);
     }
+    db.touched(id);
     db.execute(sql::SET_REVOKED, &[Param::Time(now), text(id.as_str())])
         .await?;
     db.execute(
@@ -1956,4 +1963,26 @@ pub(crate) async fn check_schedule(
         .await?
         .flatten();
     Ok((active.max(0) as u64, oldest))
+}
+
+/// See `Store::record_throttle`: the later of the known end and `until` is kept; expired
+/// throttles are removed on the way.
+pub(crate) async fn record_throttle(
+    db: &impl Db,
+    throttle: &super::cache::Throttle,
+) -> Result<(), StoreError> {
+    let now = db.now();
+    db.execute(sql::DELETE_EXPIRED_THROTTLES, &[Param::Time(now)])
+        .await?;
+    db.execute(
+        sql::UPSERT_THROTTLE,
+        &[
+            text(throttle.scope.as_str()),
+            text(&throttle.subject),
+            Param::Time(throttle.until),
+            text(&throttle.reason),
+        ],
+    )
+    .await?;
+    Ok(())
 }

@@ -38,6 +38,18 @@ pub(crate) fn open_grant(keys: &KeyRing, row: GrantRow) -> Result<OpenGrant, Sto
     })
 }
 
+/// Opens a grant's access token alone: what a token read needs (the refresh token stays
+/// sealed, and is never held open by the cache).
+pub(crate) fn open_access(
+    keys: &KeyRing,
+    connection: &ConnectionId,
+    grant: &GrantId,
+    sealed: &[u8],
+) -> Result<AccessToken, StoreError> {
+    let ctx = context(connection.as_str(), grant.as_str(), Column::AccessToken);
+    Ok(AccessToken::new(keys.open(ctx, sealed)?))
+}
+
 /// Seals a grant's tokens for its row; returns `(access, refresh, key id)`.
 pub(crate) fn seal_tokens(
     keys: &KeyRing,

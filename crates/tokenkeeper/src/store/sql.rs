@@ -6,6 +6,8 @@
 //! Statements that lock (`… FOR UPDATE`) exist only on PostgreSQL: SQLite's write transaction
 //! already holds the database's lock.
 
+use chrono::{DateTime, Utc};
+
 use super::db::Row;
 use super::sealed::GrantRow;
 use super::{ConnectionRow, StoreError};
@@ -104,6 +106,13 @@ pub(crate) const CURRENT_GRANT: &str = concat!(
     grant_columns!(),
     " FROM connections c LEFT JOIN grants g ON g.id = c.current_grant_id WHERE c.id = $1"
 );
+
+/// What a token read needs, and no more (`reads::token_of_connection`): the connection's
+/// status, workspace and diagnosis, and its current grant's id, times and sealed access token.
+pub(crate) const TOKEN_OF_CONNECTION: &str =
+    "SELECT c.status, c.workspace_id, c.diagnosis, g.id, g.obtained_at, g.expires_at, \
+            g.access_token \
+     FROM connections c LEFT JOIN grants g ON g.id = c.current_grant_id WHERE c.id = $1";
 
 // Grants.
 
@@ -347,6 +356,15 @@ pub(crate) const SWEEPER_LEASE_FOR_UPDATE: &str =
 pub(crate) const TAKE_SWEEPER_LEASE: &str =
     "UPDATE sweeper_leases SET holder = $1, until = $2, fence = $3 WHERE name = $4";
 
+// Throttles (migration 0007).
+
+/// Records a throttle, keeping the later end when one is already known.
+pub(crate) const UPSERT_THROTTLE: &str =
+    "INSERT INTO throttles (scope, subject, until, reason) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (scope, subject) DO UPDATE SET until = excluded.until, reason = excluded.reason \
+     WHERE throttles.until < excluded.until";
+pub(crate) const DELETE_EXPIRED_THROTTLES: &str = "DELETE FROM throttles WHERE until < $1";
+
 // Decoders.
 
 fn corrupt(what: &str, value: &str) -> StoreError {
@@ -423,6 +441,41 @@ pub(crate) fn connection(row: &dyn Row) -> Result<ConnectionRow, StoreError> {
 
 pub(crate) fn grant(row: &dyn Row) -> Result<GrantRow, StoreError> {
     grant_at(row, 0)
+}
+
+/// A row of `TOKEN_OF_CONNECTION`.
+pub(crate) struct TokenRow {
+    pub status: ConnectionStatus,
+    pub workspace_id: String,
+    pub diagnosis: Option<Diagnosis>,
+    pub grant: Option<TokenGrantRow>,
+}
+
+/// The current grant's id, obtained and expiry times, and sealed access token.
+pub(crate) type TokenGrantRow = (GrantId, DateTime<Utc>, Option<DateTime<Utc>>, Vec<u8>);
+
+pub(crate) fn token_row(row: &dyn Row) -> Result<TokenRow, StoreError> {
+    let status = row.text(0)?;
+    let diagnosis = row
+        .opt_json(2)?
+        .map(serde_json::from_value::<Diagnosis>)
+        .transpose()
+        .map_err(|e| StoreError::Database(format!("a stored diagnosis is unreadable: {e}")))?;
+    let grant = match row.opt_text(3)? {
+        Some(id) => Some((
+            GrantId::from_trusted(id),
+            row.time(4)?,
+            row.opt_time(5)?,
+            row.bytes(6)?,
+        )),
+        None => None,
+    };
+    Ok(TokenRow {
+        status: ConnectionStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        workspace_id: row.text(1)?,
+        diagnosis,
+        grant,
+    })
 }
 
 /// A row of `CURRENT_GRANT`: the connection, and its current grant when it has one.
@@ -616,4 +669,7 @@ pub(crate) const ALL: &[&str] = &[
     RECENT_JOBS_OF_CONNECTION,
     COUNT_ACTIVE_CHECKED_SINCE,
     COUNT_ACTIVE_NEVER_CHECKED,
+    TOKEN_OF_CONNECTION,
+    UPSERT_THROTTLE,
+    DELETE_EXPIRED_THROTTLES,
 ];

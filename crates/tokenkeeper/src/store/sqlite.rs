@@ -20,9 +20,11 @@ use futures::FutureExt;
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{params, ErrorCode, TransactionBehavior};
 
+use super::cache::{Local, Touched};
 use super::db::{Cell, Context, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
+use crate::ids::ConnectionId;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
@@ -74,6 +76,8 @@ struct Inner {
     /// Idle read connections; `read_permits` bounds how many are in use.
     readers: Mutex<Vec<rusqlite::Connection>>,
     read_permits: Arc<tokio::sync::Semaphore>,
+    /// The token cache, throttles and waiters this store shares with its change feed.
+    local: Arc<Local>,
 }
 
 /// Creates the database file readable and writable by its owner only, before SQLite opens it:
@@ -144,8 +148,13 @@ impl SqliteStore {
                 writer: Arc::new(tokio::sync::Mutex::new(writer)),
                 readers: Mutex::new(Vec::new()),
                 read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
+                local: Local::new(0),
             }),
         })
+    }
+
+    pub(super) fn local(&self) -> &Arc<Local> {
+        &self.inner.local
     }
 
     pub(super) fn keys(&self) -> &KeyRing {
@@ -177,8 +186,11 @@ impl SqliteStore {
         let mut conn = self.inner.writer.clone().lock_owned().await;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            // Declared before the transaction, so dropped after it: the cache's marks are
+            // released once the transaction is committed or rolled back.
+            let touched = Touched::new(&inner.local);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&inner.session(&tx))?;
+            let out = f(&inner.session(&tx, Some(&touched)))?;
             if commit {
                 tx.commit()?;
             } else {
@@ -217,7 +229,7 @@ impl SqliteStore {
             Some(conn) => conn,
             None => open_connection(&inner.path, false)?,
         };
-        let out = f(&inner.session(&conn));
+        let out = f(&inner.session(&conn, None));
         inner
             .readers
             .lock()
@@ -229,7 +241,11 @@ impl SqliteStore {
 }
 
 impl Inner {
-    fn session<'a>(&'a self, conn: &'a rusqlite::Connection) -> SqliteDb<'a> {
+    fn session<'a>(
+        &'a self,
+        conn: &'a rusqlite::Connection,
+        touched: Option<&'a Touched>,
+    ) -> SqliteDb<'a> {
         SqliteDb {
             conn,
             cx: Context {
@@ -237,6 +253,8 @@ impl Inner {
                 clock: &self.clock,
                 endpoints: self.endpoints.get(),
             },
+            local: &self.local,
+            touched,
         }
     }
 }
@@ -292,6 +310,152 @@ impl SqliteStore {
     }
 }
 
+/// How often the change feed looks for other processes' commits: the bound on how stale this
+/// process's token cache can be on SQLite (plus the few microseconds of applying a change), and
+/// how late a refresh waiting for another process's learns of it. Each look is one
+/// `PRAGMA data_version` on the feed's own connection (a read of the WAL index in shared
+/// memory); the change log is read only when it moved.
+pub const FEED_POLL: Duration = Duration::from_millis(5);
+
+/// Rows of the change log read at once by the feed.
+const FEED_BATCH: i64 = 1000;
+
+impl SqliteStore {
+    /// Starts the change feed (a thread of its own, which ends when the store is dropped) and
+    /// turns the token cache on with `capacity` entries.
+    pub(super) fn start_feed(&self) -> Result<(), StoreError> {
+        let path = self.inner.path.clone();
+        let local = Arc::downgrade(&self.inner.local);
+        std::thread::Builder::new()
+            .name("tokenkeeper-feed".into())
+            .spawn(move || run_feed(&path, &local))
+            .map(drop)
+            .map_err(|e| StoreError::Database(format!("the change feed could not start: {e}")))
+    }
+}
+
+/// The feed's position: its own read connection, the last change it applied, and the
+/// `data_version` it last saw.
+struct FeedPosition {
+    conn: rusqlite::Connection,
+    last: i64,
+    data_version: i64,
+}
+
+fn run_feed(path: &Path, local: &std::sync::Weak<Local>) {
+    let mut position: Option<FeedPosition> = None;
+    loop {
+        std::thread::sleep(FEED_POLL);
+        let Some(local) = local.upgrade() else {
+            return;
+        };
+        if let Err(e) = feed_step(path, &local, &mut position) {
+            if local.tokens.is_live() {
+                tracing::debug!("the change feed lost the database ({e}); the token cache is set aside until it is back");
+                local.feed_lost();
+            }
+            position = None;
+        }
+    }
+}
+
+fn data_version(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// One look at the database: (re)connects and resynchronises if needed, then applies the
+/// changes committed since the last look.
+fn feed_step(
+    path: &Path,
+    local: &Local,
+    position: &mut Option<FeedPosition>,
+) -> Result<(), StoreError> {
+    let position = match position {
+        Some(p) => p,
+        None => {
+            let conn = open_connection(path, false)?;
+            // In this order: a commit after `data_version` is read moves it, and every change
+            // after `last` is read from the log; entries filled before `distrust_all` are read
+            // again, and reads that began before it cannot fill (`cache.rs`, rule 4).
+            let data_version = data_version(&conn)?;
+            let last: i64 = conn
+                .prepare_cached("SELECT coalesce(max(seq), 0) FROM change_log")?
+                .query_row([], |r| r.get(0))?;
+            local.tokens.distrust_all();
+            let throttles = conn
+                .prepare_cached(
+                    "SELECT scope, subject, until, reason FROM throttles WHERE until > ?1",
+                )?
+                .query_map([ts(Utc::now())], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter_map(|(scope, subject, until, reason)| {
+                    Some(super::cache::Throttle {
+                        scope: super::cache::ThrottleScope::parse(&scope)?,
+                        subject,
+                        until: DateTime::parse_from_rfc3339(&until).ok()?.to_utc(),
+                        reason,
+                    })
+                })
+                .collect();
+            local.resynced(throttles);
+            position.insert(FeedPosition {
+                conn,
+                last,
+                data_version,
+            })
+        }
+    };
+    let now = data_version(&position.conn)?;
+    if now == position.data_version {
+        return Ok(());
+    }
+    position.data_version = now;
+    loop {
+        let rows = position
+            .conn
+            .prepare_cached(
+                "SELECT seq, kind, subject, detail FROM change_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(params![position.last, FEED_BATCH], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        if first.0 != position.last + 1 {
+            // The log was pruned past our position: changes were missed.
+            return Err(StoreError::Database(
+                "the change feed fell behind the change log".into(),
+            ));
+        }
+        let full = rows.len() as i64 == FEED_BATCH;
+        for (seq, kind, subject, detail) in rows {
+            let detail = serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null);
+            local.apply(&kind, &subject, &detail);
+            position.last = seq;
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
 fn schema_version(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
     let has_table: bool = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations')")?
@@ -324,10 +488,16 @@ pub(super) fn ts(t: DateTime<Utc>) -> String {
 pub(crate) struct SqliteDb<'a> {
     conn: &'a rusqlite::Connection,
     cx: Context<'a>,
+    local: &'a Local,
+    touched: Option<&'a Touched>,
 }
 
 impl SqliteDb<'_> {
     fn prepare(&self, sql: &str) -> Result<rusqlite::CachedStatement<'_>, StoreError> {
+        self.local
+            .counters
+            .statements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stmt = self.conn.prepare_cached(sql)?;
         // Shared statements number their `$n` in order of first appearance (see `db.rs`);
         // SQLite numbers named parameters that way, so any other order would bind wrongly.
@@ -410,6 +580,12 @@ impl Db for SqliteDb<'_> {
 
     fn locks_rows(&self) -> bool {
         false
+    }
+
+    fn touched(&self, id: &ConnectionId) {
+        if let Some(touched) = self.touched {
+            touched.touch(id);
+        }
     }
 
     async fn lock_bot(&self, _provider: Provider, _bot: &str) -> Result<(), StoreError> {

@@ -25,6 +25,8 @@ mod reconnect_links;
 mod refusals;
 mod rescue;
 mod revocation;
+mod shared_throttle;
 mod store_contract;
 mod store_processes;
+mod token_cache;
 mod webhooks;

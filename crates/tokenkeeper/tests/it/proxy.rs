@@ -197,7 +197,16 @@ async fn an_uninstall_answers_424_with_a_reconnect_link_and_later_calls_never_re
 }
 
 async fn throttling_is_retried_within_the_budget_and_never_touches_auth(backend: Backend) {
-    let app = TestApp::start(backend).await;
+    // Each call's own budget, on its own: with the shared throttle, the first 429 would hold
+    // the calls after it (`shared_throttle.rs` tests that).
+    let app = TestApp::with(
+        backend,
+        Options {
+            shared_throttle: false,
+            ..Options::default()
+        },
+    )
+    .await;
     let (id, _) = app.connect("user-1").await;
     let grant = grant_of(&app, &id).await;
     let me = || proxy(&app, &id, Method::GET, "/v1/users/me");

@@ -48,6 +48,10 @@ pub struct Options {
     pub proxy_timeouts: ProxyTimeouts,
     /// The health check of this app's process; `None`: off.
     pub health_check: Option<tokenkeeper::health::HealthSettings>,
+    /// `TOKENKEEPER_TOKEN_CACHE_SIZE` of this app's process (0: no token cache).
+    pub token_cache_size: usize,
+    /// `TOKENKEEPER_PROXY_SHARED_THROTTLE` of this app's process.
+    pub shared_throttle: bool,
 }
 
 impl Default for Options {
@@ -69,6 +73,8 @@ impl Default for Options {
             server: ServerLimits::default(),
             proxy_timeouts: ProxyTimeouts::default(),
             health_check: None,
+            token_cache_size: tokenkeeper::store::cache::DEFAULT_CAPACITY,
+            shared_throttle: true,
         }
     }
 }
@@ -404,6 +410,8 @@ impl TestApp {
                 proxy_timeouts: options.proxy_timeouts,
                 // Tests read the gauges right after the flow that moved them.
                 metrics_gauge_interval: Duration::ZERO,
+                token_cache_size: options.token_cache_size,
+                shared_throttle: options.shared_throttle,
             },
             Clock::System,
             None,
