@@ -68,7 +68,7 @@ pub fn state(
     simulator: Option<String>,
     journal: Arc<Journal>,
 ) -> SharedState {
-    let server_counters = Arc::new(crate::api::server::ServerCounters::default());
+    let server_counters = Arc::new(crate::metrics::ServerCounters::default());
     let proxy_upstream_timeouts = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let metrics = Arc::new(Metrics::new(
         server_counters.clone(),
@@ -96,6 +96,7 @@ pub fn state(
         clock.clone(),
         settings.webhooks.clone(),
         settings.provider_timeout,
+        Some(metrics.clone()),
     );
     tokio::spawn(jobs.clone().run_worker());
     let coordinator = Coordinator::new(
@@ -141,7 +142,8 @@ pub fn state(
         metrics,
         console: Default::default(),
     });
-    state.jobs.attach(&state);
+    let links: std::sync::Weak<AppState> = Arc::downgrade(&state);
+    state.jobs.attach(links);
     state
 }
 
@@ -214,7 +216,7 @@ impl App {
             journal,
         );
         state.console.set_health_check(config.health_check);
-        crate::health::spawn(state.clone(), config.health_check);
+        crate::health::spawn(state.health_checker(), config.health_check);
         Ok(App {
             state,
             simulator,

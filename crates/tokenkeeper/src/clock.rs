@@ -34,3 +34,19 @@ impl Clock {
         }
     }
 }
+
+/// Parses a duration in humantime's forms (`500ms`, `30s`, `10m`, `1h`, `1h 30m`, …) or as a bare
+/// number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    // humantime insists on a unit; a bare number of seconds was accepted before humantime parsed
+    // these settings, and configurations written then keep working.
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(std::time::Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too large"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 500ms, 30s, 10m or 1h"))
+}

@@ -13,6 +13,7 @@ use crate::api::auth::{ApiKey, ApiKeys};
 use crate::api::proxy::ProxyTimeouts;
 use crate::api::return_to::AllowedReturnUrls;
 use crate::api::server::ServerLimits;
+pub use crate::clock::parse_duration;
 use crate::ids::ClientSecret;
 use crate::provider::notion::NotionSettings;
 use crate::seal::KeyRing;
@@ -279,22 +280,6 @@ pub fn parse_refresh_rate(s: &str) -> Result<crate::refresh::RefreshRate, String
         ));
     }
     Ok(crate::refresh::RefreshRate { limit, window })
-}
-
-/// Parses a duration in humantime's forms (`500ms`, `30s`, `10m`, `1h`, `1h 30m`, …) or as a bare
-/// number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    // humantime insists on a unit; a bare number of seconds was accepted before humantime parsed
-    // these settings, and configurations written then keep working.
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
-            .parse()
-            .map(Duration::from_secs)
-            .map_err(|_| format!("{s:?} is too large"));
-    }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 500ms, 30s, 10m or 1h"))
 }
 
 /// A duration setting, or a `ConfigError` naming it.

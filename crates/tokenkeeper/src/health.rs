@@ -18,11 +18,25 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::api::SharedState;
+use std::sync::Arc;
+
+use crate::clock::Clock;
 use crate::ids::{ConnectionId, GrantId};
 use crate::import::verify::Rate;
 use crate::ledger::{CheckResult, ConnectionStatus, LeaseHolder};
-use crate::refresh::RefreshError;
+use crate::provider::notion::NotionClient;
+use crate::refresh::{Coordinator, RefreshError};
+use crate::store::Store;
+
+/// What the health check works with: the ledger, Notion's introspection, and the coordinator
+/// that judges a token Notion calls inactive.
+#[derive(Clone)]
+pub struct Checker {
+    pub store: Arc<Store>,
+    pub notion: NotionClient,
+    pub coordinator: Arc<Coordinator>,
+    pub clock: Clock,
+}
 
 /// The health check's settings.
 #[derive(Debug, Clone, Copy)]
@@ -48,7 +62,7 @@ const MAX_SLACK: Duration = Duration::from_secs(5);
 
 /// Starts the sweeper of this process, unless the interval is zero. Every process runs one;
 /// the lease lets one of them work at a time.
-pub fn spawn(state: SharedState, settings: HealthSettings) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn(state: Checker, settings: HealthSettings) -> Option<tokio::task::JoinHandle<()>> {
     if settings.interval.is_zero() {
         return None;
     }
@@ -56,7 +70,7 @@ pub fn spawn(state: SharedState, settings: HealthSettings) -> Option<tokio::task
     Some(tokio::spawn(sweep(state, settings, holder)))
 }
 
-async fn sweep(state: SharedState, settings: HealthSettings, holder: LeaseHolder) {
+async fn sweep(state: Checker, settings: HealthSettings, holder: LeaseHolder) {
     let store = &state.store;
     // Never sleep longer than this between looks: the lease must be renewed, and new
     // connections (due at once) noticed.
@@ -147,7 +161,7 @@ async fn sweep(state: SharedState, settings: HealthSettings, holder: LeaseHolder
 }
 
 /// Checks one connection's current access token and acts on what Notion says.
-pub async fn check(state: &SharedState, id: &ConnectionId, grant: &GrantId) {
+pub async fn check(state: &Checker, id: &ConnectionId, grant: &GrantId) {
     let store = &state.store;
     let current = match store.current_grant(id).await {
         Ok(Some((connection, Some(current))))

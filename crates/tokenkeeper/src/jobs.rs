@@ -45,11 +45,22 @@ pub struct Jobs {
     /// How this process signs and sends webhooks; `None` when none are configured.
     webhooks: Option<WebhookSettings>,
     http: reqwest::Client,
-    /// The HTTP state, for the reconnect links of `connection.needs_reauth` events; set once
-    /// it is built (it holds this worker).
-    app: std::sync::OnceLock<std::sync::Weak<crate::api::AppState>>,
+    /// Who makes the reconnect links of `connection.needs_reauth` events (the HTTP state); set
+    /// once it is built (it holds this worker).
+    links: std::sync::OnceLock<std::sync::Weak<dyn ReconnectLinks>>,
     /// How long a claim lasts: longer than any attempt.
     claim: Duration,
+    /// Where deliveries are counted (`/metrics`); `None` in commands that serve no metrics.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// Makes a connection's reconnect link, and says when it expires (the HTTP state does, in
+/// `api::connect`); `None` when it cannot.
+pub trait ReconnectLinks: Send + Sync {
+    fn reconnect_link<'a>(
+        &'a self,
+        id: &'a ConnectionId,
+    ) -> futures::future::BoxFuture<'a, Option<(String, DateTime<Utc>)>>;
 }
 
 /// A connection's upstream revocations, counted.
@@ -69,6 +80,7 @@ impl Jobs {
         clock: Clock,
         webhooks: Option<WebhookSettings>,
         longest_attempt: Duration,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Arc<Jobs> {
         let longest = webhooks
             .as_ref()
@@ -85,13 +97,14 @@ impl Jobs {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("a reqwest client builds"),
-            app: std::sync::OnceLock::new(),
+            links: std::sync::OnceLock::new(),
+            metrics,
         })
     }
 
-    /// Gives the worker the HTTP state (for reconnect links), once it exists.
-    pub fn attach(&self, app: &Arc<crate::api::AppState>) {
-        let _ = self.app.set(Arc::downgrade(app));
+    /// Gives the worker what makes reconnect links (the HTTP state), once it exists.
+    pub fn attach(&self, links: std::sync::Weak<dyn ReconnectLinks>) {
+        let _ = self.links.set(links);
     }
 
     /// Asks the worker to look for due jobs now.
@@ -200,8 +213,8 @@ impl Jobs {
                 "failed"
             }
         };
-        if let Some(app) = self.app.get().and_then(std::sync::Weak::upgrade) {
-            app.metrics.webhook_delivery(label);
+        if let Some(metrics) = &self.metrics {
+            metrics.webhook_delivery(label);
         }
     }
 
@@ -259,9 +272,9 @@ impl Jobs {
             event.get("type").and_then(Value::as_str) == Some(WebhookEvent::NeedsReauth.as_str());
         if let (true, Some(id)) = (is_needs_reauth, &job.connection_id) {
             // A link that works now: the one made for the first attempt may have expired.
-            let app = self.app.get().and_then(std::sync::Weak::upgrade);
-            let link = match app {
-                Some(app) => crate::api::connect::reconnect_link(&app, id).await.ok(),
+            let links = self.links.get().and_then(std::sync::Weak::upgrade);
+            let link = match links {
+                Some(links) => links.reconnect_link(id).await,
                 None => None,
             };
             let (url, expires_at) = match link {

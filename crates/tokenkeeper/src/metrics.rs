@@ -35,7 +35,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::api::server::ServerCounters;
 use crate::store::{StatusCounts, Store};
 
 /// The `Content-Type` of `GET /metrics`.
@@ -750,4 +749,23 @@ impl Default for Counted {
                 .collect(),
         }
     }
+}
+
+/// What the HTTP server (`api::server`) did about slow, stalled and surplus clients: counted
+/// there, exported here.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Idle connections closed to make room for a new one.
+    pub displaced: AtomicU64,
+    /// Connections closed because nothing moved on them for the idle timeout.
+    pub idle_closed: AtomicU64,
+    /// Connections closed by hyper because a request head took too long.
+    pub header_timeouts: AtomicU64,
+    /// Requests answered 408 because their body took too long.
+    pub body_timeouts: AtomicU64,
+    /// Connections beyond the cap that found no idle connection to displace, or whose displaced
+    /// connection did not make room in time: answered 503 `too_many_connections`.
+    pub refused: AtomicU64,
 }

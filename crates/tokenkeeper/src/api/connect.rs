@@ -14,7 +14,7 @@ use super::auth::Scope;
 use super::error::{ApiError, ErrorCode, ErrorEnvelope};
 use super::pages::{self, Link, Message};
 use super::return_to::ReturnTo;
-use super::{require_admin, ApiJson, ConnectionPath, SharedState};
+use super::{require_admin, ApiJson, AppState, ConnectionPath, SharedState};
 use std::time::Duration;
 
 use crate::ids::{ConnectionId, GrantId, SessionId};
@@ -192,7 +192,7 @@ pub async fn create_reconnect_session(
 /// The connection's reconnect link for 424 answers (see `AppState::reconnect_link`), and when
 /// it expires.
 pub(crate) async fn reconnect_link(
-    state: &SharedState,
+    state: &AppState,
     id: &ConnectionId,
 ) -> Result<(String, chrono::DateTime<chrono::Utc>), ApiError> {
     let connection = state
@@ -204,6 +204,15 @@ pub(crate) async fn reconnect_link(
         .reconnect_link(connection.provider, connection.end_user_id, id.clone())
         .await?;
     Ok((url, session.expires_at))
+}
+
+impl crate::jobs::ReconnectLinks for AppState {
+    fn reconnect_link<'a>(
+        &'a self,
+        id: &'a ConnectionId,
+    ) -> futures::future::BoxFuture<'a, Option<(String, chrono::DateTime<chrono::Utc>)>> {
+        Box::pin(async move { reconnect_link(self, id).await.ok() })
+    }
 }
 
 /// The answer for a connection whose user must reconnect: 424 `needs_reauth` with the

@@ -69,7 +69,7 @@ pub struct AppState {
     pub proxy_upstream_timeouts: Arc<AtomicU64>,
     /// What the server did about slow, stalled and surplus clients. Read by `/metrics`, and by
     /// tests, which wait for these rather than for time to pass.
-    pub server_counters: Arc<server::ServerCounters>,
+    pub server_counters: Arc<crate::metrics::ServerCounters>,
     /// Everything `GET /metrics` reports.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The admin console's sessions and caches (`api::admin`).
@@ -79,6 +79,16 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
+    /// What the health check needs of this state (`health::spawn`).
+    pub fn health_checker(&self) -> crate::health::Checker {
+        crate::health::Checker {
+            store: self.store.clone(),
+            notion: self.notion.clone(),
+            coordinator: self.coordinator.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
     /// `<public url>/<path>`, whatever path the public URL itself has.
     pub fn public(&self, path: &str) -> String {
         format!("{}{}", self.public_url.as_str().trim_end_matches('/'), path)

@@ -54,7 +54,7 @@ use tower::ServiceExt;
 use super::error::{ApiError, Enveloped, ErrorCode};
 use super::proxy::FromUpstream;
 use super::SharedState;
-use crate::metrics::Route;
+use crate::metrics::{Route, ServerCounters};
 
 /// The server's deadlines and its connection cap (`TOKENKEEPER_HEADER_READ_TIMEOUT`,
 /// `_BODY_READ_TIMEOUT`, `_IDLE_TIMEOUT`, `_MAX_CONNECTIONS`).
@@ -110,24 +110,6 @@ const DISPLACE_WAIT: Duration = Duration::from_secs(1);
 /// Descriptors kept for everything but client connections: database files and connections,
 /// calls to Notion, the built-in simulator.
 pub const RESERVED_DESCRIPTORS: usize = 256;
-
-/// What the server did about slow, stalled and surplus clients.
-#[derive(Debug, Default)]
-pub struct ServerCounters {
-    /// Connections open now.
-    pub open: AtomicU64,
-    /// Idle connections closed to make room for a new one.
-    pub displaced: AtomicU64,
-    /// Connections closed because nothing moved on them for the idle timeout.
-    pub idle_closed: AtomicU64,
-    /// Connections closed by hyper because a request head took too long.
-    pub header_timeouts: AtomicU64,
-    /// Requests answered 408 because their body took too long.
-    pub body_timeouts: AtomicU64,
-    /// Connections beyond the cap that found no idle connection to displace, or whose displaced
-    /// connection did not make room in time: answered 503 `too_many_connections`.
-    pub refused: AtomicU64,
-}
 
 /// A listener on `addr` with the deepest accept queue the system allows. A connection that
 /// arrives while the queue is full is dropped by the kernel before tokenkeeper can see it (with

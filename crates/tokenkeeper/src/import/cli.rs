@@ -323,6 +323,7 @@ pub async fn import(args: &ImportArgs) -> anyhow::Result<()> {
                 Clock::System,
                 None,
                 Duration::from_secs(10),
+                None,
             );
             let timeout = crate::config::parse_duration(&args.verify.provider_timeout)
                 .map_err(|m| ConfigError::new("TOKENKEEPER_PROVIDER_TIMEOUT", m))?;

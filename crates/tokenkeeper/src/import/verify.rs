@@ -52,9 +52,9 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let per = per.trim();
     // `2/s` reads as 2 per 1 s; humantime wants the number.
     let per = if per.starts_with(|c: char| c.is_ascii_digit()) {
-        crate::config::parse_duration(per).map_err(|_| bad())?
+        crate::clock::parse_duration(per).map_err(|_| bad())?
     } else {
-        crate::config::parse_duration(&format!("1{per}")).map_err(|_| bad())?
+        crate::clock::parse_duration(&format!("1{per}")).map_err(|_| bad())?
     };
     if count == 0 || per.is_zero() {
         return Err(format!(

@@ -1,4 +1,4 @@
-//! The store: one trait, two backends (SQLite for the embedded default, PostgreSQL for several
+//! The store: one ledger over two backends (SQLite for the embedded default, PostgreSQL for several
 //! processes), and the ledger rules kept inside the database's own transactions.
 //!
 //! Every operation that writes to a connection runs in one transaction that first takes that

@@ -427,7 +427,7 @@ impl TestApp {
         });
         let health = options
             .health_check
-            .and_then(|settings| tokenkeeper::health::spawn(state.clone(), settings));
+            .and_then(|settings| tokenkeeper::health::spawn(state.health_checker(), settings));
         TestApp {
             health,
             api: Api::new(url, sim.base_url()),
