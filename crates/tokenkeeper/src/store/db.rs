@@ -146,12 +146,13 @@ pub(crate) type Rows<T> = Result<Vec<T>, StoreError>;
 
 /// A database session: a transaction for writes, a plain connection for reads.
 ///
-/// What a session of either backend carries besides its connection: the key ring, the clock and
-/// the webhook endpoints of this process.
+/// What a session of either backend carries besides its connection: the key ring, the clock,
+/// the webhook endpoints of this process, and, in a write transaction, the token cache's marks.
 pub(crate) struct Context<'a> {
     pub keys: &'a KeyRing,
     pub clock: &'a Clock,
     pub endpoints: std::sync::Arc<[String]>,
+    pub touched: Option<&'a super::cache::Touched>,
 }
 
 /// The methods are `async` because PostgreSQL's are; SQLite's never wait (rusqlite is
@@ -202,7 +203,11 @@ pub(crate) trait Db {
     /// workspace: this process's token cache must not serve or fill it until the transaction is
     /// over (`cache::Touched`). Other processes learn of the change from the database's own
     /// triggers (migration 0007), whoever wrote it. A no-op in a read-only session.
-    fn touched(&self, id: &ConnectionId);
+    fn touched(&self, id: &ConnectionId) {
+        if let Some(touched) = self.context().touched {
+            touched.touch(id);
+        }
+    }
 
     /// Serializes everyone who may make `(provider, bot_id)` live, until commit: taken before
     /// an authorization that may create a connection for this bot. A no-op on SQLite.

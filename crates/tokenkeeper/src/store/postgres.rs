@@ -22,7 +22,6 @@ use super::cache::{Local, Touched};
 use super::db::{Cell, Context, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
-use crate::ids::ConnectionId;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
@@ -219,9 +218,9 @@ impl PgStore {
                 keys: &self.keys,
                 clock: &self.clock,
                 endpoints: self.endpoints.get(),
+                touched,
             },
             local: &self.local,
-            touched,
         }
     }
 
@@ -417,7 +416,6 @@ pub(crate) struct PgDb<'a, C> {
     client: &'a C,
     cx: Context<'a>,
     local: &'a Local,
-    touched: Option<&'a Touched>,
 }
 
 impl<C> PgDb<'_, C> {
@@ -519,12 +517,6 @@ impl<C: GenericClient> Db for PgDb<'_, C> {
 
     fn locks_rows(&self) -> bool {
         true
-    }
-
-    fn touched(&self, id: &ConnectionId) {
-        if let Some(touched) = self.touched {
-            touched.touch(id);
-        }
     }
 
     /// A transaction-scoped advisory lock, per schema, so that test schemas sharing one server

@@ -24,7 +24,6 @@ use super::cache::{Local, Touched};
 use super::db::{Cell, Context, Db, Decode, Endpoints, Param, Row, Rows};
 use super::StoreError;
 use crate::clock::Clock;
-use crate::ids::ConnectionId;
 use crate::ledger::Provider;
 use crate::seal::KeyRing;
 
@@ -252,9 +251,9 @@ impl Inner {
                 keys: &self.keys,
                 clock: &self.clock,
                 endpoints: self.endpoints.get(),
+                touched,
             },
             local: &self.local,
-            touched,
         }
     }
 }
@@ -489,7 +488,6 @@ pub(crate) struct SqliteDb<'a> {
     conn: &'a rusqlite::Connection,
     cx: Context<'a>,
     local: &'a Local,
-    touched: Option<&'a Touched>,
 }
 
 impl SqliteDb<'_> {
@@ -580,12 +578,6 @@ impl Db for SqliteDb<'_> {
 
     fn locks_rows(&self) -> bool {
         false
-    }
-
-    fn touched(&self, id: &ConnectionId) {
-        if let Some(touched) = self.touched {
-            touched.touch(id);
-        }
     }
 
     async fn lock_bot(&self, _provider: Provider, _bot: &str) -> Result<(), StoreError> {
