@@ -337,6 +337,21 @@ fn throttled(t: &Throttle, wait: Duration) -> ApiError {
     .retry_after(wait.as_secs_f64().ceil().max(1.0) as u64)
 }
 
+/// A call that waited in line behind a subject's one call at a time, just after a throttle
+/// ended (`cache::Throttles`), until its budget ran out.
+fn recovering(scope: ThrottleScope) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotionThrottled,
+        format!(
+            "Notion throttled this {} moments ago; until it has recovered, its calls are sent \
+             one at a time, and this call's wait budget ran out in line; the call was not sent",
+            scope.as_str()
+        ),
+    )
+    .with("scope", scope.as_str())
+    .retry_after(1)
+}
+
 /// The part of the request path after `/v1/proxy/{id}`, raw (still percent-encoded), so that it
 /// reaches Notion as the caller wrote it. Works whether or not the router stripped `/v1`.
 pub(crate) fn rest_of_path(path: &str) -> &str {
@@ -422,6 +437,9 @@ async fn forward_inner(
     let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE);
     let mut refreshes = 0;
     let mut backoff = FIRST_BACKOFF;
+    // The gates this call holds (a subject careful after a throttle), released once Notion's
+    // answer head is here and any new throttle is known.
+    let mut gates: Vec<tokio::sync::OwnedMutexGuard<()>> = Vec::new();
 
     loop {
         // Notion throttles this connection or its workspace (a 429 any process met): wait
@@ -436,6 +454,42 @@ async fn forward_inner(
                 state.metrics.proxy_held(true);
                 tokio::time::sleep(wait).await;
                 continue;
+            }
+            // Just after a throttle, one call at a time per subject in this process, so that a
+            // budget Notion has not refilled yet meets one call, not every call that was held.
+            // Waiting in line takes from the budget; a call whose budget runs out in line is
+            // answered 429 without calling Notion, as a held call is.
+            if gates.is_empty() {
+                let careful = [
+                    (
+                        ThrottleScope::Workspace,
+                        state
+                            .store
+                            .throttle_gate(ThrottleScope::Workspace, &workspace),
+                    ),
+                    (
+                        ThrottleScope::Connection,
+                        state
+                            .store
+                            .throttle_gate(ThrottleScope::Connection, id.as_str()),
+                    ),
+                ];
+                for (scope, gate) in careful {
+                    let Some(gate) = gate else { continue };
+                    let start = tokio::time::Instant::now();
+                    match tokio::time::timeout(budget.wait_left, gate.lock_owned()).await {
+                        Ok(guard) => gates.push(guard),
+                        Err(_) => {
+                            state.metrics.proxy_held(false);
+                            return Err(recovering(scope));
+                        }
+                    }
+                    budget.wait_left = budget.wait_left.saturating_sub(start.elapsed());
+                }
+                if !gates.is_empty() {
+                    // Our turn: the throttle may have come back meanwhile.
+                    continue;
+                }
             }
         }
         let mut request = state
@@ -489,6 +543,9 @@ async fn forward_inner(
         };
         let status = upstream.status().as_u16();
         state.metrics.proxy_answer(status);
+        if !matches!(status, 429 | 529) {
+            gates.clear();
+        }
         match status {
             // A dead token: one shared refresh and a retry. A token obtained moments ago that is
             // refused again is not refreshed again (the coordinator judges it instead), and no
@@ -545,6 +602,7 @@ async fn forward_inner(
                         );
                     }
                 }
+                gates.clear();
                 let blocked = reason.as_deref() == Some("public_api_request_blocked");
                 if replayable && !blocked && budget.take(wait) {
                     state.metrics.proxy_retry(ProxyRetry::Throttled);

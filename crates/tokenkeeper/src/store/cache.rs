@@ -338,6 +338,15 @@ pub struct Throttle {
 #[derive(Default)]
 pub(crate) struct Throttles {
     held: Mutex<HashMap<(ThrottleScope, String), Throttle>>,
+    /// After a throttle ends, its subject stays careful for as long again: calls pass one at a
+    /// time in this process, through this lock (`api::proxy`), so that a budget Notion has not
+    /// refilled yet meets one call per process, not every call held until then.
+    careful: Mutex<HashMap<(ThrottleScope, String), Careful>>,
+}
+
+struct Careful {
+    until: DateTime<Utc>,
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 const MAX_THROTTLES: usize = 100_000;
@@ -345,6 +354,7 @@ const MAX_THROTTLES: usize = 100_000;
 impl Throttles {
     /// Keeps the later of what is known and `t`.
     pub fn learn(&self, t: Throttle) {
+        self.be_careful(&t);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.len() >= MAX_THROTTLES {
             let now = Utc::now();
@@ -366,6 +376,42 @@ impl Throttles {
                 held.insert(key, t);
             }
         }
+    }
+
+    fn be_careful(&self, t: &Throttle) {
+        let now = Utc::now();
+        let until = t.until + (t.until - now).max(chrono::Duration::seconds(1));
+        let mut careful = self.careful.lock().unwrap_or_else(|e| e.into_inner());
+        if careful.len() >= MAX_THROTTLES {
+            careful.retain(|_, c| c.until > now);
+        }
+        if careful.len() >= MAX_THROTTLES {
+            return;
+        }
+        let entry = careful
+            .entry((t.scope, t.subject.clone()))
+            .or_insert_with(|| Careful {
+                until,
+                gate: Arc::default(),
+            });
+        entry.until = entry.until.max(until);
+    }
+
+    /// The gate calls of `(scope, subject)` pass one at a time through while it is careful.
+    pub fn gate(
+        &self,
+        scope: ThrottleScope,
+        subject: &str,
+        now: DateTime<Utc>,
+    ) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let careful = self.careful.lock().unwrap_or_else(|e| e.into_inner());
+        if careful.is_empty() {
+            return None;
+        }
+        careful
+            .get(&(scope, subject.to_owned()))
+            .filter(|c| c.until > now)
+            .map(|c| c.gate.clone())
     }
 
     /// The throttle that holds `(scope, subject)` at `now`, if any.

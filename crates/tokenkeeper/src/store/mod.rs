@@ -582,6 +582,18 @@ impl Store {
         self.local().throttles.learn(throttle.clone());
     }
 
+    /// The gate that calls of `(scope, subject)` pass one at a time through, while it is
+    /// careful after a throttle (`cache::Throttles`).
+    pub fn throttle_gate(
+        &self,
+        scope: ThrottleScope,
+        subject: &str,
+    ) -> Option<std::sync::Arc<tokio::sync::Mutex<()>>> {
+        self.local()
+            .throttles
+            .gate(scope, subject, chrono::Utc::now())
+    }
+
     /// The throttle holding `(scope, subject)` now, as this process knows it.
     pub fn throttle(&self, scope: ThrottleScope, subject: &str) -> Option<Throttle> {
         self.local()

@@ -216,3 +216,65 @@ async fn a_held_call_waits_within_its_budget_and_is_sent_when_the_throttle_ends(
     assert_eq!(after, calls + 1, "sent once, after the hold");
     assert_eq!(limited["public_api_request_rate_limit"], 1);
 }
+
+both_backends!(when_a_throttle_ends_held_calls_go_to_notion_one_at_a_time);
+
+/// Calls held by a throttle are not all sent the moment it ends: until the subject has
+/// recovered, a process sends its calls one at a time, so that a window Notion has just opened
+/// meets one call too many, not every call that was held. Ten calls wait out a one-second
+/// throttle; Notion's new window lets two through; the third meets Notion's 429 (for the rest
+/// of the window, past every budget), and the seven behind it are answered by the proxy
+/// without calling Notion. Sent all at once, Notion would have answered eight of them 429.
+async fn when_a_throttle_ends_held_calls_go_to_notion_one_at_a_time(backend: Backend) {
+    let app = TestApp::with(backend, throttled_app_options(2, 0)).await;
+    let id = connect_in(&app, "ws-burst", "user-b").await;
+    for _ in 0..2 {
+        assert_eq!(users_me(&app, &id, None).await.0, 200);
+    }
+    app.sim.clock().advance(Duration::from_millis(59_500));
+    let (status, ours, retry_after) = users_me(&app, &id, Some(0)).await;
+    assert_eq!((status, ours, retry_after), (429, None, json!("1")));
+    let (calls_before, limited_before) = sim_counts(&app).await;
+
+    let held: Vec<_> = (0..10)
+        .map(|_| {
+            let api = Api {
+                url: app.url.clone(),
+                sim_url: app.sim_url.clone(),
+                http: app.http.clone(),
+            };
+            let id = id.clone();
+            tokio::spawn(async move { users_me(&api, &id, Some(5_000)).await })
+        })
+        .collect();
+    // Notion's next window opens while the calls are held.
+    app.sim.clock().advance(Duration::from_secs(1));
+    let mut answers = Vec::new();
+    for call in held {
+        let (status, ours, _) = call.await.unwrap();
+        answers.push((status, ours));
+    }
+
+    let (calls_after, limited_after) = sim_counts(&app).await;
+    let new_429s = limited_after["public_api_request_rate_limit"]
+        .as_u64()
+        .unwrap()
+        - limited_before["public_api_request_rate_limit"]
+            .as_u64()
+            .unwrap();
+    assert_eq!(
+        (calls_after - calls_before, new_429s),
+        (3, 1),
+        "Notion saw the held calls one at a time: two answered, one throttled, the rest never sent"
+    );
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let ours = answers
+        .iter()
+        .filter(|(s, o)| *s == 429 && o.as_deref() == Some("notion_throttled"))
+        .count();
+    let notions = answers
+        .iter()
+        .filter(|(s, o)| *s == 429 && o.is_none())
+        .count();
+    assert_eq!((ok, notions, ours), (2, 1, 7), "{answers:?}");
+}
