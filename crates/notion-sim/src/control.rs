@@ -7,9 +7,9 @@ use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode};
 use serde_json::{json, Value};
 
+use crate::exchange::{plain_json, Body, Shared};
 use crate::faults::FaultSpec;
 use crate::hold::HOLD_DEADLINE;
-use crate::server::{plain_json, Body, Shared};
 use crate::token::fingerprint;
 use crate::world::{NextAuthorization, World};
 

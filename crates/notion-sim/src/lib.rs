@@ -27,6 +27,7 @@ mod clock;
 mod config;
 mod control;
 mod endpoint;
+mod exchange;
 mod faults;
 mod hold;
 mod limits;
@@ -49,7 +50,7 @@ pub use config::{
 pub use hold::{Hold, HOLD_DEADLINE};
 pub use token::fingerprint;
 
-use server::Shared;
+use exchange::Shared;
 
 /// A running simulator on `127.0.0.1` and a free port.
 pub struct SimServer {

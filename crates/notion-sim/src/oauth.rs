@@ -10,7 +10,7 @@ use hyper::{Method, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::config::{OwnerKind, SimConfig};
-use crate::server::{json_response, Body, Call, Reply, Shared};
+use crate::exchange::{json_response, Body, Call, Reply, Shared};
 use crate::world::{GrantError, IdentityChoice, Issued, Outcome, UserView};
 
 /// Counts a token request under its grant type and, when the code or refresh token is known,

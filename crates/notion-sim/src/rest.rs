@@ -6,9 +6,9 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::endpoint::Endpoint;
+use crate::exchange::{json_response, notion_error, rate_limited, Body, Call, Reply, Shared};
 use crate::limits::Verdict;
 use crate::oauth::{owner_object, person_object};
-use crate::server::{json_response, notion_error, rate_limited, Body, Call, Reply, Shared};
 use crate::world::{Caller, Id, Page, PageParent, World};
 
 fn bearer(call: &Call) -> Option<&str> {
