@@ -11,7 +11,6 @@
 //! The outage lasts `TOKENKEEPER_CHAOS_OUTAGE_SECS` (default: the lease plus 3 s, to stay
 //! inside CI's time); docs/RELIABILITY.md reports longer runs made with that variable.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use notion_sim::{SimConfig, SimServer};
@@ -21,69 +20,13 @@ use tokenkeeper::seal::KeyRing;
 use crate::both_backends;
 use crate::support::app::{Browser, Landing};
 use crate::support::db::Backend;
-use crate::support::pg_server::PgServer;
+use crate::support::outage_db::Database;
 use crate::support::process::BrokerSpec;
 
 /// The provider timeout the broker runs with; the lease is 2 × this + 5 s.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(1);
 const LEASE: Duration = Duration::from_secs(7);
 const CONNECTIONS: usize = 4;
-
-/// A database the test can take away and give back.
-enum Database {
-    Sqlite {
-        path: PathBuf,
-        _dir: tempfile::TempDir,
-        /// Holds `BEGIN EXCLUSIVE` during an outage.
-        locker: Option<rusqlite::Connection>,
-    },
-    Postgres(PgServer),
-}
-
-impl Database {
-    fn new(backend: Backend) -> Database {
-        match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                Database::Sqlite {
-                    path: dir.path().join("outage.db"),
-                    _dir: dir,
-                    locker: None,
-                }
-            }
-            Backend::Postgres => Database::Postgres(PgServer::start()),
-        }
-    }
-
-    fn url(&self) -> String {
-        match self {
-            Database::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
-            Database::Postgres(pg) => pg.url(),
-        }
-    }
-
-    fn go_away(&mut self) {
-        match self {
-            Database::Sqlite { path, locker, .. } => {
-                let conn = rusqlite::Connection::open(&*path).unwrap();
-                conn.busy_timeout(Duration::from_secs(30)).unwrap();
-                conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
-                *locker = Some(conn);
-            }
-            Database::Postgres(pg) => pg.down(),
-        }
-    }
-
-    fn come_back(&mut self) {
-        match self {
-            Database::Sqlite { locker, .. } => {
-                let conn = locker.take().expect("the database was locked");
-                conn.execute_batch("ROLLBACK").unwrap();
-            }
-            Database::Postgres(pg) => pg.up(),
-        }
-    }
-}
 
 fn outage_length() -> Duration {
     std::env::var("TOKENKEEPER_CHAOS_OUTAGE_SECS")

@@ -18,7 +18,7 @@ use tokenkeeper::seal::KeyRing;
 use crate::both_backends;
 use crate::support::app::{Api, Options, TestApp, TOKENS_KEY};
 use crate::support::db::Backend;
-use crate::support::pg_server::PgServer;
+use crate::support::outage_db::Database;
 use crate::support::process::BrokerSpec;
 
 /// How long a change may take to reach another process's cache before a test gives up: far
@@ -294,25 +294,6 @@ async fn another_process_commits_reach_the_cache_and_if_grant_always_gets_the_cu
 
 both_backends!(during_an_outage_reads_come_from_the_cache_never_with_a_grant_known_superseded);
 
-/// A database the test can take away and give back (as in `outage.rs`).
-enum Database {
-    Sqlite {
-        path: std::path::PathBuf,
-        _dir: tempfile::TempDir,
-        locker: Option<rusqlite::Connection>,
-    },
-    Postgres(PgServer),
-}
-
-impl Database {
-    fn url(&self) -> String {
-        match self {
-            Database::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
-            Database::Postgres(pg) => pg.url(),
-        }
-    }
-}
-
 async fn during_an_outage_reads_come_from_the_cache_never_with_a_grant_known_superseded(
     backend: Backend,
 ) {
@@ -324,17 +305,7 @@ async fn during_an_outage_reads_come_from_the_cache_never_with_a_grant_known_sup
     })
     .await
     .unwrap();
-    let mut db = match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            Database::Sqlite {
-                path: dir.path().join("cache-outage.db"),
-                _dir: dir,
-                locker: None,
-            }
-        }
-        Backend::Postgres => Database::Postgres(PgServer::start()),
-    };
+    let mut db = Database::new(backend);
     let spill = tempfile::tempdir().unwrap();
     let config = sim.config();
     let spec = BrokerSpec {
@@ -384,23 +355,16 @@ async fn during_an_outage_reads_come_from_the_cache_never_with_a_grant_known_sup
     }
 
     // The database goes away.
-    match &mut db {
-        Database::Sqlite { path, locker, .. } => {
-            let conn = rusqlite::Connection::open(&*path).unwrap();
-            conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
-            *locker = Some(conn);
-        }
-        Database::Postgres(pg) => {
-            pg.down();
-            // The feed's connection is gone: from now on nothing can be verified.
-            let start = Instant::now();
-            while metric(&a, "change_feed_up").await != 0.0 {
-                assert!(
-                    start.elapsed() < CONVERGE_WITHIN,
-                    "the feed notices the outage"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+    db.go_away();
+    if backend == Backend::Postgres {
+        // The feed's connection is gone: from now on nothing can be verified.
+        let start = Instant::now();
+        while metric(&a, "change_feed_up").await != 0.0 {
+            assert!(
+                start.elapsed() < CONVERGE_WITHIN,
+                "the feed notices the outage"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     let (status, body, cached) = read(&a, &kept).await;
@@ -429,12 +393,7 @@ async fn during_an_outage_reads_come_from_the_cache_never_with_a_grant_known_sup
     assert_ne!(body_r["grant_id"], old_grant.as_str());
     assert_ne!(status_v, 200);
 
-    match &mut db {
-        Database::Sqlite { locker, .. } => {
-            locker.take().unwrap().execute_batch("ROLLBACK").unwrap();
-        }
-        Database::Postgres(pg) => pg.up(),
-    }
+    db.come_back();
     // Back: unmarked answers again, once the feed has reconnected.
     let start = Instant::now();
     loop {

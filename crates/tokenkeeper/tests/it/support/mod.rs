@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod db;
+pub mod outage_db;
 pub mod pg_server;
 pub mod process;
 pub mod python;
