@@ -1254,7 +1254,7 @@ export interface operations {
                     "application/json": components["schemas"]["ImportAnswer"];
                 };
             };
-            /** @description `invalid_request`: a body of another shape (its content is never quoted back), or more than 1,000 rows */
+            /** @description `invalid_request`: a body of another shape (its content is never quoted back), or more than 1,000 rows (40 with `verify`) */
             400: {
                 headers: {
                     [name: string]: unknown;

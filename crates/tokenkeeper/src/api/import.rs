@@ -18,6 +18,11 @@ use crate::import::{
 /// The most rows one call takes.
 pub const MAX_ROWS: usize = 1000;
 
+/// The most rows one call takes with `"verify": true`: each is introspected at `VERIFY_RATE`,
+/// so this bounds the call to about 20 seconds of introspection (plus a refresh for a new
+/// connection found dead), well within an HTTP client's patience.
+pub const MAX_VERIFIED_ROWS: usize = 40;
+
 /// The body limit of this call: a thousand rows with long tokens and names.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
@@ -55,7 +60,7 @@ pub struct ImportAnswer {
     request_body = ImportBody,
     responses(
         (status = 200, description = "One result per row (`imported`, `added`, `duplicate`, `already_imported`, `invalid`) and the report", body = ImportAnswer),
-        (status = 400, description = "`invalid_request`: a body of another shape (its content is never quoted back), or more than 1,000 rows", body = ErrorEnvelope),
+        (status = 400, description = "`invalid_request`: a body of another shape (its content is never quoted back), or more than 1,000 rows (40 with `verify`)", body = ErrorEnvelope),
         (status = 401, description = "`unauthorized`", body = ErrorEnvelope),
         (status = 403, description = "`forbidden`: needs an admin key", body = ErrorEnvelope),
         (status = 413, description = "`payload_too_large`: a body over 1 MiB", body = ErrorEnvelope),
@@ -84,6 +89,13 @@ pub async fn import(
     if body.connections.len() > MAX_ROWS {
         return Err(ApiError::invalid(format!(
             "at most {MAX_ROWS} connections per call; send the rest in further calls"
+        )));
+    }
+    if body.verify && body.connections.len() > MAX_VERIFIED_ROWS {
+        return Err(ApiError::invalid(format!(
+            "at most {MAX_VERIFIED_ROWS} connections per call with \"verify\": true (each is \
+             introspected at {VERIFY_RATE}); send the rest in further calls, or run \
+             `tokenkeeper import --verify`, which paces a whole file"
         )));
     }
     let rows = body

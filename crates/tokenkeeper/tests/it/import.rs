@@ -1261,4 +1261,32 @@ async fn the_api_imports_a_batch_with_one_result_per_row_and_recognises_it_again
         .await;
     assert_eq!(status, 400, "{bad}");
     assert!(!bad.to_string().contains("12345678901234567"), "{bad}");
+
+    // Verifying asks Notion at 2 a second: a call takes at most 40 rows, so that it answers in
+    // about 20 seconds; more are refused before anything is asked or written.
+    let introspections = || async {
+        app.sim_json(reqwest::Method::GET, "/_sim/stats", None)
+            .await["requests"]["oauth.introspect"]
+            .clone()
+    };
+    let before = introspections().await;
+    let many: Vec<Value> = (0..41)
+        .map(|i| json!({"bot_id": format!("bot-many-{i}"), "access_token": format!("secret-{i}")}))
+        .collect();
+    let (status, refused) = app
+        .post_json(
+            "/v1/connections/import",
+            json!({"connections": many, "verify": true}),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 40"),
+        "{refused}"
+    );
+    assert_eq!(introspections().await, before);
+    assert_eq!(app.db.count("SELECT count(*) FROM grants").await, 4);
 }
