@@ -166,6 +166,12 @@ pub enum RefreshOutcome {
     Failed,
     /// Notion refused the grant and nothing rescued it: the user must reconnect.
     NeedsReauth,
+    /// Refused before any refresh: the token Notion refused was minted moments ago by a
+    /// refresh and Notion calls it active (409 `token_rejected_after_refresh`).
+    TokenRejectedAfterRefresh,
+    /// Refused before any refresh: the connection's cap on refreshes was reached (429
+    /// `refresh_rate_limited`).
+    RateLimited,
 }
 
 impl RefreshOutcome {
@@ -178,6 +184,8 @@ impl RefreshOutcome {
             RefreshOutcome::Throttled => "throttled",
             RefreshOutcome::Failed => "failed",
             RefreshOutcome::NeedsReauth => "needs_reauth",
+            RefreshOutcome::TokenRejectedAfterRefresh => "token_rejected_after_refresh",
+            RefreshOutcome::RateLimited => "rate_limited",
         }
     }
 }

@@ -299,6 +299,9 @@ impl Coordinator {
                 .unwrap_or_default();
             if current.record.origin == GrantOrigin::Refresh && age < FRESH_WINDOW {
                 if let Verdict::Refusal(introspection) = self.judge_refused(id, &current).await {
+                    self.metrics
+                        .refresh(RefreshOutcome::TokenRejectedAfterRefresh);
+                    tracing::warn!(op = "refresh", outcome = "token_rejected_after_refresh", connection = %id, grant = %wanted, introspection, "refresh refused: Notion refused a token minted moments ago that it calls active; a new pair would be refused the same way");
                     return Err(RefreshError::TokenRejectedAfterRefresh { introspection });
                 }
             }
@@ -373,7 +376,8 @@ impl Coordinator {
         let since = chrono::Utc::now()
             - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::minutes(10));
         if self.store.refresh_attempts_since(id, since).await? >= u64::from(limit) {
-            tracing::warn!(connection = %id, limit, window_s = window.as_secs(), "refresh cap reached");
+            self.metrics.refresh(RefreshOutcome::RateLimited);
+            tracing::warn!(op = "refresh", outcome = "rate_limited", connection = %id, limit, window_s = window.as_secs(), "refresh refused: the connection's cap on refreshes is reached");
             return Err(RefreshError::RateLimited {
                 retry_after: window / limit.max(1),
             });

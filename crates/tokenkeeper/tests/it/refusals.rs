@@ -10,7 +10,7 @@ use serde_json::json;
 use tokenkeeper::refresh::RefreshRate;
 
 use crate::both_backends;
-use crate::support::app::{Options, TestApp};
+use crate::support::app::{metric, Options, TestApp};
 use crate::support::db::Backend;
 
 both_backends!(
@@ -66,6 +66,15 @@ async fn a_401_on_every_call_mints_no_pair_and_the_answers_say_why(backend: Back
     assert_eq!(body["error"]["code"], "token_rejected_after_refresh");
     assert_eq!(body["error"]["introspection"], "active");
     assert_eq!(app.sim_refreshes().await, 1);
+    // Each refusal is counted where an operator looks (and logged as op=refresh).
+    assert_eq!(
+        metric(
+            &app,
+            "refreshes_total{outcome=\"token_rejected_after_refresh\"}"
+        )
+        .await,
+        21.0
+    );
 }
 
 async fn refreshes_per_connection_are_capped_whatever_the_caller_does(backend: Backend) {
@@ -99,4 +108,8 @@ async fn refreshes_per_connection_are_capped_whatever_the_caller_does(backend: B
     assert_eq!(body["error"]["code"], "refresh_rate_limited");
     assert_eq!(app.sim_refreshes().await, 3);
     assert_eq!(app.connection(&id).await["status"], "active");
+    assert_eq!(
+        metric(&app, "refreshes_total{outcome=\"rate_limited\"}").await,
+        1.0
+    );
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokenkeeper::seal::KeyRing;
 
 use crate::both_backends;
-use crate::support::app::{Api, Options, TestApp, TOKENS_KEY};
+use crate::support::app::{metric, Api, Options, TestApp, TOKENS_KEY};
 use crate::support::db::Backend;
 use crate::support::outage_db::Database;
 use crate::support::process::BrokerSpec;
@@ -46,24 +46,6 @@ async fn grant_read(api: &Api, id: &str) -> String {
     let (status, body, _) = read(api, id).await;
     assert_eq!(status, 200, "{body}");
     body["grant_id"].as_str().unwrap().to_owned()
-}
-
-/// `tokenkeeper_<name>{labels}` of a process's `/metrics` (0 when absent).
-async fn metric(api: &Api, series: &str) -> f64 {
-    let text = api
-        .api(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(&format!("tokenkeeper_{series} "))
-                .map(|v| v.trim().parse::<f64>().unwrap())
-        })
-        .unwrap_or(0.0)
 }
 
 async fn cache_hits(api: &Api) -> f64 {

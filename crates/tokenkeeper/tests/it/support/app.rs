@@ -499,3 +499,21 @@ macro_rules! both_backends {
         }
     )+ };
 }
+
+/// `tokenkeeper_<name>{labels}` of a process's `/metrics` (0 when absent).
+pub async fn metric(api: &Api, series: &str) -> f64 {
+    let text = api
+        .api(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(&format!("tokenkeeper_{series} "))
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
+}
