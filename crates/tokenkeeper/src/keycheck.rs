@@ -35,12 +35,15 @@ pub enum Command {
     Serve,
     Migrate,
     Rotate,
+    /// `import --dry-run`: checks as `serve` would, and changes nothing: no migration, no key
+    /// registered, no key ring file or SQLite file created.
+    DryRun,
 }
 
 impl Command {
     fn registration(self) -> KeyRegistration {
         match self {
-            Command::Serve => KeyRegistration::FirstStart,
+            Command::Serve | Command::DryRun => KeyRegistration::FirstStart,
             Command::Migrate => KeyRegistration::ProvenOnly,
             Command::Rotate => KeyRegistration::Active,
         }
@@ -66,6 +69,21 @@ pub async fn open(
     command: Command,
     clock: Clock,
 ) -> anyhow::Result<Opened> {
+    if command == Command::DryRun {
+        if let DatabaseUrl::Sqlite(path) = url {
+            if !path.exists() {
+                return Err(ConfigError::new(
+                    "TOKENKEEPER_DATABASE_URL",
+                    format!(
+                        "there is no database at {}, and a dry run creates none: import without \
+                         --dry-run, or run `tokenkeeper migrate` first",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+        }
+    }
     match source {
         KeySource::Ring {
             keys,
@@ -76,12 +94,18 @@ pub async fn open(
                 let store = store::open(url, keys.clone(), clock.clone()).await?;
                 let version = match command {
                     Command::Serve | Command::Migrate => store.migrate().await?,
-                    Command::Rotate => store.check_schema().await?,
+                    Command::Rotate | Command::DryRun => store.check_schema().await?,
                 };
                 Ok((store, version))
             })
             .await?;
-            let check = store.check_keys(command.registration()).await?;
+            let check = if command == Command::DryRun {
+                store
+                    .check_keys_without_writing(command.registration())
+                    .await?
+            } else {
+                store.check_keys(command.registration()).await?
+            };
             judge(&check, command, setting, file.as_deref())?;
             Ok(Opened {
                 store,
@@ -93,6 +117,15 @@ pub async fn open(
         KeySource::EmbeddedDefault { file } if command == Command::Serve => {
             first_start(url, file, clock).await
         }
+        KeySource::EmbeddedDefault { file } if command == Command::DryRun => Err(ConfigError::new(
+            "TOKENKEEPER_ENCRYPTION_KEY_FILE",
+            format!(
+                "{} does not exist, and a dry run creates no key ring: import without \
+                 --dry-run, or start `tokenkeeper serve` once",
+                file.display()
+            ),
+        )
+        .into()),
         _ if command == Command::Migrate => {
             // The store wants a key ring; migrations seal nothing, and this one is never asked
             // to seal or registered.
@@ -192,7 +225,7 @@ fn judge(
             ),
         ));
     }
-    if command == Command::Serve && !check.active_registered() {
+    if matches!(command, Command::Serve | Command::DryRun) && !check.active_registered() {
         return Err(ConfigError::new(
             setting,
             format!(

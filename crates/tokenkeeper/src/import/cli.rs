@@ -288,13 +288,13 @@ pub async fn import(args: &ImportArgs) -> anyhow::Result<()> {
     let verification = verification_of(&args.verify)?;
     let state = open_state(&args.verify)?;
     let url = args.store.database_url()?;
-    let opened = crate::keycheck::open(
-        &url,
-        &args.store.key_source()?,
-        crate::keycheck::Command::Serve,
-        Clock::System,
-    )
-    .await?;
+    let command = if args.dry_run {
+        crate::keycheck::Command::DryRun
+    } else {
+        crate::keycheck::Command::Serve
+    };
+    let opened =
+        crate::keycheck::open(&url, &args.store.key_source()?, command, Clock::System).await?;
     let store = Arc::new(opened.store);
     store.set_webhook_endpoints(
         crate::config::webhook_endpoints(args.webhook_urls.as_deref())?

@@ -960,6 +960,15 @@ impl Store {
         in_transaction!(self, |db| keys::check_keys(db, registration))
     }
 
+    /// `check_keys`, rolled back: what the check would find and register, with nothing written
+    /// (a dry run's).
+    pub async fn check_keys_without_writing(
+        &self,
+        registration: KeyRegistration,
+    ) -> Result<KeyCheck, StoreError> {
+        in_transaction_then!(self, false, |db| keys::check_keys(db, registration))
+    }
+
     /// Every key id the database holds a sealed value of (grants and key checks); needs no key.
     pub async fn sealed_key_ids(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
         read_only!(self, |db| keys::sealed_key_ids(db))

@@ -1038,6 +1038,75 @@ async fn a_dry_run_reports_what_it_would_import_and_writes_nothing(backend: Back
         refreshes,
         "a dry run spends no refresh token"
     );
+
+    // A dry run creates nothing either: not a database where there is none (SQLite), nor the
+    // tables of an empty PostgreSQL schema (which `serve` or `import` would migrate).
+    let schema = format!("tk_dry_{}", uuid::Uuid::new_v4().simple());
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let (client, conn) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .await
+                .unwrap();
+            Some(client)
+        }
+    };
+    let fresh_url = match backend {
+        Backend::Sqlite => format!("sqlite://{}", dir.path().join("absent.db").display()),
+        Backend::Postgres => {
+            let base = postgres_url();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}options=-csearch_path%3D{schema}")
+        }
+    };
+    let env: Vec<(&str, String)> = store_env(&app)
+        .into_iter()
+        .map(|(name, value)| match name {
+            "TOKENKEEPER_DATABASE_URL" => (name, fresh_url.clone()),
+            _ => (name, value),
+        })
+        .collect();
+    let out = run(
+        dir.path(),
+        &[
+            "import",
+            "--from",
+            &table.from,
+            "--query",
+            &table.query,
+            "--dry-run",
+        ],
+        &env,
+    )
+    .await;
+    assert_ne!(out.status, Some(0), "refused: {}", out.stdout);
+    match pg {
+        None => {
+            assert!(
+                out.stderr.contains("a dry run creates none"),
+                "{}",
+                out.stderr
+            );
+            assert!(!dir.path().join("absent.db").exists());
+        }
+        Some(client) => {
+            assert!(out.stderr.contains("tokenkeeper migrate"), "{}", out.stderr);
+            let tables: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
+                    &[&schema],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(tables, 0, "the dry run created no table");
+        }
+    }
 }
 
 async fn an_import_while_serve_refreshes_on_the_same_database_loses_nothing(backend: Backend) {
