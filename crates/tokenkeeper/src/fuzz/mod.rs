@@ -13,6 +13,7 @@
 //! every property (a long local run sets it high). The default nextest profile stops a fuzz
 //! test that runs past two minutes, taking it for a hang (`.config/nextest.toml`).
 
+mod callback;
 mod journal;
 mod keyring;
 mod provider;
