@@ -417,7 +417,14 @@ impl Harness {
             *self.live.borrow_mut() = self.new_session();
         }
         // The state must not reach the test's output, whatever a failure message quotes.
-        result.map_err(|e| TestCaseError::fail(e.to_string().replace(&live.state, STATE)))
+        result.map_err(|e| match e {
+            TestCaseError::Fail(why) => {
+                TestCaseError::fail(why.message().replace(&live.state, STATE))
+            }
+            TestCaseError::Reject(why) => {
+                TestCaseError::reject(why.message().replace(&live.state, STATE))
+            }
+        })
     }
 
     fn check_with(&self, case: &str, live: &Live) -> Result<(), TestCaseError> {
@@ -647,7 +654,7 @@ fn splice() -> impl Strategy<Value = (bool, String)> {
 fn case() -> impl Strategy<Value = String> {
     let query = prop_oneof![3 => callback_query(), 1 => Just(String::new())]
         // `http::Uri` takes at most 65,534 bytes, so a longer one cannot be sent through
-        // `reqwest`; `hyper` refuses it before tokenkeeper sees it anyway.
+        // `reqwest`; it would be far over the server's 8 KiB URI limit anyway.
         .prop_filter("within a URI the client can send", |q| q.len() <= 40_000);
     (query, prop::option::weighted(0.4, splice())).prop_map(|(query, splice)| match splice {
         None => query,
