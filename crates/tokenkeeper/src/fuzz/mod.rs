@@ -9,10 +9,11 @@
 //! `proptest-regressions/fuzz/` and replayed first on every run.
 //!
 //! Each property runs a bounded number of cases: its own default, chosen so that the whole fuzz
-//! suite takes about ten seconds on two cores in a debug build, or `TOKENKEEPER_FUZZ_CASES` for
-//! every property (a long local run sets it high). The default nextest profile stops a fuzz
+//! suite takes under fifteen seconds on two cores in a debug build, or `TOKENKEEPER_FUZZ_CASES`
+//! for every property (a long local run sets it high). The default nextest profile stops a fuzz
 //! test that runs past two minutes, taking it for a hang (`.config/nextest.toml`).
 
+mod callback;
 mod journal;
 mod keyring;
 mod provider;

@@ -39,7 +39,7 @@ fn final_redirect(return_to: &ReturnTo) -> String {
 }
 
 /// Whether `path` is `prefix`'s path or below it at a segment boundary.
-fn under(path: &str, prefix: &str) -> bool {
+pub(super) fn under(path: &str, prefix: &str) -> bool {
     if prefix.ends_with('/') {
         path.starts_with(prefix)
     } else {
