@@ -1,7 +1,7 @@
 //! The connect flow: a one-time link, Notion's consent, the callback, and the grant recorded
 //! through the ledger (never an early return for a `bot_id` we already know).
 
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use cookie::{Cookie, SameSite};
@@ -389,6 +389,33 @@ pub struct CallbackQuery {
     error: Option<String>,
 }
 
+impl CallbackQuery {
+    /// Reads the query as a browser sent it, names and values decoded as a form's are (as
+    /// axum's `Query` would), each of `code`, `state` and `error` at most once: a repeated one
+    /// is answered by name (which of two states would be the attempt's?), with the callback's
+    /// own page rather than a deserialiser's message. Other names are ignored.
+    fn parse(raw: Option<&str>) -> Result<CallbackQuery, &'static str> {
+        let mut query = CallbackQuery {
+            code: None,
+            state: None,
+            error: None,
+        };
+        for (name, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            let (name, slot) = match name.as_ref() {
+                "code" => ("code", &mut query.code),
+                "state" => ("state", &mut query.state),
+                "error" => ("error", &mut query.error),
+                _ => continue,
+            };
+            if slot.is_some() {
+                return Err(name);
+            }
+            *slot = Some(value.into_owned());
+        }
+        Ok(query)
+    }
+}
+
 /// The page for a callback tokenkeeper cannot act on, with a way back to the application.
 fn dead_end(state: &SharedState, title: &str, text: &str) -> Response {
     dead_end_to(state, None, title, text)
@@ -437,8 +464,22 @@ fn dead_end_to(
 pub async fn callback(
     State(state): State<SharedState>,
     headers: HeaderMap,
-    Query(query): Query<CallbackQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let query = match CallbackQuery::parse(raw.as_deref()) {
+        Ok(query) => query,
+        Err(repeated) => {
+            return dead_end(
+                &state,
+                "Sign-in not completed",
+                &format!(
+                    "The answer that brought you here carried `{repeated}` twice, so it cannot be \
+                     matched to your connect attempt. Nothing was stored. Go back to the \
+                     application and connect again."
+                ),
+            )
+        }
+    };
     let presented = query.state.as_deref().filter(|s| !s.is_empty());
     let cookies = attempt_cookies(&headers);
     let secret = match (presented, cookies.as_slice()) {

@@ -233,6 +233,18 @@ async fn a_callback_from_another_browser_is_refused_and_stores_nothing(backend: 
     );
     assert!(connections(&app).await.is_empty(), "nothing was stored");
 
+    // Her own browser, with `state` twice: the callback's own page says so, with a way back,
+    // not a deserialiser's message, and consumes nothing.
+    let r = alice.get(&format!("{to_callback}&state=other")).await;
+    assert_eq!(r.status(), 400);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("carried `state` twice"), "{page}");
+    assert!(!page.contains("deserialize"), "{page}");
+    assert!(
+        page.contains("<a href="),
+        "the page offers a way back: {page}"
+    );
+
     // Alice's own browser completes her attempt: the refusals consumed nothing.
     let landing = Landing::of(&alice.redirect(&to_callback).await);
     assert_eq!(landing.status, "connected");
