@@ -210,6 +210,25 @@ test("a rate limit reaches the client as rate_limited once the proxy's budget is
   assert.equal(after.grant_id, before.grant_id, "throttling never changes the grant");
   const refreshesAfter = (await sim.get("/stats")).token_requests.total.refresh_token ?? 0;
   assert.equal(refreshesAfter, refreshesBefore, "no refresh for a 429");
-  // And the connection still works.
-  assert.equal((await notion().users.me({})).object, "user");
+
+  // Notion said to wait for the rest of its window: until then the proxy holds this
+  // connection's calls and answers them itself (the shared throttle), without calling Notion.
+  const sentBefore = (await sim.get("/stats")).requests["users.me"];
+  const held = await fetch(`${tokenkeeper.url}/v1/proxy/${connectionId}/v1/users/me`, {
+    headers: { authorization: `Bearer ${API_KEY}`, "notion-version": "2026-03-11" },
+    signal: AbortSignal.timeout(10_000),
+  });
+  assert.equal(held.status, 429);
+  assert.equal(held.headers.get("tokenkeeper-error"), "notion_throttled");
+  assert.ok(Number(held.headers.get("retry-after")) > 0, "Retry-After says how long");
+  assert.equal((await sim.get("/stats")).requests["users.me"], sentBefore, "Notion was not called");
+
+  // And the connection's token still works at Notion.
+  const { status, json } = await api("GET", `/v1/connections/${connectionId}/access-token`);
+  assert.equal(status, 200);
+  const direct = await fetch(`${sim.url}/v1/users/me`, {
+    headers: { authorization: `Bearer ${json.access_token}`, "notion-version": "2026-03-11" },
+    signal: AbortSignal.timeout(10_000),
+  });
+  assert.equal(direct.status, 200, "the token works at Notion");
 });

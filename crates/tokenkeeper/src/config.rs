@@ -93,6 +93,59 @@ impl LogArgs {
     }
 }
 
+/// Which Notion tokenkeeper talks to: `serve`'s, and `audit`/`import --verify`'s.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NotionArgs {
+    /// The Notion public connection's OAuth client id. Without it (and the secret), `serve`
+    /// starts a built-in Notion simulator and uses it instead of Notion; `--verify` needs both.
+    #[arg(long, env = "TOKENKEEPER_NOTION_CLIENT_ID")]
+    pub notion_client_id: Option<String>,
+
+    /// The Notion public connection's OAuth client secret.
+    #[arg(long, env = "TOKENKEEPER_NOTION_CLIENT_SECRET", hide_env_values = true)]
+    pub notion_client_secret: Option<String>,
+
+    /// Notion's API base URL (point it at a notion-sim in tests).
+    #[arg(
+        long,
+        env = "TOKENKEEPER_NOTION_BASE_URL",
+        default_value = "https://api.notion.com"
+    )]
+    pub notion_base_url: String,
+
+    /// The `Notion-Version` sent on token calls, and on proxied calls whose caller sent none.
+    #[arg(long, env = "TOKENKEEPER_NOTION_VERSION", default_value = "2026-03-11")]
+    pub notion_version: String,
+}
+
+impl NotionArgs {
+    /// The Notion registration these name; `None` when neither the client id nor the secret
+    /// is set (the built-in simulator). Only one of them, or a base URL that is not http(s),
+    /// is a `ConfigError`.
+    pub fn settings(&self) -> Result<Option<NotionSettings>, ConfigError> {
+        let base_url = parse_http_url(&self.notion_base_url, "TOKENKEEPER_NOTION_BASE_URL")?;
+        match (&self.notion_client_id, &self.notion_client_secret) {
+            (Some(id), Some(secret)) if !id.is_empty() && !secret.is_empty() => {
+                Ok(Some(NotionSettings {
+                    client_id: id.clone(),
+                    client_secret: ClientSecret::new(secret.clone()),
+                    base_url,
+                    version: self.notion_version.clone(),
+                }))
+            }
+            (None, None) => Ok(None),
+            (Some(_), _) => Err(ConfigError::new(
+                "TOKENKEEPER_NOTION_CLIENT_SECRET",
+                "missing: set both the client id and the client secret, or neither to use the built-in simulator",
+            )),
+            (None, Some(_)) => Err(ConfigError::new(
+                "TOKENKEEPER_NOTION_CLIENT_ID",
+                "missing: set both the client id and the client secret, or neither to use the built-in simulator",
+            )),
+        }
+    }
+}
+
 /// The settings of `tokenkeeper serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -125,26 +178,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENKEEPER_ALLOWED_RETURN_URLS")]
     pub allowed_return_urls: Option<String>,
 
-    /// The Notion public connection's OAuth client id. Without it (and the secret), tokenkeeper
-    /// starts a built-in Notion simulator and uses it instead of Notion.
-    #[arg(long, env = "TOKENKEEPER_NOTION_CLIENT_ID")]
-    pub notion_client_id: Option<String>,
-
-    /// The Notion public connection's OAuth client secret.
-    #[arg(long, env = "TOKENKEEPER_NOTION_CLIENT_SECRET", hide_env_values = true)]
-    pub notion_client_secret: Option<String>,
-
-    /// Notion's API base URL (point it at a notion-sim in tests).
-    #[arg(
-        long,
-        env = "TOKENKEEPER_NOTION_BASE_URL",
-        default_value = "https://api.notion.com"
-    )]
-    pub notion_base_url: String,
-
-    /// The `Notion-Version` sent on token calls, and on proxied calls whose caller sent none.
-    #[arg(long, env = "TOKENKEEPER_NOTION_VERSION", default_value = "2026-03-11")]
-    pub notion_version: String,
+    #[command(flatten)]
+    pub notion: NotionArgs,
 
     /// How long a connect link and its `state` stay valid.
     #[arg(long, env = "TOKENKEEPER_SESSION_TTL", default_value = "10m")]
@@ -466,28 +501,7 @@ impl Config {
                 .map_err(|m| ConfigError::new("TOKENKEEPER_ALLOWED_RETURN_URLS", m))?,
             None => AllowedReturnUrls::only(&public_url),
         };
-        let notion_base_url = parse_http_url(&args.notion_base_url, "TOKENKEEPER_NOTION_BASE_URL")?;
-        let notion = match (&args.notion_client_id, &args.notion_client_secret) {
-            (Some(id), Some(secret)) if !id.is_empty() && !secret.is_empty() => Some(NotionSettings {
-                client_id: id.clone(),
-                client_secret: ClientSecret::new(secret.clone()),
-                base_url: notion_base_url,
-                version: args.notion_version.clone(),
-            }),
-            (None, None) => None,
-            (Some(_), _) => {
-                return Err(ConfigError::new(
-                    "TOKENKEEPER_NOTION_CLIENT_SECRET",
-                    "missing: set both the client id and the client secret, or neither to use the built-in simulator",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "TOKENKEEPER_NOTION_CLIENT_ID",
-                    "missing: set both the client id and the client secret, or neither to use the built-in simulator",
-                ))
-            }
-        };
+        let notion = args.notion.settings()?;
         let session_ttl = any_duration("TOKENKEEPER_SESSION_TTL", &args.session_ttl)?;
         let provider_timeout =
             duration_setting("TOKENKEEPER_PROVIDER_TIMEOUT", &args.provider_timeout)?;
@@ -522,7 +536,7 @@ impl Config {
             created_webhook_secret_file,
             allowed_return_urls,
             notion,
-            notion_version: args.notion_version.clone(),
+            notion_version: args.notion.notion_version.clone(),
             session_ttl,
             provider_timeout,
             refresh_budget,

@@ -137,7 +137,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
              (set TOKENKEEPER_NOTION_CLIENT_ID and _SECRET to use Notion)",
             sim.base_url()
         ),
-        None => println!("Notion: {}", args.notion_base_url),
+        None => println!("Notion: {}", args.notion.notion_base_url),
     }
     println!(
         "Database: {} ({} schema v{})",

@@ -16,8 +16,7 @@ use super::verify::{self, Pacer, Rate, StateFile};
 use super::{plan, Audit, Importer, Progress, Verification};
 use crate::clock::Clock;
 use crate::config::{ConfigError, StoreArgs};
-use crate::ids::ClientSecret;
-use crate::provider::notion::{NotionClient, NotionSettings};
+use crate::provider::notion::NotionClient;
 use crate::refresh::{Coordinator, CoordinatorSettings};
 use crate::store::DatabaseUrl;
 
@@ -58,25 +57,8 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub state: Option<PathBuf>,
 
-    /// The Notion public connection's OAuth client id (needed by --verify).
-    #[arg(long, env = "TOKENKEEPER_NOTION_CLIENT_ID")]
-    pub notion_client_id: Option<String>,
-
-    /// The Notion public connection's OAuth client secret (needed by --verify).
-    #[arg(long, env = "TOKENKEEPER_NOTION_CLIENT_SECRET", hide_env_values = true)]
-    pub notion_client_secret: Option<String>,
-
-    /// Notion's API base URL.
-    #[arg(
-        long,
-        env = "TOKENKEEPER_NOTION_BASE_URL",
-        default_value = "https://api.notion.com"
-    )]
-    pub notion_base_url: String,
-
-    /// The `Notion-Version` sent to Notion.
-    #[arg(long, env = "TOKENKEEPER_NOTION_VERSION", default_value = "2026-03-11")]
-    pub notion_version: String,
+    #[command(flatten)]
+    pub notion: crate::config::NotionArgs,
 
     /// Timeout of one call to Notion.
     #[arg(long, env = "TOKENKEEPER_PROVIDER_TIMEOUT", default_value = "10s")]
@@ -144,27 +126,15 @@ fn verification_of(args: &VerifyArgs) -> Result<Option<(NotionClient, Rate)>, Co
         return Ok(None);
     }
     let rate = verify::parse_rate(&args.rate).map_err(|m| usage("--rate", m))?;
-    let (Some(id), Some(secret)) = (&args.notion_client_id, &args.notion_client_secret) else {
+    let Some(settings) = args.notion.settings()? else {
         return Err(ConfigError::new(
             "TOKENKEEPER_NOTION_CLIENT_ID",
             "--verify asks Notion: set the client id and secret (TOKENKEEPER_NOTION_CLIENT_ID \
              and TOKENKEEPER_NOTION_CLIENT_SECRET)",
         ));
     };
-    let base_url = url::Url::parse(&args.notion_base_url).map_err(|e| {
-        ConfigError::new(
-            "TOKENKEEPER_NOTION_BASE_URL",
-            format!("{:?} is not a URL: {e}", args.notion_base_url),
-        )
-    })?;
     let timeout = crate::config::parse_duration(&args.provider_timeout)
         .map_err(|m| ConfigError::new("TOKENKEEPER_PROVIDER_TIMEOUT", m))?;
-    let settings = NotionSettings {
-        client_id: id.clone(),
-        client_secret: ClientSecret::new(secret.clone()),
-        base_url,
-        version: args.notion_version.clone(),
-    };
     Ok(Some((NotionClient::new(settings, timeout), rate)))
 }
 

@@ -535,10 +535,36 @@ async fn reauthorize(
     })
 }
 
-/// Authorizations of one import in flight at once. On PostgreSQL their statements interleave
-/// on the one connection, which tokio-postgres pipelines instead of waiting a round trip per
+/// Operations of one import in flight at once. On PostgreSQL their statements interleave on
+/// the one connection, which tokio-postgres pipelines instead of waiting a round trip per
 /// statement: that is what makes a large import fast. On SQLite each completes at once.
 const IMPORT_PIPELINE: usize = 64;
+
+/// Runs `op` on every item, up to `IMPORT_PIPELINE` at once, and answers their results in the
+/// items' order; the first error ends it (the caller's transaction then rolls back).
+async fn pipelined<'a, T, O, Fut>(
+    items: &'a [T],
+    op: impl Fn(&'a T) -> Fut,
+) -> Result<Vec<O>, StoreError>
+where
+    Fut: std::future::Future<Output = Result<O, StoreError>>,
+{
+    use futures::stream::{FuturesOrdered, StreamExt};
+    let mut out = Vec::with_capacity(items.len());
+    let mut inflight = FuturesOrdered::new();
+    for item in items {
+        inflight.push_back(op(item));
+        if inflight.len() >= IMPORT_PIPELINE {
+            if let Some(result) = inflight.next().await {
+                out.push(result?);
+            }
+        }
+    }
+    while let Some(result) = inflight.next().await {
+        out.push(result?);
+    }
+    Ok(out)
+}
 
 /// See `Store::import_authorizations`; the batch names distinct bots and reconnect targets, so
 /// its authorizations may interleave.
@@ -546,21 +572,8 @@ pub(crate) async fn import_authorizations(
     db: &impl Db,
     batch: &[NewAuthorization],
 ) -> Result<Vec<ConnectionId>, StoreError> {
-    use futures::stream::{FuturesOrdered, StreamExt};
-    let mut ids = Vec::with_capacity(batch.len());
-    let mut inflight = FuturesOrdered::new();
-    for auth in batch {
-        inflight.push_back(record_authorization(db, auth));
-        if inflight.len() >= IMPORT_PIPELINE {
-            if let Some(outcome) = inflight.next().await {
-                ids.push(outcome?.connection.id);
-            }
-        }
-    }
-    while let Some(outcome) = inflight.next().await {
-        ids.push(outcome?.connection.id);
-    }
-    Ok(ids)
+    let recorded = pipelined(batch, |auth| record_authorization(db, auth)).await?;
+    Ok(recorded.into_iter().map(|r| r.connection.id).collect())
 }
 
 /// Takes the connection's refresh lease; see `Store::begin_refresh`.
@@ -1583,30 +1596,13 @@ pub(crate) async fn retry_job(
     db.query_opt(sql::JOB_BY_ID, &[text(id)], sql::job).await
 }
 
-/// Bots of one import in flight at once; see `IMPORT_PIPELINE`.
-const IMPORT_BOTS_PIPELINE: usize = 64;
-
 /// See `Store::import_bots`; the batch names distinct bots, sorted by bot id, so that two
 /// imports of overlapping bots take their bot locks in one order and cannot deadlock.
 pub(crate) async fn import_bots(
     db: &impl Db,
     batch: &[ImportedBot],
 ) -> Result<Vec<BotImportOutcome>, StoreError> {
-    use futures::stream::{FuturesOrdered, StreamExt};
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut inflight = FuturesOrdered::new();
-    for bot in batch {
-        inflight.push_back(import_bot(db, bot));
-        if inflight.len() >= IMPORT_BOTS_PIPELINE {
-            if let Some(outcome) = inflight.next().await {
-                outcomes.push(outcome?);
-            }
-        }
-    }
-    while let Some(outcome) = inflight.next().await {
-        outcomes.push(outcome?);
-    }
-    Ok(outcomes)
+    pipelined(batch, |bot| import_bot(db, bot)).await
 }
 
 /// Records one bot's pairs (invariants 1 and 2: every pair kept, none overwritten). Under the
