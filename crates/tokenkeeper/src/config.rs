@@ -9,13 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::auth::{ApiKey, ApiKeys};
-use crate::api::proxy::ProxyTimeouts;
-use crate::api::return_to::AllowedReturnUrls;
-use crate::api::server::ServerLimits;
+use crate::api_keys::{ApiKey, ApiKeys};
 pub use crate::clock::parse_duration;
 use crate::ids::ClientSecret;
 use crate::provider::notion::NotionSettings;
+use crate::return_to::AllowedReturnUrls;
 use crate::seal::KeyRing;
 use crate::store::DatabaseUrl;
 
@@ -365,7 +363,7 @@ pub struct Config {
     /// Whether Notion's 429s and 529s hold every process's proxied calls.
     pub proxy_shared_throttle: bool,
     /// The health check (`interval` zero: off).
-    pub health_check: crate::health::HealthSettings,
+    pub health_check: HealthSettings,
 }
 
 /// Where the key ring comes from. Whether a start may use it is decided with the database in
@@ -562,12 +560,12 @@ impl Config {
                     )
                 })?,
             proxy_shared_throttle: args.proxy_shared_throttle,
-            health_check: crate::health::HealthSettings {
+            health_check: HealthSettings {
                 interval: any_duration(
                     "TOKENKEEPER_HEALTH_CHECK_INTERVAL",
                     &args.health_check_interval,
                 )?,
-                rate: crate::import::verify::parse_rate(&args.health_check_rate)
+                rate: crate::clock::parse_rate(&args.health_check_rate)
                     .map_err(|m| ConfigError::new("TOKENKEEPER_HEALTH_CHECK_RATE", m))?,
             },
         })
@@ -749,6 +747,68 @@ pub fn webhook_endpoints(urls: Option<&str>) -> Result<Vec<url::Url>, ConfigErro
                 .map_err(|m| ConfigError::new("TOKENKEEPER_WEBHOOK_URLS", m))
         })
         .collect()
+}
+
+/// The health check's settings (`health`).
+#[derive(Debug, Clone, Copy)]
+pub struct HealthSettings {
+    /// How often each active connection is checked; zero turns the checks off.
+    pub interval: Duration,
+    /// The most checks per second, across every process.
+    pub rate: crate::clock::Rate,
+}
+
+/// The server's deadlines and its connection cap (`TOKENKEEPER_HEADER_READ_TIMEOUT`,
+/// `_BODY_READ_TIMEOUT`, `_IDLE_TIMEOUT`, `_MAX_CONNECTIONS`).
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    /// - Header read, 10 s: a head is a few hundred bytes, which any working link delivers in
+    ///   far less, and a client that trickles one gets little.
+    /// - Body read, 30 s: the API's own bodies are at most 64 KiB; a proxied upload must arrive
+    ///   at about 35 KB/s per MiB, which any link an app server uses does.
+    /// - Idle, 5 s: the keep-alive of Node's own HTTP server, which undici-based clients (among
+    ///   them `@notionhq/client`) are tuned to: they drop an idle socket after 4 s, so they do not
+    ///   race our close.
+    /// - 4,096 connections: far more than the keep-alive pools of a fleet of app servers need,
+    ///   and within the descriptors of a common limit (1,024 soft, much more hard) once `main`
+    ///   has raised the soft limit; each idle connection costs a descriptor, a task and a few
+    ///   KiB of buffers.
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// How long the proxy waits on Notion (`TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT`,
+/// `TOKENKEEPER_PROXY_IDLE_TIMEOUT`).
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyTimeouts {
+    /// From sending a request until the head of Notion's answer has arrived.
+    pub first_byte: Duration,
+    /// Between two pieces of the body of Notion's answer.
+    pub idle: Duration,
+}
+
+impl Default for ProxyTimeouts {
+    /// Under the 60 s after which `@notionhq/client` gives up by default, so that its callers get
+    /// the proxy's 504 rather than their own abort; far above Notion's usual answer times.
+    fn default() -> Self {
+        ProxyTimeouts {
+            first_byte: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+        }
+    }
 }
 
 #[cfg(test)]

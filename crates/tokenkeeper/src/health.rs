@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::ids::{ConnectionId, GrantId};
-use crate::import::verify::Rate;
 use crate::ledger::{CheckResult, ConnectionStatus, LeaseHolder};
 use crate::provider::notion::NotionClient;
 use crate::refresh::{Coordinator, RefreshError};
@@ -38,14 +37,7 @@ pub struct Checker {
     pub clock: Clock,
 }
 
-/// The health check's settings.
-#[derive(Debug, Clone, Copy)]
-pub struct HealthSettings {
-    /// How often each active connection is checked; zero turns the checks off.
-    pub interval: Duration,
-    /// The most checks per second, across every process.
-    pub rate: Rate,
-}
+pub use crate::config::HealthSettings;
 
 /// The lease's name in `sweeper_leases`.
 pub const SWEEPER: &str = "health_check";

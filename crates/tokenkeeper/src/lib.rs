@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of this crate and the invariants each module keeps.
 
 pub mod api;
+pub mod api_keys;
 pub mod app;
 pub mod clock;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod provider;
 pub mod refresh;
+pub mod return_to;
 pub mod seal;
 pub mod store;
 pub mod webhooks;

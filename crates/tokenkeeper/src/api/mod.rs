@@ -2,7 +2,8 @@
 //! state every handler shares. One file per group of routes.
 
 pub mod admin;
-pub mod auth;
+/// The API keys of `api_keys`, under the name the handlers use.
+pub use crate::api_keys as auth;
 pub(crate) mod connect;
 mod connections;
 mod demo;
@@ -11,7 +12,7 @@ mod import;
 pub mod openapi;
 pub mod pages;
 pub mod proxy;
-pub mod return_to;
+pub use crate::return_to;
 pub mod server;
 mod webhooks;
 

@@ -45,6 +45,7 @@ use super::auth::Scope;
 use super::connect::needs_reauth;
 use super::error::{ApiError, ErrorCode};
 use super::{ConnectionPath, SharedState};
+pub use crate::config::ProxyTimeouts;
 use crate::ids::{AccessToken, ConnectionId, GrantId};
 use crate::ledger::ConnectionStatus;
 use crate::metrics::ProxyRetry;
@@ -64,27 +65,6 @@ const MAX_BUDGET_MS: u64 = 120_000;
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The first retry of a 5xx or a network failure waits this long; later ones double it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-
-/// How long the proxy waits on Notion (`TOKENKEEPER_PROXY_FIRST_BYTE_TIMEOUT`,
-/// `TOKENKEEPER_PROXY_IDLE_TIMEOUT`).
-#[derive(Debug, Clone, Copy)]
-pub struct ProxyTimeouts {
-    /// From sending a request until the head of Notion's answer has arrived.
-    pub first_byte: Duration,
-    /// Between two pieces of the body of Notion's answer.
-    pub idle: Duration,
-}
-
-impl Default for ProxyTimeouts {
-    /// Under the 60 s after which `@notionhq/client` gives up by default, so that its callers get
-    /// the proxy's 504 rather than their own abort; far above Notion's usual answer times.
-    fn default() -> Self {
-        ProxyTimeouts {
-            first_byte: Duration::from_secs(30),
-            idle: Duration::from_secs(30),
-        }
-    }
-}
 
 /// Marks a response that is Notion's answer passed on, which the server's last check
 /// (`api::server`) must leave byte for byte as it is.

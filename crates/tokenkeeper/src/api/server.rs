@@ -54,39 +54,8 @@ use tower::ServiceExt;
 use super::error::{ApiError, Enveloped, ErrorCode};
 use super::proxy::FromUpstream;
 use super::SharedState;
+pub use crate::config::ServerLimits;
 use crate::metrics::{Route, ServerCounters};
-
-/// The server's deadlines and its connection cap (`TOKENKEEPER_HEADER_READ_TIMEOUT`,
-/// `_BODY_READ_TIMEOUT`, `_IDLE_TIMEOUT`, `_MAX_CONNECTIONS`).
-#[derive(Debug, Clone)]
-pub struct ServerLimits {
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-}
-
-impl Default for ServerLimits {
-    /// - Header read, 10 s: a head is a few hundred bytes, which any working link delivers in
-    ///   far less, and a client that trickles one gets little.
-    /// - Body read, 30 s: the API's own bodies are at most 64 KiB; a proxied upload must arrive
-    ///   at about 35 KB/s per MiB, which any link an app server uses does.
-    /// - Idle, 5 s: the keep-alive of Node's own HTTP server, which undici-based clients (among
-    ///   them `@notionhq/client`) are tuned to: they drop an idle socket after 4 s, so they do not
-    ///   race our close.
-    /// - 4,096 connections: far more than the keep-alive pools of a fleet of app servers need,
-    ///   and within the descriptors of a common limit (1,024 soft, much more hard) once `main`
-    ///   has raised the soft limit; each idle connection costs a descriptor, a task and a few
-    ///   KiB of buffers.
-    fn default() -> Self {
-        ServerLimits {
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(5),
-            max_connections: 4096,
-        }
-    }
-}
 
 /// Our own limits on a request head. hyper answers heads beyond its own limits itself, with an
 /// empty body; ours are well below its (65,534-byte URIs, about 400 KiB of head, and the header
