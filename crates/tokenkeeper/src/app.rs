@@ -35,8 +35,8 @@ pub struct App {
 /// What the state needs besides the store and Notion's address.
 pub struct StateSettings {
     pub public_url: url::Url,
-    pub allowed_return_urls: crate::api::return_to::AllowedReturnUrls,
-    pub api_keys: crate::api::auth::ApiKeys,
+    pub allowed_return_urls: crate::return_to::AllowedReturnUrls,
+    pub api_keys: crate::api_keys::ApiKeys,
     pub session_ttl: Duration,
     pub provider_timeout: Duration,
     pub refresh_budget: Duration,
@@ -47,9 +47,9 @@ pub struct StateSettings {
     /// Where to deliver webhooks and how to sign them.
     pub webhooks: Option<crate::webhooks::WebhookSettings>,
     /// The server's deadlines and connection cap.
-    pub server: crate::api::server::ServerLimits,
+    pub server: crate::config::ServerLimits,
     /// How long the proxy waits on Notion.
-    pub proxy_timeouts: crate::api::proxy::ProxyTimeouts,
+    pub proxy_timeouts: crate::config::ProxyTimeouts,
     /// How old `/metrics`' database-wide gauges may be (`metrics::DEFAULT_GAUGE_INTERVAL`).
     pub metrics_gauge_interval: Duration,
     /// Connections the token cache keeps at most (`TOKENKEEPER_TOKEN_CACHE_SIZE`; 0: off).

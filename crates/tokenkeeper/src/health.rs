@@ -37,7 +37,7 @@ pub struct Checker {
     pub clock: Clock,
 }
 
-pub use crate::config::HealthSettings;
+use crate::config::HealthSettings;
 
 /// The lease's name in `sweeper_leases`.
 pub const SWEEPER: &str = "health_check";

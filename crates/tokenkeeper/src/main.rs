@@ -123,7 +123,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         config.public_url = url::Url::parse(&format!("http://{addr}"))?;
         if args.allowed_return_urls.is_none() {
             config.allowed_return_urls =
-                tokenkeeper::api::return_to::AllowedReturnUrls::only(&config.public_url);
+                tokenkeeper::return_to::AllowedReturnUrls::only(&config.public_url);
         }
     }
     let app = tokenkeeper::app::App::build(&config, opened).await?;

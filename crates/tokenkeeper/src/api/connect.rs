@@ -10,11 +10,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Scope;
 use super::error::{ApiError, ErrorCode, ErrorEnvelope};
 use super::pages::{self, Link, Message};
-use super::return_to::ReturnTo;
 use super::{require_admin, ApiJson, AppState, ConnectionPath, SharedState};
+use crate::api_keys::Scope;
+use crate::return_to::ReturnTo;
 use std::time::Duration;
 
 use crate::ids::{ConnectionId, GrantId, SessionId};
@@ -130,7 +130,7 @@ pub async fn create_session(
 /// `/connect/done`, where a connect session without `return_to` ends: tokenkeeper's own page,
 /// checked against the public URL (like the demo's), not against the app's allow-list.
 fn done_page(state: &SharedState) -> ReturnTo {
-    super::return_to::AllowedReturnUrls::only(&state.public_url)
+    crate::return_to::AllowedReturnUrls::only(&state.public_url)
         .check(&state.public("/connect/done"))
         .expect("a page under the public URL is under the public URL")
 }

@@ -11,10 +11,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Scope;
 use super::connect::needs_reauth;
 use super::error::{ApiError, ErrorCode, ErrorEnvelope};
 use super::{optional_json, parse_connection_id, require_admin, ConnectionPath, SharedState};
+use crate::api_keys::Scope;
 use crate::ids::{ConnectionId, GrantId};
 use crate::ledger::{
     Connection, ConnectionFilter, ConnectionStatus, Event, GrantRecord, OpenGrant, Provider,

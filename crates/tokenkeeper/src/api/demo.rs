@@ -12,10 +12,10 @@ use serde::Deserialize;
 
 use super::connect::page;
 use super::pages::{self, When};
-use super::return_to::AllowedReturnUrls;
 use super::SharedState;
 use crate::ids::ConnectionId;
 use crate::ledger::Provider;
+use crate::return_to::AllowedReturnUrls;
 
 /// The demo's routes, mounted only when Notion is the built-in simulator (`api::router`).
 pub fn routes() -> Router<SharedState> {

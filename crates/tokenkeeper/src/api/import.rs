@@ -7,10 +7,10 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::Scope;
 use super::error::{ApiError, ErrorEnvelope};
 use super::{require_admin, SharedState};
-use crate::import::verify::{self, Pacer};
+use crate::api_keys::Scope;
+use crate::import::verify::Pacer;
 use crate::import::{
     plan, ApiRow, Audit, ImportReport, Importer, Quiet, RowOutcome, Verification, BATCH,
 };
@@ -106,7 +106,7 @@ pub async fn import(
         .collect();
     let plan = plan(rows);
     let audit = Audit::of("POST /v1/connections/import".into(), &plan, None, None);
-    let pacer = Pacer::new(verify::parse_rate(VERIFY_RATE).expect("a valid rate"));
+    let pacer = Pacer::new(crate::clock::parse_rate(VERIFY_RATE).expect("a valid rate"));
     let importer = Importer {
         store: &state.store,
         coordinator: Some(&state.coordinator),

@@ -2,8 +2,6 @@
 //! state every handler shares. One file per group of routes.
 
 pub mod admin;
-/// The API keys of `api_keys`, under the name the handlers use.
-pub use crate::api_keys as auth;
 pub(crate) mod connect;
 mod connections;
 mod demo;
@@ -12,7 +10,6 @@ mod import;
 pub mod openapi;
 pub mod pages;
 pub mod proxy;
-pub use crate::return_to;
 pub mod server;
 mod webhooks;
 
@@ -27,15 +24,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 
+use crate::api_keys::{ApiKeys, Scope};
 use crate::clock::Clock;
 use crate::ids::ConnectionId;
 use crate::ledger::{ConnectSession, Provider};
 use crate::provider::notion::NotionClient;
 use crate::refresh::Coordinator;
+use crate::return_to::{AllowedReturnUrls, ReturnTo};
 use crate::store::Store;
-use auth::{ApiKeys, Scope};
 use error::{ApiError, ErrorCode};
-use return_to::{AllowedReturnUrls, ReturnTo};
 
 /// Everything a handler may need, built once at start and shared.
 pub struct AppState {
@@ -60,9 +57,9 @@ pub struct AppState {
     /// Where a pair waits when the database cannot take it (the callback's, here).
     pub journal: Arc<crate::journal::Journal>,
     /// The server's deadlines and connection cap, read by `serve`.
-    pub server: server::ServerLimits,
+    pub server: crate::config::ServerLimits,
     /// How long the proxy waits on Notion.
-    pub proxy_timeouts: proxy::ProxyTimeouts,
+    pub proxy_timeouts: crate::config::ProxyTimeouts,
     /// Whether Notion's 429s and 529s hold every process's proxied calls (`api::proxy`).
     pub shared_throttle: bool,
     /// Proxied calls that Notion left silent past a deadline: no answer head within the first

@@ -41,11 +41,10 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 
-use super::auth::Scope;
 use super::connect::needs_reauth;
 use super::error::{ApiError, ErrorCode};
 use super::{ConnectionPath, SharedState};
-pub use crate::config::ProxyTimeouts;
+use crate::api_keys::Scope;
 use crate::ids::{AccessToken, ConnectionId, GrantId};
 use crate::ledger::ConnectionStatus;
 use crate::metrics::ProxyRetry;

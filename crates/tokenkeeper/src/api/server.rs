@@ -54,7 +54,7 @@ use tower::ServiceExt;
 use super::error::{ApiError, Enveloped, ErrorCode};
 use super::proxy::FromUpstream;
 use super::SharedState;
-pub use crate::config::ServerLimits;
+use crate::config::ServerLimits;
 use crate::metrics::{Route, ServerCounters};
 
 /// Our own limits on a request head. hyper answers heads beyond its own limits itself, with an

@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Scope;
 use super::error::{ApiError, ErrorEnvelope};
 use super::{require_admin, SharedState};
+use crate::api_keys::Scope;
 use crate::ids::ConnectionId;
 use crate::ledger::{Job, JobKind, JobStatus};
 

@@ -1,4 +1,4 @@
-//! Target 6: where a connect session may send the user back to (`api::return_to`, checked when
+//! Target 6: where a connect session may send the user back to (`return_to`, checked when
 //! a session is created and again by the callback, which redirects there).
 //!
 //! The hostile URLs come from `fuzz::urls`.
@@ -13,7 +13,7 @@ use proptest::test_runner::TestRunner;
 
 use super::urls::hostile_url;
 use super::{config, hostile_text};
-use crate::api::return_to::{AllowedReturnUrls, ReturnTo};
+use crate::return_to::{AllowedReturnUrls, ReturnTo};
 
 /// The allowed prefixes: with and without a path, a trailing slash, a port.
 const PREFIXES: [&str; 5] = [

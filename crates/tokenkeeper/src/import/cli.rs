@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::source::{Source, SourceError};
-use super::verify::{self, Pacer, Rate, StateFile};
+use super::verify::{self, Pacer, StateFile};
 use super::{plan, Audit, Importer, Progress, Verification};
 use crate::clock::Clock;
+use crate::clock::Rate;
 use crate::config::{ConfigError, StoreArgs};
 use crate::provider::notion::NotionClient;
 use crate::refresh::{Coordinator, CoordinatorSettings};
@@ -125,7 +126,7 @@ fn verification_of(args: &VerifyArgs) -> Result<Option<(NotionClient, Rate)>, Co
     if !args.verify {
         return Ok(None);
     }
-    let rate = verify::parse_rate(&args.rate).map_err(|m| usage("--rate", m))?;
+    let rate = crate::clock::parse_rate(&args.rate).map_err(|m| usage("--rate", m))?;
     let Some(settings) = args.notion.settings()? else {
         return Err(ConfigError::new(
             "TOKENKEEPER_NOTION_CLIENT_ID",

@@ -20,7 +20,7 @@ use crate::ledger::CheckResult;
 use crate::provider::notion::NotionClient;
 use crate::provider::ProviderError;
 
-pub use crate::clock::{parse_rate, Rate};
+use crate::clock::Rate;
 
 /// Hands out one start time per call, `rate.spacing()` apart, to every task that asks: the
 /// calls it paces never exceed the rate, however many tasks make them.
@@ -205,6 +205,7 @@ pub async fn verify_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::parse_rate;
 
     #[test]
     fn rates_parse_with_or_without_a_number_in_the_window() {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use tokenkeeper::health::HealthSettings;
-use tokenkeeper::import::verify::parse_rate;
+use tokenkeeper::clock::parse_rate;
+use tokenkeeper::config::HealthSettings;
 
 use crate::both_backends;
 use crate::support::app::{Options, TestApp};

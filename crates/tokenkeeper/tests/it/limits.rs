@@ -13,8 +13,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use tokenkeeper::api::proxy::ProxyTimeouts;
-use tokenkeeper::api::server::ServerLimits;
+use tokenkeeper::config::ProxyTimeouts;
+use tokenkeeper::config::ServerLimits;
 
 use crate::both_backends;
 use crate::support::app::{Options, TestApp, ADMIN_KEY};

@@ -2,7 +2,7 @@
 //! `templates/admin/`) that work without JavaScript, for a person who must find, within a
 //! minute, which connections need their users back and why.
 //!
-//! Sign-in takes an admin API key (`api::auth`; a `tokens` key is refused) and starts a session
+//! Sign-in takes an admin API key (`api_keys`; a `tokens` key is refused) and starts a session
 //! held in this process's memory (`session.rs`) behind an HttpOnly, SameSite=Strict cookie,
 //! Secure when the public URL is https, scoped to `/admin`. Every form carries a CSRF token that
 //! every POST checks: the session's own, or, for the sign-in form, the value of a short-lived
@@ -34,12 +34,12 @@ use cookie::{Cookie, SameSite};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::auth::Scope;
 use super::error::ApiError;
 use super::pages::{self, When};
 use super::server::ClientAddr;
 use super::webhooks::{Delivery, DeliveryStatus};
 use super::{parse_connection_id, SharedState};
+use crate::api_keys::Scope;
 use crate::ids::ConnectionId;
 use crate::ledger::{ConnectionFilter, ConnectionStatus, Diagnosis, EventKind, JobKind, JobStatus};
 use crate::store::StatusCounts;
@@ -72,12 +72,12 @@ pub struct Console {
     pub sessions: Sessions,
     /// The last counts: until when they are kept, when they were made, and them.
     counts: tokio::sync::Mutex<Option<(Instant, DateTime<Utc>, StatusCounts)>>,
-    health_check: std::sync::OnceLock<crate::health::HealthSettings>,
+    health_check: std::sync::OnceLock<crate::config::HealthSettings>,
 }
 
 impl Console {
     /// Tells the health page how this process's health check runs (`app` calls it at start).
-    pub fn set_health_check(&self, settings: crate::health::HealthSettings) {
+    pub fn set_health_check(&self, settings: crate::config::HealthSettings) {
         let _ = self.health_check.set(settings);
     }
 

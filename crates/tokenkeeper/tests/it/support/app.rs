@@ -9,15 +9,15 @@ use std::time::Duration;
 use notion_sim::{SimClock, SimConfig, SimServer};
 use serde_json::{json, Value};
 
-use tokenkeeper::api::auth::ApiKeys;
-use tokenkeeper::api::proxy::ProxyTimeouts;
-use tokenkeeper::api::return_to::AllowedReturnUrls;
-use tokenkeeper::api::server::ServerLimits;
 use tokenkeeper::api::SharedState;
+use tokenkeeper::api_keys::ApiKeys;
 use tokenkeeper::app::StateSettings;
 use tokenkeeper::clock::Clock;
+use tokenkeeper::config::ProxyTimeouts;
+use tokenkeeper::config::ServerLimits;
 use tokenkeeper::ids::ClientSecret;
 use tokenkeeper::provider::notion::NotionSettings;
+use tokenkeeper::return_to::AllowedReturnUrls;
 use tokenkeeper::seal::KeyRing;
 
 use super::db::{Backend, TestDb};
@@ -47,7 +47,7 @@ pub struct Options {
     /// How long the proxy waits on Notion.
     pub proxy_timeouts: ProxyTimeouts,
     /// The health check of this app's process; `None`: off.
-    pub health_check: Option<tokenkeeper::health::HealthSettings>,
+    pub health_check: Option<tokenkeeper::config::HealthSettings>,
     /// `TOKENKEEPER_TOKEN_CACHE_SIZE` of this app's process (0: no token cache).
     pub token_cache_size: usize,
     /// `TOKENKEEPER_PROXY_SHARED_THROTTLE` of this app's process.
