@@ -155,6 +155,22 @@ pub(crate) struct Context<'a> {
     pub touched: Option<&'a super::cache::Touched>,
 }
 
+impl<'a> Context<'a> {
+    pub fn new(
+        keys: &'a KeyRing,
+        clock: &'a Clock,
+        endpoints: &Endpoints,
+        touched: Option<&'a super::cache::Touched>,
+    ) -> Context<'a> {
+        Context {
+            keys,
+            clock,
+            endpoints: endpoints.get(),
+            touched,
+        }
+    }
+}
+
 /// The methods are `async` because PostgreSQL's are; SQLite's never wait (rusqlite is
 /// synchronous, and its transaction already holds the write lock), so a sequence written
 /// against `Db` completes on SQLite in its first poll (see `sqlite::drive`).

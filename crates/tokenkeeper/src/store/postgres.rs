@@ -214,12 +214,7 @@ impl PgStore {
     ) -> PgDb<'a, C> {
         PgDb {
             client,
-            cx: Context {
-                keys: &self.keys,
-                clock: &self.clock,
-                endpoints: self.endpoints.get(),
-                touched,
-            },
+            cx: Context::new(&self.keys, &self.clock, &self.endpoints, touched),
             local: &self.local,
         }
     }

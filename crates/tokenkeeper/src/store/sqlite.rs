@@ -247,12 +247,7 @@ impl Inner {
     ) -> SqliteDb<'a> {
         SqliteDb {
             conn,
-            cx: Context {
-                keys: &self.keys,
-                clock: &self.clock,
-                endpoints: self.endpoints.get(),
-                touched,
-            },
+            cx: Context::new(&self.keys, &self.clock, &self.endpoints, touched),
             local: &self.local,
         }
     }
