@@ -183,6 +183,21 @@ fn signed_in(state: &SharedState, headers: &HeaderMap) -> Result<Session, Respon
         .ok_or_else(|| Redirect::to(&format!("{}/admin", pages::base(state))).into_response())
 }
 
+/// The session of a console page's request, taken by the handler like any extractor; a
+/// request without one is sent to sign in (`signed_in`).
+struct SignedIn(Session);
+
+impl axum::extract::FromRequestParts<SharedState> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &SharedState,
+    ) -> Result<Self, Response> {
+        signed_in(state, &parts.headers).map(SignedIn)
+    }
+}
+
 /// A POST's session whose CSRF token the form carries; otherwise the refusal, logged.
 #[allow(clippy::result_large_err)]
 fn checked(
@@ -485,13 +500,9 @@ fn given(s: &str) -> Option<String> {
 /// `GET /admin/connections`: counts by status, then a page of connections, filtered.
 async fn connections(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let session = match signed_in(&state, &headers) {
-        Ok(s) => s,
-        Err(response) => return Ok(response),
-    };
     let status =
         match given(&q.status) {
             None => None,
@@ -741,14 +752,10 @@ async fn load(
 /// timeline, grants and webhook deliveries.
 async fn connection(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(raw): Path<String>,
     Query(done): Query<DoneQuery>,
 ) -> Result<Response, ApiError> {
-    let session = match signed_in(&state, &headers) {
-        Ok(s) => s,
-        Err(response) => return Ok(response),
-    };
     let id = connection_id(&raw)?;
     let c = load(&state, &id).await?;
     let history = state.store.history(&id, HISTORY).await?;
@@ -957,13 +964,9 @@ struct ConfirmRevoke {
 /// `GET /admin/connections/{id}/revoke`: the confirmation step.
 async fn confirm_revoke(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
-    let session = match signed_in(&state, &headers) {
-        Ok(s) => s,
-        Err(response) => return Ok(response),
-    };
     let id = connection_id(&raw)?;
     let c = load(&state, &id).await?;
     if c.status == ConnectionStatus::Revoked {
@@ -1059,13 +1062,9 @@ struct DeliveriesQuery {
 /// `GET /admin/webhook-deliveries?status=failed|pending|delivered`: newest first.
 async fn deliveries(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Query(q): Query<DeliveriesQuery>,
 ) -> Result<Response, ApiError> {
-    let session = match signed_in(&state, &headers) {
-        Ok(s) => s,
-        Err(response) => return Ok(response),
-    };
     let (status, name, meaning, empty) = match q.status.as_str() {
         "" | "failed" => (
             JobStatus::Failed,
@@ -1230,12 +1229,8 @@ struct HealthPage {
 /// the jobs by kind and state.
 async fn health(
     State(state): State<SharedState>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
 ) -> Result<Response, ApiError> {
-    let session = match signed_in(&state, &headers) {
-        Ok(s) => s,
-        Err(response) => return Ok(response),
-    };
     let store = &state.store;
     let started = Instant::now();
     let ping = store.ping().await;
