@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use notion_sim::{SimConfig, SimServer};
 use serde_json::Value;
-use tokenkeeper::seal::KeyRing;
 
 use crate::both_backends;
 use crate::support::app::{Browser, Landing};
@@ -54,23 +53,15 @@ async fn refreshes_in_flight_survive_an_outage_longer_than_the_lease_and_a_resta
     .unwrap();
     let mut db = Database::new(backend);
     let spill = tempfile::tempdir().unwrap();
-    let config = sim.config();
     let spec = BrokerSpec {
-        database_url: db.url(),
-        key_ring: KeyRing::generate_entry(),
-        sim_url: sim.base_url(),
-        client_id: config.client_id.clone(),
-        client_secret: config.client_secret.clone(),
-        public_url: None,
-        spill_dir: spill.path().to_path_buf(),
         provider_timeout: PROVIDER_TIMEOUT,
-        refresh_budget: Duration::from_secs(30),
         // The outage's start is one JSON log line an operator can find (docs/OBSERVABILITY.md).
         env: vec![
             ("TOKENKEEPER_LOG_FORMAT".into(), "json".into()),
             ("TOKENKEEPER_LOG".into(), "warn".into()),
         ],
         capture_output: true,
+        ..BrokerSpec::against(&sim, db.url(), spill.path())
     };
     let mut broker = spec.start().await;
 
@@ -245,19 +236,9 @@ async fn an_authorization_whose_commit_meets_an_outage_is_kept_and_reaches_the_a
     .unwrap();
     let mut db = Database::new(backend);
     let spill = tempfile::tempdir().unwrap();
-    let config = sim.config();
     let broker = BrokerSpec {
-        database_url: db.url(),
-        key_ring: KeyRing::generate_entry(),
-        sim_url: sim.base_url(),
-        client_id: config.client_id.clone(),
-        client_secret: config.client_secret.clone(),
-        public_url: None,
-        spill_dir: spill.path().to_path_buf(),
         provider_timeout: PROVIDER_TIMEOUT,
-        refresh_budget: Duration::from_secs(30),
-        env: vec![],
-        capture_output: false,
+        ..BrokerSpec::against(&sim, db.url(), spill.path())
     }
     .start()
     .await;

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use notion_sim::{SimConfig, SimServer};
 use serde_json::Value;
-use tokenkeeper::seal::KeyRing;
 
 use crate::both_backends;
 use crate::support::app::{metric, Api, Options, TestApp, TOKENS_KEY};
@@ -289,19 +288,9 @@ async fn during_an_outage_reads_come_from_the_cache_never_with_a_grant_known_sup
     .unwrap();
     let mut db = Database::new(backend);
     let spill = tempfile::tempdir().unwrap();
-    let config = sim.config();
     let spec = BrokerSpec {
-        database_url: db.url(),
-        key_ring: KeyRing::generate_entry(),
-        sim_url: sim.base_url(),
-        client_id: config.client_id.clone(),
-        client_secret: config.client_secret.clone(),
-        public_url: None,
-        spill_dir: spill.path().to_path_buf(),
-        provider_timeout: Duration::from_secs(1),
         refresh_budget: Duration::from_secs(5),
-        env: Vec::new(),
-        capture_output: false,
+        ..BrokerSpec::against(&sim, db.url(), spill.path())
     };
     let a = spec.start().await;
     let b = spec.start().await;

@@ -46,6 +46,30 @@ impl std::ops::Deref for Broker {
 }
 
 impl BrokerSpec {
+    /// A process with a new key ring on `database_url`, talking to `sim`, its public URL its
+    /// own address, a 1 s provider timeout and a 30 s refresh budget; a test changes what it
+    /// needs with `..BrokerSpec::against(…)`.
+    pub fn against(
+        sim: &notion_sim::SimServer,
+        database_url: String,
+        spill_dir: &std::path::Path,
+    ) -> BrokerSpec {
+        let config = sim.config();
+        BrokerSpec {
+            database_url,
+            key_ring: tokenkeeper::seal::KeyRing::generate_entry(),
+            sim_url: sim.base_url(),
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            public_url: None,
+            spill_dir: spill_dir.to_path_buf(),
+            provider_timeout: Duration::from_secs(1),
+            refresh_budget: Duration::from_secs(30),
+            env: Vec::new(),
+            capture_output: false,
+        }
+    }
+
     fn command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenkeeper"));
         cmd.arg("serve")
