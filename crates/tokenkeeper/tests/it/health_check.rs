@@ -142,16 +142,7 @@ async fn a_dead_access_token_whose_refresh_token_works_is_refreshed_by_the_healt
     let (_, token) = app
         .get_json(&format!("/v1/connections/{id}/access-token"))
         .await;
-    let config = app.sim.config();
-    let r = app
-        .http
-        .post(format!("{}/v1/oauth/revoke", app.sim.base_url()))
-        .basic_auth(&config.client_id, Some(&config.client_secret))
-        .json(&json!({"token": token["access_token"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    app.revoke_at_notion(&token["access_token"]).await;
     let (after, _) = wait_for(&app, &id, interval + Duration::from_secs(8), |c| {
         c["grant_id"] != first.as_str()
     })

@@ -96,16 +96,7 @@ async fn an_older_unused_refresh_token_rescues_a_connection_whose_current_one_wa
     let (_, token) = app
         .get_json(&format!("/v1/connections/{id}/access-token"))
         .await;
-    let config = app.sim.config();
-    let r = app
-        .http
-        .post(format!("{}/v1/oauth/revoke", app.sim.base_url()))
-        .basic_auth(&config.client_id, Some(&config.client_secret))
-        .json(&json!({"token": token["access_token"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    app.revoke_at_notion(&token["access_token"]).await;
     let (status, body) = app.refresh(&id, &rescued).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.sim_refreshes().await, 4);

@@ -452,6 +452,20 @@ impl TestApp {
         spec.start().await
     }
 
+    /// Revokes `token` at Notion (the simulator), as the app's client would.
+    pub async fn revoke_at_notion(&self, token: &Value) {
+        let config = self.sim.config();
+        let r = self
+            .http
+            .post(format!("{}/v1/oauth/revoke", self.sim.base_url()))
+            .basic_auth(&config.client_id, Some(&config.client_secret))
+            .json(&json!({ "token": token }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "Notion revoked the token");
+    }
+
     /// What a tokenkeeper process on this app's database and simulator is started with.
     pub fn broker_spec(&self) -> BrokerSpec {
         BrokerSpec {
